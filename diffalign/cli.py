@@ -1,0 +1,53 @@
+"""The `diffalign` command: `train | sample | score | eval | data | rewrite | demo | bench`.
+
+Each subcommand lives in the module that owns its work and exposes two functions:
+``add_arguments(parser)`` and ``run(args) -> int``. The modules are imported only when
+their subcommand is used, so `diffalign score` does not import the trainers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("diffalign.trainers.cli", "train a model from a recipe (YAML) with --key.sub=value overrides"),
+    "sample": ("diffalign.eval.sample_cli", "generate images from a model (optionally with a LoRA)"),
+    "score": ("diffalign.rewards.cli", "score images with one or more reward models"),
+    "eval": ("diffalign.eval.cli", "run a text-to-image benchmark and write results.json and report.html"),
+    "data": ("diffalign.data.cli", "build, label and inspect preference data"),
+    "rewrite": ("diffalign.text.cli", "rewrite prompts with a (trained) prompt rewriter"),
+    "demo": ("diffalign.shapes.demo", "the whole pipeline on the bundled Shapes world, offline, on a CPU"),
+    "bench": ("diffalign.trainers.bench", "measure training throughput and peak memory"),
+    "shapes": ("diffalign.shapes.cli", "Shapes world tools: pretrain the base model and reward, render, evaluate"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffalign", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in SUBCOMMANDS:
+        parser = build_parser()
+        if argv and argv[0] not in {"-h", "--help"}:
+            parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)}")
+        parser.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = SUBCOMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"diffalign {name}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

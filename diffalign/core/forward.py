@@ -1,0 +1,222 @@
+"""Forward (noising) processes: one object per schedule family.
+
+A forward process knows how to pick training timesteps, noise a clean latent, name the
+regression target of the denoiser and turn a prediction back into an x0 estimate.
+
+* :class:`DDPMForward` — DDPM-type discrete schedules (SD1.x/2.x, SDXL) with
+  ``epsilon`` or ``v_prediction`` targets. Alphas come from a diffusers scheduler.
+* :class:`FlowMatchingForward` — rectified flow (SD3): ``x_t = (1 - σ) x0 + σ ε``,
+  target ``ε - x0``, timestep given to the model as ``1000 · σ``.
+
+Both are built from a diffusers scheduler with :func:`forward_process_from_scheduler`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+TimestepSampling = Literal["uniform", "logit_normal"]
+
+
+@dataclass
+class NoisyBatch:
+    """A noised batch. All tensors are ``[B, ...]`` on the latents' device.
+
+    ``timesteps`` is what the denoiser is called with (integer DDPM step, or ``1000·σ`` for flows);
+    ``target`` is the denoiser's regression target for ``x_t``.
+    """
+
+    x_t: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    target: torch.Tensor
+
+
+def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+class ForwardProcess:
+    """Shared API; subclasses implement the schedule."""
+
+    prediction_type: str
+
+    def sample_timesteps(self, n: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def x0_from_prediction(self, x_t: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def noise_pairs(
+        self,
+        x0: torch.Tensor,
+        *,
+        group_size: int = 2,
+        generator: torch.Generator | None = None,
+    ) -> NoisyBatch:
+        """Noise a batch laid out as ``[group_0 items..., group_1 items..., ...]`` blocks.
+
+        ``x0`` is ``[group_size·B, ...]``: the first ``B`` rows are the winners, the next ``B`` the losers
+        (and so on for larger groups). Members of a group share noise and timestep, as every
+        Diffusion-DPO implementation does. ``group_size=1`` noises every row independently.
+        """
+        if x0.shape[0] % group_size:
+            raise ValueError(f"batch of {x0.shape[0]} is not a multiple of group size {group_size}")
+        b = x0.shape[0] // group_size
+        noise = torch.randn(x0[:b].shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = noise.repeat(group_size, *([1] * (x0.ndim - 1)))
+        t = self.sample_timesteps(b, generator=generator, device=x0.device).repeat(group_size)
+        return NoisyBatch(self.add_noise(x0, noise, t), t, noise, self.target(x0, noise, t))
+
+
+class DDPMForward(ForwardProcess):
+    """Discrete DDPM schedule: ``x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε`` for integer ``t ∈ [0, T)``.
+
+    Args:
+        alphas_cumprod: ``[T]`` cumulative products ᾱ_t (from the diffusers scheduler).
+        prediction_type: ``"epsilon"`` (target ε) or ``"v_prediction"`` (target ``√ᾱ ε − √(1−ᾱ) x0``).
+        timestep_sampling: ``"uniform"`` over ``[0, T)`` (the Diffusion-DPO default) or ``"logit_normal"``.
+    """
+
+    def __init__(
+        self,
+        alphas_cumprod: torch.Tensor,
+        prediction_type: str = "epsilon",
+        timestep_sampling: TimestepSampling = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+    ):
+        if prediction_type not in {"epsilon", "v_prediction"}:
+            raise ValueError(f"DDPM forward process supports 'epsilon' and 'v_prediction', not {prediction_type!r}")
+        self.alphas_cumprod = alphas_cumprod.detach().to(torch.float64).cpu()
+        self.prediction_type = prediction_type
+        self.timestep_sampling = timestep_sampling
+        self.logit_mean, self.logit_std = logit_mean, logit_std
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def sample_timesteps(self, n, *, generator=None, device=None):
+        T = self.num_train_timesteps
+        if self.timestep_sampling == "uniform":
+            t = torch.randint(0, T, (n,), generator=generator)
+        elif self.timestep_sampling == "logit_normal":
+            u = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=generator))
+            t = (u * T).long().clamp(0, T - 1)
+        else:
+            raise ValueError(f"unknown timestep sampling {self.timestep_sampling!r}")
+        return t.to(device)
+
+    def _abar(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return _expand(self.alphas_cumprod[timesteps.long().cpu()].to(like.device), like)
+
+    def add_noise(self, x0, noise, timesteps):
+        a = self._abar(timesteps, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def target(self, x0, noise, timesteps):
+        if self.prediction_type == "epsilon":
+            return noise
+        a = self._abar(timesteps, x0)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    def x0_from_prediction(self, x_t, prediction, timesteps):
+        a = self._abar(timesteps, x_t)
+        if self.prediction_type == "epsilon":
+            return (x_t - (1 - a).sqrt() * prediction) / a.sqrt()
+        return a.sqrt() * x_t - (1 - a).sqrt() * prediction
+
+    def eps_from_prediction(self, x_t, prediction, timesteps):
+        """The noise estimate ε̂ implied by a prediction (identity for epsilon models)."""
+        if self.prediction_type == "epsilon":
+            return prediction
+        a = self._abar(timesteps, x_t)
+        return (1 - a).sqrt() * x_t + a.sqrt() * prediction
+
+
+class FlowMatchingForward(ForwardProcess):
+    """Rectified flow as in SD3: ``x_σ = (1−σ) x0 + σ ε``, target ``ε − x0``, model timestep ``1000·σ``.
+
+    Args:
+        shift: the scheduler's time shift ``σ ← shift·σ / (1 + (shift−1)·σ)`` (SD3 uses 3.0).
+        timestep_sampling: ``"logit_normal"`` (SD3's default, mean 0, std 1) or ``"uniform"``.
+        num_train_timesteps: the scale of the model's timestep input (1000).
+    """
+
+    prediction_type = "flow"
+
+    def __init__(
+        self,
+        shift: float = 1.0,
+        timestep_sampling: TimestepSampling = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        num_train_timesteps: int = 1000,
+    ):
+        self.shift = shift
+        self.timestep_sampling = timestep_sampling
+        self.logit_mean, self.logit_std = logit_mean, logit_std
+        self.num_train_timesteps = num_train_timesteps
+
+    def sample_sigmas(self, n, *, generator=None, device=None) -> torch.Tensor:
+        if self.timestep_sampling == "logit_normal":
+            u = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=generator))
+        elif self.timestep_sampling == "uniform":
+            u = torch.rand(n, generator=generator)
+        else:
+            raise ValueError(f"unknown timestep sampling {self.timestep_sampling!r}")
+        u = u.clamp(1e-4, 1.0)
+        sigma = self.shift * u / (1 + (self.shift - 1) * u)
+        return sigma.to(device)
+
+    def sample_timesteps(self, n, *, generator=None, device=None):
+        return self.sample_sigmas(n, generator=generator, device=device) * self.num_train_timesteps
+
+    def _sigma(self, timesteps, like):
+        return _expand(timesteps.to(like.device) / self.num_train_timesteps, like)
+
+    def add_noise(self, x0, noise, timesteps):
+        s = self._sigma(timesteps, x0)
+        return (1 - s) * x0 + s * noise
+
+    def target(self, x0, noise, timesteps):
+        return noise - x0
+
+    def x0_from_prediction(self, x_t, prediction, timesteps):
+        return x_t - self._sigma(timesteps, x_t) * prediction
+
+    def eps_from_prediction(self, x_t, prediction, timesteps):
+        return x_t + (1 - self._sigma(timesteps, x_t)) * prediction
+
+
+def forward_process_from_scheduler(scheduler, timestep_sampling: TimestepSampling | None = None) -> ForwardProcess:
+    """Build the forward process matching a diffusers scheduler's config.
+
+    ``FlowMatch*`` schedulers give :class:`FlowMatchingForward` (logit-normal by default);
+    schedulers with ``alphas_cumprod`` give :class:`DDPMForward` (uniform by default).
+    """
+    config = scheduler.config
+    if "FlowMatch" in type(scheduler).__name__:
+        return FlowMatchingForward(
+            shift=float(config.get("shift", 1.0)),
+            timestep_sampling=timestep_sampling or "logit_normal",
+            num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+        )
+    if not hasattr(scheduler, "alphas_cumprod"):
+        raise TypeError(f"cannot derive a forward process from {type(scheduler).__name__}")
+    return DDPMForward(
+        scheduler.alphas_cumprod,
+        prediction_type=config.get("prediction_type", "epsilon"),
+        timestep_sampling=timestep_sampling or "uniform",
+    )

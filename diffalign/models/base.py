@@ -1,0 +1,68 @@
+"""The one interface every backbone family implements.
+
+A :class:`Backbone` wraps a diffusers pipeline's components and gives the core and the trainers
+what they need, whatever the family:
+
+* ``encode_prompt(prompts) -> Conditioning``        (text encoders, no grad)
+* ``encode_images(pixels) -> latents``              (VAE, scaled/shifted as the pipeline does)
+* ``decode_latents(latents) -> images in [0, 1]``
+* ``predict(x_t, timesteps, cond) -> prediction``   (the denoiser; gradients flow)
+* ``reference()``                                   (context: predictions are the reference model's)
+* ``add_lora(...)`` / ``save_trained(dir)``         (peft LoRA in diffusers format, or full weights)
+
+Implementations live in :mod:`diffalign.models.sd` (SD1.x/2.x), :mod:`~diffalign.models.sdxl` and
+:mod:`~diffalign.models.sd3`; :func:`diffalign.models.load_backbone` picks one from a hub id or folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    """Text (and micro-) conditioning for a batch; every tensor is ``[B, ...]``.
+
+    * ``prompt_embeds``: ``[B, S, D]`` token embeddings for cross-attention.
+    * ``pooled``: ``[B, P]`` pooled text embedding (SDXL ``text_embeds``, SD3 ``pooled_projections``).
+    * ``time_ids``: ``[B, 6]`` SDXL micro-conditioning (original size, crop top-left, target size).
+    """
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def _map(self, fn) -> "Conditioning":
+        return Conditioning(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name)) for f in fields(self)})
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    def repeat(self, n: int) -> "Conditioning":
+        """``n`` copies stacked along the batch: ``[c0..cB, c0..cB, ...]``."""
+        return self._map(lambda t: t.repeat(n, *([1] * (t.ndim - 1))))
+
+    def __getitem__(self, index) -> "Conditioning":
+        return self._map(lambda t: t[index])
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    @staticmethod
+    def cat(items: list["Conditioning"]) -> "Conditioning":
+        first = items[0]
+        return Conditioning(
+            **{
+                f.name: None if getattr(first, f.name) is None else torch.cat([getattr(c, f.name) for c in items])
+                for f in fields(first)
+            }
+        )
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @staticmethod
+    def from_dict(d: dict[str, torch.Tensor]) -> "Conditioning":
+        return Conditioning(**{k: d.get(k) for k in ("prompt_embeds", "pooled", "time_ids")})

@@ -1,0 +1,13 @@
+"""Preference objectives shared by the image and text sides."""
+
+from diffalign.objectives.preference import (
+    DPO_LOSS_TYPES,
+    PreferenceOutput,
+    dpo_loss,
+    kto_loss,
+    mapo_loss,
+    mapo_odds,
+    sft_loss,
+)
+
+__all__ = ["DPO_LOSS_TYPES", "PreferenceOutput", "dpo_loss", "kto_loss", "mapo_loss", "mapo_odds", "sft_loss"]
