@@ -1,0 +1,202 @@
+"""From a recipe's data section to encoded, noised training batches.
+
+``TrainingData.batch(step, micro, process, num_processes)`` is a pure function of the run position:
+which examples, their crops/flips, caption dropout, noise and timestep all come from a generator
+seeded by ``(seed, example position)``. VAE latents and text embeddings go through the on-disk
+:class:`~diffalign.data.cache.LatentCache`, so after the first pass no VAE or text encoder runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from diffalign.models.base import Conditioning
+from diffalign.trainers.method import TrainBatch
+
+
+def _stable_seed(*parts) -> int:
+    h = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class TrainingData:
+    """Materialised examples plus everything needed to turn a run position into a ``TrainBatch``.
+
+    ``kind``: ``pairs`` (winner, loser), ``chosen`` (winners only, SFT) or ``feedback`` (KTO).
+    """
+
+    items: list
+    kind: str
+    backbone: object
+    resolution: int
+    batch_size: int
+    gradient_accumulation_steps: int
+    seed: int
+    center_crop: bool = True
+    random_flip: bool = False
+    caption_dropout: float = 0.0
+    cache: object | None = None
+    stats: object | None = None
+    _perm_cache: dict = field(default_factory=dict)
+
+    # ---- which examples
+    def positions(self, step: int, micro: int, process: int, num_processes: int) -> list[int]:
+        """Run positions of the examples in one micro-batch of one process."""
+        per_step = self.batch_size * self.gradient_accumulation_steps * num_processes
+        start = step * per_step + (micro * num_processes + process) * self.batch_size
+        return list(range(start, start + self.batch_size))
+
+    def item_at(self, position: int):
+        epoch, i = divmod(position, len(self.items))
+        if epoch not in self._perm_cache:
+            g = torch.Generator().manual_seed(_stable_seed(self.seed, "epoch", epoch))
+            self._perm_cache = {epoch: torch.randperm(len(self.items), generator=g).tolist()}
+        return self.items[self._perm_cache[epoch][i]]
+
+    # ---- one micro-batch
+    def batch(self, step: int, micro: int, process: int, num_processes: int) -> TrainBatch:
+        from diffalign.data.transforms import prepare_image, prepare_pair
+
+        positions = self.positions(step, micro, process, num_processes)
+        gens = [torch.Generator().manual_seed(_stable_seed(self.seed, "example", p)) for p in positions]
+        items = [self.item_at(p) for p in positions]
+        prepared, prompts, keys, weights, desirable = [], [], [], [], []
+        for item, g in zip(items, gens):
+            drop = self.caption_dropout > 0 and torch.rand((), generator=g).item() < self.caption_dropout
+            if self.kind == "feedback":
+                img = prepare_image(item.image, self.resolution, center_crop=self.center_crop,
+                                    random_flip=self.random_flip, generator=g)
+                prepared.append([img])
+                keys.append([_latent_key(item.key, img)])
+                prompts.append(["" if drop else item.prompt])
+                desirable.append(bool(item.desirable))
+                weights.append(1.0)
+                continue
+            w, l = prepare_pair(item, self.resolution, center_crop=self.center_crop,
+                                random_flip=self.random_flip, generator=g)
+            if self.kind == "chosen":
+                prepared.append([w])
+                keys.append([_latent_key(item.key + ":chosen", w)])
+                prompts.append(["" if drop else item.prompt])
+            else:
+                prepared.append([w, l])
+                keys.append([_latent_key(item.key + ":chosen", w), _latent_key(item.key + ":rejected", l)])
+                p_l = item.prompt_rejected if item.prompt_rejected is not None else item.prompt
+                prompts.append(["" if drop else item.prompt, "" if drop else p_l])
+            weights.append(float(getattr(item, "weight", 1.0)))
+        group = len(prepared[0])
+        # group-major layout: [all winners, all losers]
+        rows = [prepared[i][j] for j in range(group) for i in range(len(items))]
+        row_keys = [keys[i][j] for j in range(group) for i in range(len(items))]
+        row_prompts = [prompts[i][j] for j in range(group) for i in range(len(items))]
+
+        device = self.backbone.device
+        latents = self.encode_latents(torch.stack([r.pixels for r in rows]), row_keys).to(device)
+        cond = self.encode_text(row_prompts).to(device)
+        if getattr(self.backbone, "family", None) == "sdxl":
+            cond.time_ids = self.backbone.time_ids(
+                torch.tensor([r.original_size for r in rows]), torch.tensor([r.crop_top_left for r in rows]),
+                (self.resolution, self.resolution)).to(device)
+
+        fp = self.backbone.forward_process
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(device, latents.dtype)
+        t = torch.cat([fp.sample_timesteps(1, generator=g) for g in gens]).to(device)
+        noise, t = noise.repeat(group, 1, 1, 1), t.repeat(group)
+        return TrainBatch(
+            latents=latents, noise=noise, x_t=fp.add_noise(latents, noise, t), target=fp.target(latents, noise, t),
+            timesteps=t, cond=cond, weights=torch.tensor(weights, device=device),
+            desirable=torch.tensor(desirable, device=device) if self.kind == "feedback" else None,
+        )
+
+    # ---- encoding through the cache
+    @torch.no_grad()
+    def encode_latents(self, pixels: torch.Tensor, keys: list[str]) -> torch.Tensor:
+        """VAE latents ``[N, C, h, w]`` of ``pixels`` ``[N, 3, H, W]`` in [-1, 1] (the posterior mean)."""
+        encode = lambda px: self.backbone.encode_images(px.to(self.backbone.device), sample=False).float().cpu()  # noqa: E731
+        if self.cache is None:
+            return encode(pixels)
+        found = self.cache.get_latents(keys)
+        missing = [i for i, k in enumerate(keys) if k not in found]
+        if missing:
+            fresh = encode(pixels[missing])
+            self.cache.put_latents({keys[i]: fresh[j] for j, i in enumerate(missing)})
+            found.update({keys[i]: fresh[j] for j, i in enumerate(missing)})
+        return torch.stack([found[k] for k in keys])
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> Conditioning:
+        encode = lambda ps: self.backbone.encode_prompt(ps).to("cpu")  # noqa: E731
+        if self.cache is None:
+            return encode(prompts)
+        unique = list(dict.fromkeys(prompts))
+        found = self.cache.get_text(unique)
+        missing = [p for p in unique if p not in found]
+        if missing:
+            fresh = encode(missing)
+            new = {p: {k: v[j] for k, v in fresh.to_dict().items()} for j, p in enumerate(missing)}
+            self.cache.put_text(new)
+            found.update(new)
+        return Conditioning.cat([Conditioning.from_dict({k: v[None] for k, v in found[p].items()}) for p in prompts])
+
+
+def _latent_key(content_key: str, img) -> str:
+    return f"{content_key}|crop={tuple(img.crop_top_left)}|flip={int(getattr(img, 'flipped', False))}"
+
+
+def load_training_data(recipe, kind: str, backbone, output_dir: Path, accelerator=None) -> TrainingData:
+    """Read the recipe's data source into memory (small and medium sets) and set up the cache."""
+    from diffalign.data.cache import LatentCache
+    from diffalign.data.pairs import DataStats
+
+    d = recipe.data
+    if not d.source:
+        raise ValueError("the recipe has no data.source (a parquet/JSONL path or a hub dataset id)")
+    stats = DataStats()
+    if d.format == "pickapic":
+        from diffalign.data.pickapic import read_pickapic
+
+        items = read_pickapic(d.source, split=d.split, drop_ties=d.drop_ties, strict=d.strict, stats=stats)
+    elif d.format == "jsonl":
+        from diffalign.data.jsonl import read_jsonl_pairs
+
+        items = read_jsonl_pairs(d.source, strict=d.strict, stats=stats)
+    elif d.format == "feedback":
+        from diffalign.data.kto import read_feedback
+
+        items = read_feedback(d.source, strict=d.strict, stats=stats)
+    else:
+        raise ValueError(f"unknown data.format {d.format!r}; choose pickapic, jsonl or feedback")
+    items = _take(items, d.max_samples)
+    if kind == "feedback" and d.format != "feedback":
+        from diffalign.data.kto import feedback_from_pairs
+
+        items = list(feedback_from_pairs(items))
+    if not items:
+        raise ValueError(f"no usable training examples in {d.source} ({stats})")
+
+    cache = None
+    if d.cache_dir != "":
+        root = Path(d.cache_dir) if d.cache_dir else output_dir / "cache"
+        namespace = _stable_seed(recipe.model.pretrained, recipe.model.revision, recipe.model.variant, d.resolution,
+                                 d.center_crop, str(backbone.vae.dtype))
+        cache = LatentCache(root, namespace=f"{namespace:016x}")
+    return TrainingData(
+        items=items, kind=kind, backbone=backbone, resolution=d.resolution, batch_size=recipe.train.batch_size,
+        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps, seed=recipe.train.seed,
+        center_crop=d.center_crop, random_flip=d.random_flip, caption_dropout=d.caption_dropout, cache=cache,
+        stats=stats,
+    )
+
+
+def _take(iterator, n: int | None) -> list:
+    out = []
+    for item in iterator:
+        if n is not None and len(out) >= n:
+            break
+        out.append(item)
+    return out

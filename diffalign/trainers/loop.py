@@ -1,0 +1,288 @@
+"""The one training loop every offline method shares (accelerate: DDP / FSDP / DeepSpeed, mixed precision).
+
+Read top to bottom: ``setup`` builds backbone, method, data and optimiser from a recipe; ``train``
+is the loop: batch → encode (cached) → noise → method loss → backward → step → log → checkpoint.
+
+Determinism: the sample order, the noise and the timestep of every training example are functions
+of ``(seed, position in the run)`` only, so a resumed run, or the same run on 2 processes with half
+the accumulation, sees exactly the same examples with the same noise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from diffalign.trainers import build_method
+from diffalign.trainers.config import Recipe
+from diffalign.trainers.data import TrainingData, load_training_data
+from diffalign.trainers.method import Method
+
+CHECKPOINT_PREFIX = "step-"
+
+
+@dataclass
+class Run:
+    """Everything ``train`` needs, built by ``setup``."""
+
+    recipe: Recipe
+    accelerator: Accelerator
+    backbone: object
+    method: Method
+    data: TrainingData
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    output_dir: Path
+    global_step: int = 0
+
+
+def setup(recipe: Recipe, accelerator: Accelerator | None = None) -> Run:
+    from diffusers.optimization import get_scheduler
+
+    from diffalign.models import load_backbone
+
+    cfg = recipe.train
+    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    set_seed(cfg.seed)
+    output_dir = Path(cfg.output_dir)
+
+    backbone = load_backbone(recipe.model.pretrained, family=recipe.model.family,
+                             revision=recipe.model.revision, variant=recipe.model.variant)
+    backbone.to(accelerator.device)
+    if recipe.model.lora_rank > 0:
+        backbone.add_lora(rank=recipe.model.lora_rank, alpha=recipe.model.lora_alpha,
+                          target_modules=recipe.model.lora_target_modules)
+    else:
+        backbone.enable_full_finetune()
+    if recipe.model.gradient_checkpointing:
+        backbone.enable_gradient_checkpointing()
+    method = build_method(recipe.method, backbone)
+
+    data = load_training_data(recipe, method.data_kind, backbone, output_dir, accelerator)
+
+    params = [p for p in backbone.trainable_parameters()]
+    optimizer_cls = torch.optim.AdamW
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ImportError("use_8bit_adam needs bitsandbytes: pip install 'diffalign[bnb]'") from e
+        optimizer_cls = bnb.optim.AdamW8bit
+    optimizer = optimizer_cls(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                              weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+    # stepped once per optimizer step by us (not by accelerate), so it is independent of the process count
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_steps)
+    backbone.denoiser, optimizer = accelerator.prepare(backbone.denoiser, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    _register_checkpoint_hooks(accelerator, backbone)
+    return Run(recipe, accelerator, backbone, method, data, optimizer, lr_scheduler, output_dir)
+
+
+def train(recipe: Recipe) -> Path:
+    """Run a recipe to the end; returns the run directory (with ``final/``)."""
+    run = setup(recipe)
+    cfg, acc = recipe.train, run.accelerator
+    if acc.is_main_process:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        recipe.save(run.output_dir / "config.yaml")
+    _maybe_resume(run)
+
+    metrics_path = run.output_dir / "metrics.jsonl"
+    nonfinite_in_a_row = 0
+    progress = tqdm(total=cfg.max_steps, initial=run.global_step, desc="train", disable=not acc.is_main_process)
+    while run.global_step < cfg.max_steps:
+        row = train_step(run)
+        nonfinite_in_a_row = 0 if not row["skipped"] else nonfinite_in_a_row + 1
+        if acc.is_main_process:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            progress.update(1)
+            progress.set_postfix(loss=f"{row['loss']:.4f}")
+            if row["skipped"]:
+                print(f"step {run.global_step}: non-finite loss, step skipped ({nonfinite_in_a_row} in a row)")
+        if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+            raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row at step {run.global_step}; stopping "
+                               f"(train.max_nonfinite_steps={cfg.max_nonfinite_steps}). Lower the learning rate or beta.")
+        if cfg.checkpointing_steps and run.global_step % cfg.checkpointing_steps == 0 and run.global_step < cfg.max_steps:
+            save_checkpoint(run)
+        if cfg.validation_steps and cfg.validation_prompts and run.global_step % cfg.validation_steps == 0:
+            log_validation(run)
+    progress.close()
+
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        _atomic_dir(run.output_dir / "final", lambda tmp: run.backbone.save_trained(tmp))
+    acc.wait_for_everyone()
+    return run.output_dir
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step (all micro-batches of all processes); returns its metrics row.
+
+    A non-finite loss on any process skips the update (gradients dropped) and is reported.
+    """
+    cfg, acc = run.recipe.train, run.accelerator
+    t0 = time.perf_counter()
+    logs: list[dict[str, torch.Tensor]] = []
+    finite = True
+    for micro in range(cfg.gradient_accumulation_steps):
+        batch = run.data.batch(run.global_step, micro, acc.process_index, acc.num_processes)
+        last = micro == cfg.gradient_accumulation_steps - 1
+        with contextlib.nullcontext() if last else acc.no_sync(run.backbone.denoiser):
+            out = run.method.loss(batch)
+            finite &= bool(torch.isfinite(out.loss.detach()))
+            acc.backward(out.loss / cfg.gradient_accumulation_steps)
+        logs.append({"loss": out.loss.detach(), **out.metrics})
+
+    finite = bool(acc.gather(torch.tensor([float(finite)], device=acc.device)).min() > 0)
+    grad_norm, lr = None, run.lr_scheduler.get_last_lr()[0]
+    if finite:
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(acc.clip_grad_norm_(run.backbone.trainable_parameters(), cfg.max_grad_norm))
+        run.optimizer.step()
+        run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.global_step += 1
+    row = _reduce_logs(acc, logs)
+    return {"step": run.global_step, "loss": row.pop("loss"), "lr": lr, **row,
+            "grad_norm": grad_norm, "skipped": not finite, "seconds": time.perf_counter() - t0}
+
+
+def _reduce_logs(acc: Accelerator, logs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Mean of each metric over micro-batches and processes."""
+    keys = sorted({k for d in logs for k in d})
+    out = {}
+    for k in keys:
+        vals = torch.stack([d[k].float().reshape(()) for d in logs if k in d]).mean().to(acc.device)
+        out[k] = float(acc.gather(vals.reshape(1)).mean())
+    return out
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _atomic_dir(final: Path, write) -> None:
+    """Write a directory through a temp dir and a rename: readers never see it half-written."""
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _register_checkpoint_hooks(acc: Accelerator, backbone) -> None:
+    """Checkpoints hold the trainable weights only (the LoRA), not the whole frozen denoiser."""
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        trainable = {n: p.detach().cpu().contiguous() for n, p in acc.unwrap_model(models[0]).named_parameters()
+                     if p.requires_grad}
+        save_file(trainable, os.path.join(output_dir, "trainable.safetensors"))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        model = acc.unwrap_model(models.pop())
+        missing = model.load_state_dict(load_file(os.path.join(input_dir, "trainable.safetensors")), strict=False)
+        if missing.unexpected_keys:
+            raise RuntimeError(f"checkpoint {input_dir} has unexpected keys {missing.unexpected_keys[:5]}")
+
+    acc.register_save_state_pre_hook(save_hook)
+    acc.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(run: Run) -> Path:
+    """``checkpoints/step-N/``: accelerate state (optimizer, scheduler, RNG, trainable weights), the
+    trainer state, and the weights in diffusers format (``load_lora_weights`` loads the folder)."""
+    acc = run.accelerator
+    final = run.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{run.global_step}"
+    tmp = final.with_name(f".tmp-{final.name}")
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    if acc.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"global_step": run.global_step}))
+        run.backbone.save_trained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune_checkpoints(run)
+    acc.wait_for_everyone()
+    return final
+
+
+def _prune_checkpoints(run: Run) -> None:
+    limit = run.recipe.train.checkpoints_total_limit
+    if not limit:
+        return
+    for old in list_checkpoints(run.output_dir)[:-limit]:
+        shutil.rmtree(old)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def _maybe_resume(run: Run) -> None:
+    resume = run.recipe.train.resume
+    if not resume:
+        return
+    if resume == "latest":
+        found = list_checkpoints(run.output_dir)
+        if not found:
+            if run.accelerator.is_main_process:
+                print(f"--resume latest: no checkpoint in {run.output_dir / 'checkpoints'}, starting from scratch")
+            return
+        ckpt = found[-1]
+    else:
+        ckpt = Path(resume)
+        if not (ckpt / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"{ckpt} is not a diffalign checkpoint (no trainer_state.json)")
+    run.accelerator.load_state(str(ckpt))
+    run.global_step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
+    metrics = run.output_dir / "metrics.jsonl"
+    if run.accelerator.is_main_process and metrics.exists():  # drop lines logged after the checkpoint
+        kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= run.global_step]
+        metrics.write_text("".join(line + "\n" for line in kept))
+    if run.accelerator.is_main_process:
+        print(f"resumed from {ckpt} at step {run.global_step}")
+
+
+# ---------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def log_validation(run: Run) -> Path | None:
+    """Sample the validation prompts with the current weights; saves ``validation/step-N.png``."""
+    if not run.accelerator.is_main_process:
+        return None
+    from diffalign.eval.grid import image_grid
+
+    cfg = run.recipe.train
+    pipe = run.backbone.pipeline
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    images = pipe(cfg.validation_prompts, num_inference_steps=cfg.validation_num_inference_steps,
+                  guidance_scale=cfg.validation_guidance_scale, generator=generator).images
+    path = run.output_dir / "validation" / f"step-{run.global_step}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, cols=min(4, len(images))).save(path)
+    return path
+
