@@ -45,7 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"diffalign {name}", description=help_text)
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    if getattr(module, "ACCEPTS_OVERRIDES", False):
+        # recipe commands: known options anywhere, everything else must be --section.key=value
+        args, unknown = parser.parse_known_args(rest)
+        bad = [u for u in unknown if not (u.startswith("--") and "=" in u and "." in u.split("=", 1)[0])]
+        if bad:
+            parser.error(f"unrecognised arguments {bad}; overrides look like --train.max_steps=100")
+        args.overrides = [u.removeprefix("--") for u in unknown]
+    else:
+        args = parser.parse_args(rest)
     return int(module.run(args) or 0)
 
 

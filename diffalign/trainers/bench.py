@@ -17,13 +17,14 @@ import time
 
 import torch
 
+ACCEPTS_OVERRIDES = True  # the dispatcher collects --section.key=value into args.overrides
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML (see pipelines/)")
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per pass")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before each timed pass")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key=value overrides")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -79,7 +80,7 @@ def bench(recipe, steps: int = 5, warmup: int = 1) -> dict:
 def run(args: argparse.Namespace) -> int:
     from diffalign.trainers.config import load_recipe
 
-    recipe = load_recipe(args.recipe, [o for o in args.overrides])
+    recipe = load_recipe(None if args.recipe == "-" else args.recipe, list(args.overrides))
     result = bench(recipe, steps=args.steps, warmup=args.warmup)
     unit = "pairs/s" if recipe.method["name"] in {"diffusion-dpo", "mapo"} else "examples/s"
     print(f"method {result['method']} on {result['model']} ({result['device']}, {result['resolution']}px, "

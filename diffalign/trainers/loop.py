@@ -56,7 +56,7 @@ def setup(recipe: Recipe, accelerator: Accelerator | None = None) -> Run:
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
 
-    backbone = load_backbone(recipe.model.pretrained, family=recipe.model.family,
+    backbone = load_backbone(resolve_pretrained(recipe.model.pretrained), family=recipe.model.family,
                              revision=recipe.model.revision, variant=recipe.model.variant)
     backbone.to(accelerator.device)
     if recipe.model.lora_rank > 0:
@@ -89,6 +89,19 @@ def setup(recipe: Recipe, accelerator: Accelerator | None = None) -> Run:
     return Run(recipe, accelerator, backbone, method, data, optimizer, lr_scheduler, output_dir)
 
 
+def resolve_pretrained(name: str) -> str:
+    """``bundled:NAME`` names a model shipped in the package (``diffalign/shapes/assets/NAME``);
+    anything else (hub id or folder) is passed to diffusers unchanged."""
+    if not name.startswith("bundled:"):
+        return name
+    import diffalign.shapes
+
+    path = Path(diffalign.shapes.__file__).parent / "assets" / name.split(":", 1)[1]
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{name}: no bundled model at {path}")
+    return str(path)
+
+
 def train(recipe: Recipe) -> Path:
     """Run a recipe to the end; returns the run directory (with ``final/``)."""
     run = setup(recipe)
@@ -114,7 +127,7 @@ def train(recipe: Recipe) -> Path:
         if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
             raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row at step {run.global_step}; stopping "
                                f"(train.max_nonfinite_steps={cfg.max_nonfinite_steps}). Lower the learning rate or beta.")
-        if cfg.checkpointing_steps and run.global_step % cfg.checkpointing_steps == 0 and run.global_step < cfg.max_steps:
+        if cfg.checkpointing_steps and run.global_step % cfg.checkpointing_steps == 0:
             save_checkpoint(run)
         if cfg.validation_steps and cfg.validation_prompts and run.global_step % cfg.validation_steps == 0:
             log_validation(run)
