@@ -36,10 +36,12 @@ class DiffusionKTO(Method):
             desirable_weight=self.config.desirable_weight, undesirable_weight=self.config.undesirable_weight,
         )
         r = (policy - ref).detach() * self.config.beta
-        d = batch.desirable.bool()
-        metrics = {"kl_reference_point": z0.detach()}
-        if d.any():
-            metrics["reward_desirable"] = r[d].mean()
-        if (~d).any():
-            metrics["reward_undesirable"] = r[~d].mean()
+        d = batch.desirable.bool().to(r.dtype)
+        # the same keys on every process and step (they are gathered): empty groups count as 0
+        metrics = {
+            "kl_reference_point": z0.detach(),
+            "reward_desirable": (r * d).sum() / d.sum().clamp_min(1),
+            "reward_undesirable": (r * (1 - d)).sum() / (1 - d).sum().clamp_min(1),
+            "fraction_desirable": d.mean(),
+        }
         return StepOutput(weighted_mean(losses, batch.weights), metrics)
