@@ -80,8 +80,23 @@ def detect(image) -> list[Detection]:
     """Objects in an RGB image (PIL, ``[H, W, 3]`` uint8, or ``[3, H, W]`` float in [0, 1]).
 
     Colour cores (pixels close to one palette colour) name and count objects; the object's extent
-    for the shape test is its connected foreground region (blurred edges included).
+    for the shape test is where pixels are at least half way from the background to its colour.
     """
+    return analyse(image).detections
+
+
+@dataclass
+class Analysis:
+    """``detections`` plus the ``[H, W]`` boolean maps they came from: ``foreground`` (differs from the
+    background) and ``core`` (close to a palette colour)."""
+
+    detections: list[Detection]
+    foreground: np.ndarray
+    core: np.ndarray
+
+
+def analyse(image) -> Analysis:
+    """Detections and the pixel maps behind them (see :func:`detect`)."""
     px = _as_array(image)
     border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
     background = np.median(border, axis=0)
@@ -114,7 +129,7 @@ def detect(image) -> list[Detection]:
         ys, xs = np.nonzero(extent)
         found.append(Detection(shape, name, float(xs.mean()), float(ys.mean()), int(extent.sum()),
                                (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop), fill))
-    return found
+    return Analysis(found, foreground, core)
 
 
 def _relation_holds(obj: Detection, ref: Detection, relation: str) -> bool:
