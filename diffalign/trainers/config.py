@@ -132,10 +132,18 @@ class Recipe:
 
 
 def _build(cls, values: dict[str, Any], where: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - known
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
     if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} in section '{where}'; known: {sorted(known)}")
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in section '{where}'; known: {sorted(fields)}")
+    values = dict(values)
+    for name, value in values.items():
+        # YAML reads "1e-5" (no dot) as a string: coerce strings for numeric fields
+        if isinstance(value, str) and str(fields[name].type).split(" |")[0] in ("float", "int"):
+            try:
+                values[name] = float(value) if "float" in str(fields[name].type) else int(value)
+            except ValueError:
+                raise ValueError(f"{where}.{name} must be a number, not {value!r}") from None
     return cls(**values)
 
 
@@ -160,9 +168,8 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     unknown = set(raw) - {"model", "data", "train", "method", "eval"}
     if unknown:
         raise ValueError(f"unknown recipe section(s) {sorted(unknown)}; expected model, data, train, method, eval")
-    method = dict(raw.get("method") or {"name": "diffusion-dpo"})
-    if "name" not in method:
-        raise ValueError("the recipe's 'method' section needs a 'name' (e.g. diffusion-dpo, mapo, kto, sft)")
+    method = dict(raw.get("method") or {})
+    method.setdefault("name", "diffusion-dpo")
     return Recipe(
         model=_build(ModelConfig, raw.get("model") or {}, "model"),
         data=_build(DataConfig, raw.get("data") or {}, "data"),
