@@ -14,7 +14,8 @@ def test_two_processes_match_one_with_double_accumulation(tiny_models, pair_parq
     common = ["train", "-", f"--model.pretrained={tiny_models['sd']}", f"--data.source={pair_parquet}",
               "--data.resolution=32", "--train.batch_size=2", "--train.max_steps=4", "--train.learning_rate=1e-3",
               "--train.checkpointing_steps=0", "--model.lora_rank=4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # ACCELERATE_USE_CPU: what `accelerate launch --cpu` sets; torchrun starts the two gloo processes
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
     one = tmp_path / "one"
     subprocess.run([sys.executable, "-m", "diffalign.cli", *common, f"--train.output_dir={one}",
                     "--train.gradient_accumulation_steps=2"], check=True, env=env)
