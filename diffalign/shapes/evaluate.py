@@ -3,9 +3,8 @@
 Detection is exact image analysis, no learned model: the background is the median border colour,
 foreground pixels are labelled with the nearest palette colour, connected components of one colour
 are objects; the centroid height (triangles) and the fill ratio of the bounding box (square ≈ 1,
-circle ≈ π/4) name the shape. The rules then follow GenEval: every ``include`` item needs at least
-``count`` matching objects (of its colour, if it names one), ``exclude`` items must have fewer than
-``count``, and a ``position`` holds when the centres are offset along the relation's axis.
+circle ≈ π/4) name the shape. The rules then follow GenEval's ``evaluate_images.py`` (see
+:func:`evaluate`), with object area standing in for detector confidence.
 """
 
 from __future__ import annotations
@@ -25,13 +24,14 @@ _NAMES = list(COLORS)
 FOREGROUND_DISTANCE = 60.0   # RGB distance from the background that makes a pixel foreground
 COLOR_DISTANCE = 80.0        # a pixel belongs to a colour only this close to it (edge blends do not)
 MIN_AREA = 16                # components smaller than this (pixels at 64 px) are specks
-SQUARE_FILL = 0.88           # fill ratio above which a (non-triangle) object is a square
-TRIANGLE_CENTROID = 0.58     # relative height of the area centroid above which an object is a triangle
+TRIANGLE_SKEW = -0.12        # vertical skewness below which an object is an (apex-up) triangle
+SQUARE_CORNER = 0.12         # diagonal-minus-axis kurtosis above which an object is a square
 
 
 @dataclass
 class Detection:
-    """An object found in an image: centre ``(cx, cy)`` and ``bbox = (x0, y0, x1, y1)`` in pixels."""
+    """An object found in an image: ``(cx, cy)`` the centroid of its pixels, ``area`` their count,
+    ``bbox = (x0, y0, x1, y1)`` (end exclusive), all in pixels; ``fill`` = area / bbox area."""
 
     shape: str
     color: str
@@ -39,18 +39,17 @@ class Detection:
     cy: float
     area: int
     bbox: tuple[int, int, int, int]
-    fill: float
+    fill: float = 0.0
 
 
 @dataclass
 class EvalResult:
+    """Verdict on one image: ``correct`` (every claim holds, GenEval's per-image score), each
+    ``(claim, holds)`` and ``fraction``, the share of claims that hold."""
+
     correct: bool
     claims: list[tuple[str, bool]]
-
-    @property
-    def fraction(self) -> float:
-        """Share of the caption's claims that hold (1.0 for a correct image)."""
-        return sum(ok for _, ok in self.claims) / max(1, len(self.claims))
+    fraction: float
 
 
 def _as_array(image) -> np.ndarray:
@@ -62,18 +61,37 @@ def _as_array(image) -> np.ndarray:
     return arr
 
 
-def classify_shape(mask: np.ndarray) -> tuple[str, float]:
-    """Shape of a boolean object mask cropped to its bounding box, and its fill ratio.
+def shape_features(weights: np.ndarray) -> tuple[float, float]:
+    """Blur-robust shape features of one object from its ``[H, W]`` coverage weights (0–1).
 
-    An apex-up triangle has its area centroid two thirds down its box (circles and squares: half
-    way), which survives blur; squares fill their box (1.0), circles π/4.
+    Returns ``(skew, corner)``: ``skew`` is the skewness of the vertical mass distribution (an
+    apex-up triangle: −0.57, circles and squares: 0); ``corner`` is the kurtosis along the diagonals
+    minus along the axes (a square's mass reaches into its corners: 2.4 − 1.8 = 0.6; a circle is
+    isotropic: 0). Both are moment ratios, so blur, JPEG and noise move them only a little.
     """
-    h, w = mask.shape
-    fill = float(mask.sum()) / float(h * w)
-    ys = np.nonzero(mask)[0]
-    if (ys.mean() + 0.5) / h > TRIANGLE_CENTROID:
-        return "triangle", fill
-    return ("square" if fill > SQUARE_FILL else "circle"), fill
+    ys, xs = np.indices(weights.shape, dtype=np.float64)
+    m = weights.sum()
+    dx = xs - (weights * xs).sum() / m
+    dy = ys - (weights * ys).sum() / m
+
+    def moment(u: np.ndarray, k: int) -> float:
+        return float((weights * u**k).sum() / m)
+
+    def kurtosis(u: np.ndarray) -> float:
+        return moment(u, 4) / max(moment(u, 2), 1e-9) ** 2
+
+    skew = moment(dy, 3) / max(moment(dy, 2), 1e-9) ** 1.5
+    diag = (kurtosis((dx + dy) / np.sqrt(2)) + kurtosis((dx - dy) / np.sqrt(2))) / 2
+    axes = (kurtosis(dx) + kurtosis(dy)) / 2
+    return skew, diag - axes
+
+
+def classify_shape(weights: np.ndarray) -> str:
+    """``triangle``, ``square`` or ``circle`` from an object's ``[H, W]`` coverage weights."""
+    skew, corner = shape_features(weights)
+    if skew < TRIANGLE_SKEW:
+        return "triangle"
+    return "square" if corner > SQUARE_CORNER else "circle"
 
 
 def detect(image) -> list[Detection]:
@@ -95,84 +113,125 @@ class Analysis:
     core: np.ndarray
 
 
+_EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity
+
+
+def _toward(px: np.ndarray, background: np.ndarray, name: str) -> np.ndarray:
+    """``[H, W]`` position of each pixel on the line from the background (0) to colour ``name`` (1)."""
+    direction = np.array(COLORS[name], dtype=np.float32) - background
+    return ((px - background) @ direction) / float(direction @ direction)
+
+
 def analyse(image) -> Analysis:
     """Detections and the pixel maps behind them (see :func:`detect`)."""
     px = _as_array(image)
     border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
     background = np.median(border, axis=0)
     foreground = np.linalg.norm(px - background, axis=-1) > FOREGROUND_DISTANCE
-    regions, _ = ndimage.label(foreground, structure=np.ones((3, 3)))
+    regions, _ = ndimage.label(foreground, structure=_EIGHT)
     dist = np.linalg.norm(px[..., None, :] - _PALETTE, axis=-1)  # [H, W, K]
     label = dist.argmin(-1)
     core = foreground & (dist.min(-1) < COLOR_DISTANCE)
     cores = []
     for k, name in enumerate(_NAMES):
-        comps, _ = ndimage.label(core & (label == k), structure=np.ones((3, 3)))
+        comps, _ = ndimage.label(core & (label == k), structure=_EIGHT)
         for i, sl in enumerate(ndimage.find_objects(comps), start=1):
             mask = comps == i
             if mask.sum() >= MIN_AREA:
                 region = np.bincount(regions[mask]).argmax()
                 cores.append((name, mask, region))
     shared = np.bincount([r for _, _, r in cores], minlength=regions.max() + 1)
-    found: list[Detection] = []
+    extents = []
     for name, mask, region in cores:
         if shared[region] == 1:
             # the object's edge is where the pixel is half way from the background to its colour
-            direction = np.array(COLORS[name], dtype=np.float32) - background
-            t = ((px - background) @ direction) / float(direction @ direction)
-            halfway, _ = ndimage.label((t > 0.5) & (regions == region), structure=np.ones((3, 3)))
-            extent = halfway == np.bincount(halfway[mask]).argmax()
+            halfway, _ = ndimage.label((_toward(px, background, name) > 0.5) & (regions == region), structure=_EIGHT)
+            extents.append(halfway == np.bincount(halfway[mask]).argmax())
         else:  # touching objects of different colours: fall back to the colour core
-            extent = ndimage.binary_dilation(mask)
-        sl = ndimage.find_objects(extent.astype(np.int32))[0]
-        shape, fill = classify_shape(extent[sl])
+            extents.append(ndimage.binary_dilation(mask))
+    grown = [ndimage.binary_dilation(e) for e in extents]
+    taken = np.sum(grown, axis=0) if grown else None  # [H, W] how many objects claim each pixel
+    found: list[Detection] = []
+    for j, ((name, _, _), extent) in enumerate(zip(cores, extents)):
+        # coverage weights: blurred edges included, pixels of the other objects left out
+        zone = ndimage.binary_dilation(grown[j]) & (taken - grown[j] == 0)
+        weights = np.clip(_toward(px, background, name), 0.0, 1.0) * zone
         ys, xs = np.nonzero(extent)
-        found.append(Detection(shape, name, float(xs.mean()), float(ys.mean()), int(extent.sum()),
-                               (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop), fill))
+        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        area = int(extent.sum())
+        m = float(weights.sum())
+        cy, cx = (float((weights * g).sum()) / m for g in np.indices(weights.shape))
+        found.append(Detection(classify_shape(weights), name, cx, cy, area, (x0, y0, x1, y1),
+                               area / float((x1 - x0) * (y1 - y0))))
     return Analysis(found, foreground, core)
 
 
-def _relation_holds(obj: Detection, ref: Detection, relation: str) -> bool:
-    """GenEval-style: centres offset beyond 0.1·(sizes) along the axis, and mostly along it."""
-    dx, dy = obj.cx - ref.cx, obj.cy - ref.cy
-    wx = 0.1 * ((obj.bbox[2] - obj.bbox[0]) + (ref.bbox[2] - ref.bbox[0]))
-    wy = 0.1 * ((obj.bbox[3] - obj.bbox[1]) + (ref.bbox[3] - ref.bbox[1]))
-    norm = max(1e-6, float(np.hypot(dx, dy)))
-    if relation == "left of":
-        return dx < -wx and -dx / norm > 0.5
-    if relation == "right of":
-        return dx > wx and dx / norm > 0.5
-    if relation == "above":
-        return dy < -wy and -dy / norm > 0.5
-    if relation == "below":
-        return dy > wy and dy / norm > 0.5
-    raise ValueError(f"unknown relation {relation!r}")
+POSITION_THRESHOLD = 0.1  # GenEval: centre offsets shrink by 0.1·(sum of box sides) before the test
+
+
+def relations(obj: Detection, ref: Detection) -> set[str]:
+    """GenEval's ``relative_position``: the relations of ``obj`` to ``ref`` from their box centres.
+
+    Each axis offset is shrunk towards 0 by ``0.1·(box side of obj + box side of ref)``; a relation
+    holds when the shrunk offset along its axis is over half the length of the raw centre offset.
+    """
+    ca = np.array([(obj.bbox[0] + obj.bbox[2]) / 2, (obj.bbox[1] + obj.bbox[3]) / 2])
+    cb = np.array([(ref.bbox[0] + ref.bbox[2]) / 2, (ref.bbox[1] + ref.bbox[3]) / 2])
+    dims = np.array([obj.bbox[2] - obj.bbox[0] + ref.bbox[2] - ref.bbox[0],
+                     obj.bbox[3] - obj.bbox[1] + ref.bbox[3] - ref.bbox[1]], dtype=np.float64)
+    offset = ca - cb
+    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * dims, 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    out = set()
+    if dx < -0.5:
+        out.add("left of")
+    if dx > 0.5:
+        out.add("right of")
+    if dy < -0.5:
+        out.add("above")
+    if dy > 0.5:
+        out.add("below")
+    return out
 
 
 def evaluate(image, prompt: ShapesPrompt | str, detections: list[Detection] | None = None) -> EvalResult:
-    """Check every claim of ``prompt`` on ``image``; ``correct`` when all hold (GenEval's per-image verdict)."""
+    """Check every claim of ``prompt`` on ``image`` with GenEval's rules; ``correct`` when all hold.
+
+    Per include item: at least ``count`` objects of its class (the ``count`` largest stand for
+    GenEval's most confident detections); if it names a colour, those ``count`` objects have it; if
+    it has a ``position`` ``[relation, i]``, each of them is in that relation to each object matched
+    by item ``i`` (which must itself have matched). Per exclude item: fewer than ``count`` objects
+    of its class (so counting prompts need the exact number). ``claims`` lists each check and its
+    outcome; ``fraction`` is the share that hold.
+    """
     if isinstance(prompt, str):
         prompt = parse_prompt(prompt)
     dets = detect(image) if detections is None else detections
     claims: list[tuple[str, bool]] = []
-    matched: list[list[Detection]] = []
+    groups: list[list[Detection] | None] = []
     for item in prompt.include:
-        of_class = [d for d in dets if d.shape == item["class"]]
-        claims.append((f"at least {item['count']} {item['class']}", len(of_class) >= item["count"]))
+        cls, n = item["class"], item["count"]
+        found = sorted((d for d in dets if d.shape == cls), key=lambda d: -d.area)[:n]
+        matched = len(found) >= n
+        claims.append((f"at least {n} {cls}", matched))
         if "color" in item:
-            colored = [d for d in of_class if d.color == item["color"]]
-            claims.append((f"{item['count']} {item['color']} {item['class']}", len(colored) >= item["count"]))
-            of_class = colored
-        matched.append(of_class)
+            ok = matched and all(d.color == item["color"] for d in found)
+            claims.append((f"{n} {item['color']} {cls}", ok))
+            matched = matched and ok
+        if "position" in item:
+            relation, i = item["position"]
+            ref = groups[i]
+            ok = matched and ref is not None and all(relation in relations(o, r) for o in found for r in ref)
+            claims.append((f"{cls} {relation} {prompt.include[i]['class']}", ok))
+            matched = matched and ok
+        groups.append(found if matched else None)
     for item in prompt.exclude:
         n = sum(d.shape == item["class"] for d in dets)
         claims.append((f"fewer than {item['count']} {item['class']}", n < item["count"]))
-    for j, item in enumerate(prompt.include):
-        if "position" in item:
-            relation, i = item["position"]
-            ok = any(_relation_holds(o, r, relation) for o in matched[j] for r in matched[i])
-            claims.append((f"{item['class']} {relation} {prompt.include[i]['class']}", ok))
-    return EvalResult(all(ok for _, ok in claims), claims)
+    correct = all(ok for _, ok in claims)
+    return EvalResult(correct, claims, sum(ok for _, ok in claims) / max(1, len(claims)))
 
 
 def shapes_eval(images: Sequence, prompts: Sequence[ShapesPrompt | str]) -> dict[str, float]:

@@ -35,19 +35,25 @@ HELDOUT_FRACTION = 0.25
 
 @dataclass
 class ShapesPrompt:
-    """A caption and its GenEval-style metadata (``include``/``exclude`` items: class, count, colour, position)."""
+    """A caption and its GenEval-style metadata.
+
+    ``include``/``exclude`` items are ``{"class", "count", optional "color", optional "position"}``
+    dicts as in GenEval's ``evaluation_metadata.jsonl``. ``position`` repeats the one relation of a
+    position prompt: ``("left of", 0)`` means ``include[1]`` is left of ``include[0]`` (it is filled
+    in from the include items when not given).
+    """
 
     text: str
     task: str
     include: list[dict]
     exclude: list[dict] = field(default_factory=list)
+    position: tuple[str, int] | None = None
 
-    @property
-    def position(self) -> tuple[str, int] | None:
-        for item in self.include:
-            if "position" in item:
-                return tuple(item["position"])  # type: ignore[return-value]
-        return None
+    def __post_init__(self):
+        if self.position is None:
+            for item in self.include:
+                if "position" in item:
+                    self.position = tuple(item["position"])  # type: ignore[assignment]
 
 
 def _a(word: str) -> str:
