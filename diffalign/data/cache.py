@@ -1,10 +1,14 @@
 """On-disk cache of VAE latents and text embeddings (safetensors shards keyed by content).
 
 After the first pass over the data a training step runs no VAE encoder and no text encoder.
-Layout: ``ROOT/NAMESPACE/shard-<id>.safetensors`` with a ``shard-<id>.json`` list of its keys,
-each written through a temp file and a rename (a reader never sees half a shard; several
-processes can add shards at once). ``NAMESPACE`` must change whenever the encoders, resolution or
-dtype change (the trainer derives it from the model id, resolution and dtype).
+Layout: ``ROOT/NAMESPACE/shard-<id>.safetensors``, each with its index file ``shard-<id>.json``
+(the list of tensor names it holds). Both are written through a temp file and a rename, the index
+last, so a reader never sees half a shard and several processes can add shards at once; reopening
+reads the indexes. ``NAMESPACE`` must change whenever the encoders, resolution or dtype change (the
+caller derives it from the model id, resolution and dtype).
+
+Keys are content keys (``PreferencePair.key`` plus whatever else changes the pixels, e.g. crop and
+flip): the same image bytes in another row or file hit the same entry.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -21,55 +26,94 @@ from diffalign.data.pairs import content_key
 
 
 class LatentCache:
-    def __init__(self, root: str | Path, namespace: str):
+    """Latents (one tensor per key) and text embeddings (a dict of tensors per prompt) on disk.
+
+    ``hits`` / ``misses`` count lookups (for ``diffalign bench``); at most ``max_loaded_shards`` shards
+    are kept in memory (least recently used dropped first).
+    """
+
+    def __init__(self, root: str | Path, namespace: str, *, max_loaded_shards: int = 256):
+        if not namespace or "/" in namespace or namespace in (".", ".."):
+            raise ValueError(f"namespace must be a plain non-empty name, got {namespace!r}")
         self.dir = Path(root) / namespace
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.index: dict[str, str] = {}  # key -> shard file name
-        self._loaded: dict[str, dict[str, torch.Tensor]] = {}
-        self._fields: dict[str, list[str]] = {}  # "text:<hash>/" -> its tensor names
+        self.max_loaded_shards = max_loaded_shards
+        self.index: dict[str, str] = {}  # tensor name -> shard file name
+        self._loaded: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._fields: dict[str, set[str]] = {}  # "text:<hash>/" -> its tensor names
+        self._shards: set[str] = set()  # shard files already indexed
         self.hits = self.misses = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Pick up shards written since opening (e.g. by other processes)."""
         for meta in sorted(self.dir.glob("shard-*.json")):
             shard = meta.with_suffix(".safetensors").name
-            if (self.dir / shard).exists():
-                self._add(json.loads(meta.read_text()), shard)
+            if shard in self._shards or not (self.dir / shard).exists():
+                continue
+            try:
+                names = json.loads(meta.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue  # unreadable index: treat its entries as misses
+            self._add(names, shard)
 
-    def _add(self, names, shard: str) -> None:
+    def _add(self, names: list[str], shard: str) -> None:
+        self._shards.add(shard)
         for n in names:
             self.index[n] = shard
             if n.startswith("text:"):
-                self._fields.setdefault(n[: n.index("/") + 1], []).append(n)
+                self._fields.setdefault(n[: n.index("/") + 1], set()).add(n)
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def stats(self) -> dict[str, int | float]:
+        """Lookup counters and size, for reports."""
+        total = self.hits + self.misses
+        return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / total if total else 0.0,
+                "entries": len(self.index), "shards": len(set(self.index.values()))}
+
     # ---- generic tensors
+    def _shard(self, shard: str) -> dict[str, torch.Tensor]:
+        if shard in self._loaded:
+            self._loaded.move_to_end(shard)
+        else:
+            self._loaded[shard] = load_file(self.dir / shard)
+            while len(self._loaded) > self.max_loaded_shards:
+                self._loaded.popitem(last=False)
+        return self._loaded[shard]
+
     def _get(self, names: list[str]) -> dict[str, torch.Tensor]:
         out = {}
         for name in names:
             shard = self.index.get(name)
-            if shard is None:
-                continue
-            if shard not in self._loaded:
-                self._loaded[shard] = load_file(self.dir / shard)
-            out[name] = self._loaded[shard][name]
+            if shard is not None:
+                out[name] = self._shard(shard)[name]
         return out
 
     def _put(self, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {k: v for k, v in tensors.items() if k not in self.index}
         if not tensors:
             return
-        sid = uuid.uuid4().hex[:12]
+        sid = uuid.uuid4().hex[:16]
         shard, meta = self.dir / f"shard-{sid}.safetensors", self.dir / f"shard-{sid}.json"
-        data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(data, str(shard) + ".tmp")
-        os.replace(str(shard) + ".tmp", shard)
-        meta.with_suffix(".json.tmp").write_text(json.dumps(sorted(data)))
-        os.replace(meta.with_suffix(".json.tmp"), meta)
+        data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}  # no shared storage
+        names = sorted(data)
+        for final, write in ((shard, lambda p: save_file(data, str(p))),
+                             (meta, lambda p: p.write_text(json.dumps(names)))):
+            tmp = final.with_name(f".{final.name}.tmp")
+            try:
+                write(tmp)
+                os.replace(tmp, final)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
         self._loaded[shard.name] = data
-        self._add(sorted(data), shard.name)
+        self._add(names, shard.name)
 
     # ---- latents: one tensor per key
     def get_latents(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """Cached latents ``{key: [C, h, w]}`` for the keys that are present."""
+        """Cached latents ``{key: [C, h, w]}`` for the keys that are present (others are misses)."""
         names = {k: "latent:" + content_key(k) for k in keys}
         found = self._get(list(names.values()))
         out = {k: found[n] for k, n in names.items() if n in found}
@@ -78,6 +122,7 @@ class LatentCache:
         return out
 
     def put_latents(self, items: dict[str, torch.Tensor]) -> None:
+        """Store ``{key: latent}`` (keys already present are left as they are)."""
         self._put({"latent:" + content_key(k): v for k, v in items.items()})
 
     # ---- text: a dict of tensors per prompt
@@ -86,7 +131,7 @@ class LatentCache:
         out = {}
         for p in prompts:
             base = "text:" + content_key(p) + "/"
-            fields = self._fields.get(base, [])
+            fields = sorted(self._fields.get(base, ()))
             if fields:
                 out[p] = {n[len(base):]: t for n, t in self._get(fields).items()}
         self.hits += len(out)
@@ -94,4 +139,9 @@ class LatentCache:
         return out
 
     def put_text(self, items: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Store ``{prompt: {field: tensor}}`` (e.g. ``prompt_embeds``, ``pooled_prompt_embeds``)."""
         self._put({"text:" + content_key(p) + "/" + f: t for p, d in items.items() for f, t in d.items()})
+
+
+# The dataset and collate live in diffalign.data.dataset; importable from here too.
+from diffalign.data.dataset import PreferenceDataset, collate_pairs  # noqa: E402,F401

@@ -1,21 +1,26 @@
 """Generic preference pairs from JSONL: one ``{"prompt", "chosen", "rejected"}`` object per line.
 
-Image paths are relative to the JSONL file (or ``image_root``). Optional fields: ``prompt_rejected``
-(a different caption for the loser, DCPO) and ``weight`` (per-pair loss weight).
+Image paths are relative to the JSONL file (or ``image_root``); absolute paths are used as they are.
+Optional fields: ``prompt_rejected`` (a different caption for the loser, DCPO) and ``weight``
+(per-pair loss weight, a finite number >= 0).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+from PIL import Image
 
 from diffalign.data.pairs import DataStats, PreferencePair, content_key, decode_image
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """``(line number, object)`` for each non-empty line; a clear error for malformed JSON."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -28,8 +33,33 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             yield n, obj
 
 
-def read_jsonl_pairs(path: str | Path, *, image_root: str | Path | None = None, strict: bool = False,
-                     stats: DataStats | None = None) -> Iterator[PreferencePair]:
+def require_text(obj: dict, fld: str, src: str, optional: bool = False) -> str | None:
+    """``obj[fld]`` if it is a string; an error naming ``src`` and the field otherwise."""
+    if fld not in obj or (optional and obj[fld] is None):
+        if optional:
+            return None
+        raise ValueError(f"{src}: missing field {fld!r}")
+    if not isinstance(obj[fld], str):
+        raise ValueError(f"{src}: field {fld!r} is {obj[fld]!r}, not text")
+    return obj[fld]
+
+
+@dataclass
+class RawPair:
+    """A validated JSONL pair with its image bytes (before decoding into a ``PreferencePair``)."""
+
+    prompt: str
+    chosen: bytes
+    rejected: bytes
+    prompt_rejected: str | None
+    weight: float
+    source: str
+    images: tuple[Image.Image, Image.Image]
+
+
+def iter_raw_pairs(path: str | Path, *, image_root: str | Path | None = None, strict: bool = False,
+                   stats: DataStats | None = None) -> Iterator[RawPair]:
+    """Validated pairs with their image bytes; rows with unreadable images are skipped and counted."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such JSONL file: {path}")
@@ -38,19 +68,34 @@ def read_jsonl_pairs(path: str | Path, *, image_root: str | Path | None = None, 
     for n, obj in iter_jsonl(path):
         stats.rows += 1
         src = f"{path}:line {n}"
-        for fld in ("prompt", "chosen", "rejected"):
-            if fld not in obj:
-                raise ValueError(f"{src}: missing field '{fld}' (pairs need prompt, chosen, rejected)")
+        prompt = require_text(obj, "prompt", src)
+        files = [require_text(obj, f, src) for f in ("chosen", "rejected")]
+        prompt_rejected = require_text(obj, "prompt_rejected", src, optional=True)
+        weight = obj.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"{src}: field 'weight' is {weight!r}; expected a finite number >= 0")
         try:
-            raw = [(root / obj[f]).read_bytes() for f in ("chosen", "rejected")]
-            chosen, rejected = (decode_image(b, f"{src} field '{f}'") for b, f in zip(raw, ("chosen", "rejected")))
-        except (OSError, ValueError) as e:
+            raw, images = [], []
+            for fld, name in zip(("chosen", "rejected"), files):
+                try:
+                    raw.append((root / name).read_bytes())
+                except OSError as e:
+                    raise ValueError(f"field {fld!r}: cannot read {root / name} ({e.strerror or e})") from None
+                images.append(decode_image(raw[-1], f"field {fld!r}"))
+        except ValueError as e:
             if strict:
                 raise ValueError(f"{src}: {e}") from None
-            stats.bad_images += 1
-            stats.bad_rows.append(src)
+            stats.skip_bad(src)
             continue
+        stats.labels[1.0] += 1
         stats.kept += 1
-        yield PreferencePair(prompt=obj["prompt"], chosen=chosen, rejected=rejected,
-                             prompt_rejected=obj.get("prompt_rejected"), weight=float(obj.get("weight", 1.0)),
-                             source=src, key=content_key(raw[0], raw[1], obj["prompt"], obj.get("prompt_rejected") or ""))
+        yield RawPair(prompt, raw[0], raw[1], prompt_rejected, float(weight), src, (images[0], images[1]))
+
+
+def read_jsonl_pairs(path: str | Path, *, image_root: str | Path | None = None, strict: bool = False,
+                     stats: DataStats | None = None) -> Iterator[PreferencePair]:
+    """Preference pairs from a JSONL file; errors name the file, line and field."""
+    for r in iter_raw_pairs(path, image_root=image_root, strict=strict, stats=stats):
+        yield PreferencePair(prompt=r.prompt, chosen=r.images[0], rejected=r.images[1], prompt_rejected=r.prompt_rejected,
+                             weight=r.weight, source=r.source,
+                             key=content_key(r.chosen, r.rejected, r.prompt, r.prompt_rejected or r.prompt))

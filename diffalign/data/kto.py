@@ -8,15 +8,17 @@ from pathlib import Path
 
 from PIL import Image
 
-from diffalign.data.jsonl import iter_jsonl
+from diffalign.data.jsonl import iter_jsonl, require_text
 from diffalign.data.pairs import DataStats, PreferencePair, content_key, decode_image
 
-_TRUE = {True, 1, "1", "true", "like", "desirable", "good", "win"}
-_FALSE = {False, 0, "0", "false", "dislike", "undesirable", "bad", "lose"}
+_TRUE = {"1", "+1", "true", "yes", "like", "liked", "desirable", "good", "win", "up", "thumbs_up"}
+_FALSE = {"0", "-1", "false", "no", "dislike", "disliked", "undesirable", "bad", "lose", "down", "thumbs_down"}
 
 
 @dataclass
 class FeedbackSample:
+    """One image with a thumbs-up (``desirable``) or thumbs-down for its prompt."""
+
     prompt: str
     image: Image.Image
     desirable: bool
@@ -24,19 +26,25 @@ class FeedbackSample:
     key: str = ""
 
 
-def _label(value, where: str) -> bool:
-    v = value.lower() if isinstance(value, str) else value
-    if v in _TRUE:
-        return True
-    if v in _FALSE:
-        return False
+def parse_label(value, where: str) -> bool:
+    """true/false, 1/0 (or -1), "like"/"dislike" and the like; an error naming ``where`` otherwise."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (1, 0, -1):
+        return value == 1
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
     raise ValueError(f"{where}: field 'label' is {value!r}; use true/false, 1/0 or like/dislike")
 
 
-def read_feedback(path: str | Path, *, image_root: str | Path | None = None, strict: bool = False,
-                  stats: DataStats | None = None) -> Iterator[FeedbackSample]:
-    """Feedback samples from a JSONL file (image paths relative to it or to ``image_root``)."""
-    path = Path(path)
+def read_feedback(source: str | Path | Iterable[PreferencePair], *, image_root: str | Path | None = None,
+                  strict: bool = False, stats: DataStats | None = None) -> Iterator[FeedbackSample]:
+    """Feedback samples from a JSONL file (image paths relative to it or to ``image_root``), or from
+    preference pairs (each gives its winner as desirable and its loser as undesirable)."""
+    if not isinstance(source, (str, Path)):
+        yield from feedback_from_pairs(source)
+        return
+    path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"no such JSONL file: {path}")
     root = Path(image_root) if image_root else path.parent
@@ -44,25 +52,30 @@ def read_feedback(path: str | Path, *, image_root: str | Path | None = None, str
     for n, obj in iter_jsonl(path):
         stats.rows += 1
         src = f"{path}:line {n}"
-        for fld in ("prompt", "image", "label"):
-            if fld not in obj:
-                raise ValueError(f"{src}: missing field '{fld}' (feedback needs prompt, image, label)")
-        desirable = _label(obj["label"], src)
+        prompt = require_text(obj, "prompt", src)
+        name = require_text(obj, "image", src)
+        if "label" not in obj:
+            raise ValueError(f"{src}: missing field 'label'")
+        desirable = parse_label(obj["label"], src)
+        stats.labels["like" if desirable else "dislike"] += 1
         try:
-            raw = (root / obj["image"]).read_bytes()
-            image = decode_image(raw, f"{src} field 'image'")
-        except (OSError, ValueError) as e:
+            try:
+                raw = (root / name).read_bytes()
+            except OSError as e:
+                raise ValueError(f"field 'image': cannot read {root / name} ({e.strerror or e})") from None
+            image = decode_image(raw, "field 'image'")
+        except ValueError as e:
             if strict:
                 raise ValueError(f"{src}: {e}") from None
-            stats.bad_images += 1
-            stats.bad_rows.append(src)
+            stats.skip_bad(src)
             continue
         stats.kept += 1
-        yield FeedbackSample(obj["prompt"], image, desirable, src, content_key(raw, obj["prompt"]))
+        yield FeedbackSample(prompt, image, desirable, src, content_key(raw, prompt))
 
 
 def feedback_from_pairs(pairs: Iterable[PreferencePair]) -> Iterator[FeedbackSample]:
-    """Each pair gives two samples: the winner desirable, the loser undesirable."""
+    """Each pair gives two samples: the winner desirable, the loser undesirable (with its own prompt)."""
     for p in pairs:
         yield FeedbackSample(p.prompt, p.chosen, True, p.source + " (chosen)", p.key + ":chosen")
-        yield FeedbackSample(p.prompt_rejected or p.prompt, p.rejected, False, p.source + " (rejected)", p.key + ":rejected")
+        yield FeedbackSample(p.prompt_rejected or p.prompt, p.rejected, False, p.source + " (rejected)",
+                             p.key + ":rejected")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections import Counter
 from dataclasses import dataclass, field
 
 from PIL import Image
+
+MAX_BAD_ROWS_KEPT = 100  # DataStats keeps the first rows it skipped, for the report
 
 
 @dataclass
@@ -14,7 +17,8 @@ class PreferencePair:
     """One preference pair, winner first.
 
     ``source`` says where it came from (``file.parquet:row 12``) for error messages; ``key`` is a
-    content hash of the two images and the prompt, used to cache latents.
+    content hash of the two images and the prompt(s), used to cache latents: the same bytes in another
+    row or file give the same key.
     """
 
     prompt: str
@@ -28,13 +32,28 @@ class PreferencePair:
 
 @dataclass
 class DataStats:
-    """What a reader saw: rows read, pairs kept, ties dropped, bad images skipped."""
+    """What a reader saw: rows read, pairs kept, ties dropped, bad images skipped, label histogram.
+
+    Pass one instance to several readers to count them together.
+    """
 
     rows: int = 0
     kept: int = 0
     ties_dropped: int = 0
     bad_images: int = 0
     bad_rows: list[str] = field(default_factory=list)
+    labels: Counter = field(default_factory=Counter)
+
+    def skip_bad(self, source: str) -> None:
+        """Count a row skipped for an undecodable or missing image."""
+        self.bad_images += 1
+        if len(self.bad_rows) < MAX_BAD_ROWS_KEPT:
+            self.bad_rows.append(source)
+
+    def as_dict(self) -> dict:
+        return {"rows": self.rows, "kept": self.kept, "ties_dropped": self.ties_dropped,
+                "bad_images": self.bad_images, "bad_rows": list(self.bad_rows),
+                "labels": {str(k): v for k, v in sorted(self.labels.items(), key=lambda kv: str(kv[0]))}}
 
     def __str__(self) -> str:
         return (f"{self.rows} rows read, {self.kept} kept, {self.ties_dropped} ties dropped, "
@@ -42,10 +61,10 @@ class DataStats:
 
 
 def content_key(*parts: bytes | str) -> str:
-    """A short hex digest of byte/str parts (the cache key of an example)."""
+    """A short hex digest of byte/str parts (the cache key of an example); parts are length-prefixed."""
     h = hashlib.blake2b(digest_size=16)
     for p in parts:
-        b = p.encode() if isinstance(p, str) else p
+        b = p.encode() if isinstance(p, str) else bytes(p)
         h.update(len(b).to_bytes(8, "little"))
         h.update(b)
     return h.hexdigest()
@@ -53,6 +72,8 @@ def content_key(*parts: bytes | str) -> str:
 
 def decode_image(data: bytes, where: str) -> Image.Image:
     """Decode image bytes to RGB; a ``ValueError`` naming ``where`` if they are not an image."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"{where}: expected image bytes, got {type(data).__name__}")
     try:
         img = Image.open(io.BytesIO(data))
         img.load()

@@ -3,45 +3,75 @@
 The schema (``yuvalkirstain/pickapic_v2``): ``jpg_0``, ``jpg_1`` (JPEG bytes), ``label_0`` (1: image 0
 preferred, 0: image 1, 0.5: tie) and ``caption``. As in the official Diffusion-DPO code, ties are
 dropped (and counted) by default and the winner is put first.
+
+Optional columns read when present: ``label_1`` (must equal ``1 - label_0``), ``caption_1`` (a
+different caption for image 1, DCPO-style; ``caption`` is then image 0's) and ``weight`` (per-pair loss
+weight). ``pickapic_v2_no_images`` rows carry ``image_0_url`` / ``image_1_url`` instead of bytes: the
+images are fetched once and kept under a cache directory, keyed by a hash of the URL.
+
+WebDataset mirrors (``.tar``, ``.tar.gz``, ``.tgz``): one sample is the run of consecutive members
+sharing a key (the member path up to the first dot of its file name), e.g.::
+
+    00000042.jpg_0    image 0 bytes        (also accepted: 00000042.0.jpg / .0.png / .0.webp)
+    00000042.jpg_1    image 1 bytes        (also accepted: 00000042.1.jpg / ...)
+    00000042.json     {"caption": ..., "label_0": 1}   (and any optional column above, or image URLs)
+    00000042.txt      the caption, if the JSON has none
 """
 
 from __future__ import annotations
 
 import glob
-import io
 import json
+import math
 import os
 import tarfile
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from diffalign.data.pairs import DataStats, PreferencePair, content_key, decode_image
 
 REQUIRED = ("jpg_0", "jpg_1", "label_0", "caption")
+OPTIONAL = ("label_1", "caption_1", "weight", "image_0_url", "image_1_url")
 VALID_LABELS = (0.0, 0.5, 1.0)
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_FILE_SUFFIXES = (".parquet", ".json", ".jsonl", ".gz", *TAR_SUFFIXES)
 
 
-def _resolve_files(spec: str | Path | list) -> list[Path] | None:
-    """Local parquet files for a path, directory, glob or list; ``None`` if ``spec`` looks like a hub id."""
-    specs = spec if isinstance(spec, (list, tuple)) else [spec]
+def default_image_cache_dir() -> Path:
+    """Where fetched ``pickapic_v2_no_images`` images are kept: ``$DIFFALIGN_CACHE`` or the user cache."""
+    base = os.environ.get("DIFFALIGN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "diffalign")
+    return Path(base) / "pickapic_images"
+
+
+def _is_data_file(p: Path) -> bool:
+    return p.name.endswith(".parquet") or p.name.endswith(TAR_SUFFIXES)
+
+
+def resolve_sources(spec: str | Path | list) -> list[Path] | None:
+    """Local parquet/tar files for a path, directory, glob or list; ``None`` if ``spec`` is a hub id."""
+    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     files: list[Path] = []
     for s in specs:
         s = str(s)
         if any(ch in s for ch in "*?["):
-            files += [Path(p) for p in sorted(glob.glob(s))]
+            files += [Path(p) for p in sorted(glob.glob(s, recursive=True)) if _is_data_file(Path(p))]
         elif os.path.isdir(s):
-            files += sorted(Path(s).glob("**/*.parquet")) + sorted(Path(s).glob("**/*.tar"))
+            files += sorted(p for p in Path(s).rglob("*") if p.is_file() and _is_data_file(p))
         elif os.path.exists(s):
             files.append(Path(s))
-        elif len(specs) == 1 and s.count("/") == 1 and not s.endswith((".parquet", ".tar", ".jsonl")):
+        elif len(specs) == 1 and s.count("/") == 1 and not s.startswith((".", "/", "~")) and not s.endswith(_FILE_SUFFIXES):
             return None  # owner/name: a hub dataset id
         else:
             raise FileNotFoundError(f"no such data file or directory: {s}")
     if not files:
-        raise FileNotFoundError(f"no parquet/tar files match {spec}")
+        raise FileNotFoundError(f"no .parquet or .tar files in {spec}")
     return files
 
 
@@ -51,154 +81,311 @@ def read_pickapic(
     split: str = "train",
     drop_ties: bool = True,
     strict: bool = False,
+    streaming: bool = True,
     stats: DataStats | None = None,
     image_cache_dir: str | Path | None = None,
 ) -> Iterator[PreferencePair]:
     """Preference pairs, winner first, from Pick-a-Pic-schema data.
 
-    ``source``: a parquet file, directory, glob or list of them; WebDataset ``.tar`` shards (members
-    ``KEY.jpg_0``, ``KEY.jpg_1`` and ``KEY.json`` with ``caption`` and ``label_0``); or a hub dataset id,
-    streamed with ``datasets``. Rows without image bytes but with ``image_0_url``/``image_1_url``
-    (``pickapic_v2_no_images``) have their images fetched once into ``image_cache_dir``.
+    ``source``: a parquet file, directory, glob or list of them; WebDataset tar shards (layout in the
+    module docstring); or a hub dataset id read with ``datasets.load_dataset(id, split=split,
+    streaming=streaming)``. Rows without image bytes but with image URLs (``pickapic_v2_no_images``)
+    have their images fetched once into ``image_cache_dir``; a failed fetch counts as a bad image.
 
     Errors name the file, row and field: a missing column, a label outside {0, 0.5, 1}. An undecodable
-    image skips the row and counts it (``strict=True``: an error naming the row).
+    image skips the row and counts it in ``stats`` (``strict=True``: an error naming the row).
     """
     stats = stats if stats is not None else DataStats()
-    files = _resolve_files(source)
+    cache = Path(image_cache_dir) if image_cache_dir else None
+    files = resolve_sources(source)
     if files is None:
-        yield from _rows_to_pairs(_hub_rows(str(source), split), str(source), drop_ties, strict, stats, image_cache_dir)
+        yield from _rows_to_pairs(_hub_rows(str(source), split, streaming), drop_ties, strict, stats, cache)
         return
     for f in files:
-        rows = _tar_rows(f) if f.suffix == ".tar" else _parquet_rows(f)
-        yield from _rows_to_pairs(rows, str(f), drop_ties, strict, stats, image_cache_dir)
+        rows = _tar_rows(f) if f.name.endswith(TAR_SUFFIXES) else _parquet_rows(f)
+        yield from _rows_to_pairs(rows, drop_ties, strict, stats, cache)
 
 
-def _parquet_rows(path: Path) -> Iterator[dict]:
-    pf = pq.ParquetFile(path)
-    names = set(pf.schema_arrow.names)
+# ---- row sources: each yields (source description, row dict)
+
+def _check_columns(names: Iterable[str], where: str) -> None:
+    names = set(names)
     has_urls = {"image_0_url", "image_1_url"} <= names
     missing = [c for c in REQUIRED if c not in names and not (has_urls and c in ("jpg_0", "jpg_1"))]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; Pick-a-Pic data needs {list(REQUIRED)}")
-    wanted = [c for c in (*REQUIRED, "image_0_url", "image_1_url", "caption_1") if c in names]
-    for batch in pf.iter_batches(columns=wanted, batch_size=256):
-        yield from batch.to_pylist()
+        raise ValueError(f"{where}: missing column(s) {', '.join(repr(m) for m in missing)}; Pick-a-Pic data needs "
+                         f"{', '.join(REQUIRED)} (or image_0_url/image_1_url instead of the jpg columns)")
 
 
-def _tar_rows(path: Path) -> Iterator[dict]:
-    samples: dict[str, dict] = {}
-    with tarfile.open(path) as tar:
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    names = pf.schema_arrow.names
+    _check_columns(names, str(path))
+    wanted = [c for c in (*REQUIRED, *OPTIONAL) if c in names]
+    i = 0
+    for batch in pf.iter_batches(columns=wanted, batch_size=64):
+        for row in batch.to_pylist():
+            yield f"{path}:row {i}", row
+            i += 1
+
+
+def _tar_member_key(name: str) -> tuple[str, str]:
+    """``("dir/KEY", "ext")`` for a member ``dir/KEY.ext`` (KEY ends at the first dot of the file name)."""
+    head, _, base = name.rpartition("/")
+    key, _, ext = base.partition(".")
+    return (f"{head}/{key}" if head else key), ext
+
+
+def _tar_field(ext: str) -> str | None:
+    ext = ext.lower()
+    if ext in ("jpg_0", "jpg_1", "json", "txt"):
+        return ext
+    idx, _, kind = ext.partition(".")
+    if idx in ("0", "1") and kind in _IMAGE_EXTS:
+        return f"jpg_{idx}"
+    return None
+
+
+def _tar_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    try:
+        tar = tarfile.open(path)
+    except (tarfile.TarError, OSError) as e:
+        raise ValueError(f"{path}: not a readable tar file ({e})") from None
+    seen: set[str] = set()
+    current, sample, i = None, {}, 0
+    with tar:
         for member in tar:
             if not member.isfile():
                 continue
-            key, _, ext = member.name.partition(".")
-            data = tar.extractfile(member).read()
-            sample = samples.setdefault(key, {})
-            if ext == "json":
-                sample.update(json.loads(data))
-            else:
-                sample[ext] = data
-    for key in sorted(samples):
-        yield samples[key]
+            key, ext = _tar_member_key(member.name)
+            fld = _tar_field(ext)
+            if fld is None:
+                continue
+            if key != current:
+                if current is not None:
+                    yield _tar_sample(path, i, current, sample)
+                    i += 1
+                if key in seen:
+                    raise ValueError(f"{path}: members of sample {key!r} are not consecutive (WebDataset tars "
+                                     "keep each sample's files together)")
+                seen.add(key)
+                current, sample = key, {}
+            sample[fld] = tar.extractfile(member).read()
+        if current is not None:
+            yield _tar_sample(path, i, current, sample)
 
 
-def _hub_rows(dataset_id: str, split: str) -> Iterator[dict]:
+def _tar_sample(path: Path, i: int, key: str, files: dict) -> tuple[str, dict]:
+    src = f"{path}:row {i} (key {key})"
+    row: dict = {}
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{src}: member {key}.json is not valid JSON ({e.msg})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{src}: member {key}.json must hold a JSON object")
+        row.update(meta)
+    if "caption" not in row and "txt" in files:
+        row["caption"] = files["txt"].decode("utf-8", errors="replace").strip()
+    for fld in ("jpg_0", "jpg_1"):
+        if fld in files:
+            row[fld] = files[fld]
+    for fld in ("label_0", "caption"):
+        if fld not in row:
+            raise ValueError(f"{src}: missing field {fld!r} (a sample needs {key}.json with caption and label_0)")
+    return src, row
+
+
+def _hub_rows(dataset_id: str, split: str, streaming: bool) -> Iterator[tuple[str, dict]]:
     try:
         import datasets
-    except ImportError as e:
-        raise ImportError(f"reading the hub dataset {dataset_id!r} needs `pip install datasets` "
-                          "(or download its parquet files and pass their paths)") from e
+    except ImportError:
+        datasets = None
+    if not hasattr(datasets, "load_dataset"):  # absent, or shadowed by a local folder named datasets/
+        raise ImportError(f"reading the hub dataset {dataset_id!r} needs the `datasets` package "
+                          "(pip install datasets), or download its parquet files and pass their paths")
     try:
-        ds = datasets.load_dataset(dataset_id, split=split, streaming=True)
+        ds = datasets.load_dataset(dataset_id, split=split, streaming=streaming)
     except Exception as e:
         raise RuntimeError(f"could not open hub dataset {dataset_id!r} (split {split!r}): {e}. Offline, pass local "
                            "parquet files instead. yuvalkirstain/pickapic_v2 has been gone from the Hub since 2025: "
-                           "use a mirror, or pickapic_v2_no_images (images fetched from their URLs)") from e
-    yield from ds
+                           "use a mirror, or yuvalkirstain/pickapic_v2_no_images (images fetched from their URLs)") from e
+    where = f"{dataset_id}[{split}]"
+    names = getattr(ds, "column_names", None)
+    if names:
+        _check_columns(names, where)
+    for i, row in enumerate(ds):
+        if i == 0 and not names:
+            _check_columns(row.keys(), where)
+        yield f"{where}:row {i}", row
 
 
-def _fetch_url(url: str, cache_dir: Path) -> bytes:
+# ---- images
+
+def fetch_url(url: str, cache_dir: Path, timeout: float = 30.0) -> bytes:
+    """The bytes at ``url``, downloaded once into ``cache_dir`` (file named by the URL's hash)."""
     import urllib.request
 
     path = cache_dir / (content_key(url) + ".img")
     if path.exists():
         return path.read_bytes()
-    with urllib.request.urlopen(url, timeout=30) as r:
+    req = urllib.request.Request(url, headers={"User-Agent": "diffalign"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
         data = r.read()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = cache_dir / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return data
 
 
-def _image_bytes(row: dict, i: int, cache_dir) -> bytes:
+def _image_bytes(row: dict, i: int, cache_dir: Path | None) -> bytes | Image.Image:
     data = row.get(f"jpg_{i}")
+    if isinstance(data, dict):  # a `datasets` Image feature left undecoded: {"bytes": ..., "path": ...}
+        data = data.get("bytes")
     if data is None and row.get(f"image_{i}_url"):
-        cache = Path(cache_dir or Path.home() / ".cache" / "diffalign" / "pickapic_images")
-        data = _fetch_url(row[f"image_{i}_url"], cache)
+        data = fetch_url(row[f"image_{i}_url"], cache_dir or default_image_cache_dir())
     if data is None:
-        raise ValueError("no image bytes and no image URL")
+        raise ValueError(f"field 'jpg_{i}': no image bytes and no image_{i}_url")
     return data
 
 
-def _rows_to_pairs(rows: Iterable[dict], where: str, drop_ties: bool, strict: bool, stats: DataStats,
-                   cache_dir) -> Iterator[PreferencePair]:
-    for i, row in enumerate(rows):
+def _decode(data, where: str) -> tuple[Image.Image, bytes]:
+    """An RGB image and the bytes its cache key is made from."""
+    if isinstance(data, Image.Image):  # a `datasets` Image feature, already decoded
+        img = data.convert("RGB")
+        return img, f"{img.size}".encode() + img.tobytes()
+    return decode_image(data, where), bytes(data)
+
+
+# ---- rows to pairs
+
+def _label(value, src: str, fld: str) -> float:
+    try:
+        label = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{src}: field {fld!r} is {value!r}, not a number in {{0, 0.5, 1}}") from None
+    if label not in VALID_LABELS:
+        raise ValueError(f"{src}: field {fld!r} is {value!r}; Pick-a-Pic labels are 0, 0.5 (tie) or 1")
+    return label
+
+
+def _rows_to_pairs(rows: Iterable[tuple[str, dict]], drop_ties: bool, strict: bool, stats: DataStats,
+                   cache_dir: Path | None) -> Iterator[PreferencePair]:
+    for src, row in rows:
         stats.rows += 1
-        src = f"{where}:row {i}"
-        label = row.get("label_0")
-        try:
-            label = float(label)
-        except (TypeError, ValueError):
-            raise ValueError(f"{src}: field 'label_0' is {label!r}, not a number in {{0, 0.5, 1}}") from None
-        if label not in VALID_LABELS:
-            raise ValueError(f"{src}: field 'label_0' is {label}; Pick-a-Pic labels are 0, 0.5 (tie) or 1")
+        label = _label(row.get("label_0"), src, "label_0")
+        if row.get("label_1") is not None and _label(row["label_1"], src, "label_1") != 1.0 - label:
+            raise ValueError(f"{src}: field 'label_1' is {row['label_1']!r} but label_0 is {row['label_0']!r}; "
+                             "they must sum to 1")
+        stats.labels[label] += 1
         if label == 0.5 and drop_ties:
             stats.ties_dropped += 1
             continue
-        caption = row.get("caption")
-        if not isinstance(caption, str):
-            raise ValueError(f"{src}: field 'caption' is {caption!r}, not text")
+        captions = [row.get("caption"), row.get("caption_1") or row.get("caption")]
+        for fld, c in zip(("caption", "caption_1"), captions):
+            if not isinstance(c, str):
+                raise ValueError(f"{src}: field {fld!r} is {c!r}, not text")
+        weight = row.get("weight")
+        weight = 1.0 if weight is None else weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"{src}: field 'weight' is {weight!r}; expected a finite number >= 0")
         try:
-            raw = [_image_bytes(row, j, cache_dir) for j in (0, 1)]
-            imgs = [decode_image(b, f"{src} field 'jpg_{j}'") for j, b in enumerate(raw)]
-        except Exception as e:
+            decoded = [_decode(_image_bytes(row, j, cache_dir), f"field 'jpg_{j}'") for j in (0, 1)]
+        except Exception as e:  # undecodable bytes, missing image, failed fetch
             if strict:
                 raise ValueError(f"{src}: {e}") from None
-            stats.bad_images += 1
-            stats.bad_rows.append(src)
+            stats.skip_bad(src)
             continue
         w = 0 if label >= 0.5 else 1  # ties kept (drop_ties=False) put image 0 first
+        (img_w, raw_w), (img_l, raw_l) = decoded[w], decoded[1 - w]
+        p_w, p_l = captions[w], captions[1 - w]
         stats.kept += 1
-        yield PreferencePair(prompt=caption, chosen=imgs[w], rejected=imgs[1 - w], source=src,
-                             key=content_key(raw[w], raw[1 - w], caption))
+        yield PreferencePair(prompt=p_w, chosen=img_w, rejected=img_l, prompt_rejected=p_l if p_l != p_w else None,
+                             weight=float(weight), source=src, key=content_key(raw_w, raw_l, p_w, p_l))
 
 
-def write_pickapic_parquet(rows: Iterable[dict], path: str | Path) -> Path:
+# ---- writing
+
+def _row_value(row: dict, i: int, fld: str):
+    if fld not in row or row[fld] is None:
+        raise ValueError(f"row {i}: missing field {fld!r}")
+    return row[fld]
+
+
+def _columns(rows: list[dict], start: int, optional: list[str]) -> dict[str, pa.Array]:
+    cols = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": [], **{o: [] for o in optional}}
+    for i, r in enumerate(rows, start=start):
+        label = _label(_row_value(r, i, "label_0"), f"row {i}", "label_0")
+        caption = _row_value(r, i, "caption")
+        if not isinstance(caption, str):
+            raise ValueError(f"row {i}: field 'caption' is {caption!r}, not text")
+        for fld in ("jpg_0", "jpg_1"):
+            if not isinstance(_row_value(r, i, fld), (bytes, bytearray)):
+                raise ValueError(f"row {i}: field {fld!r} must be image bytes")
+            cols[fld].append(bytes(r[fld]))
+        extra = [k for k in ("caption_1", "weight") if r.get(k) is not None and k not in optional]
+        if extra:
+            raise ValueError(f"row {i}: field {extra[0]!r} appears only after the first rows; "
+                             "give it (or None) in the first rows too")
+        cols["caption"].append(caption)
+        cols["label_0"].append(label)
+        cols["label_1"].append(1.0 - label)
+        for o in optional:
+            cols[o].append(r.get(o))
+    types = {"caption": pa.string(), "caption_1": pa.string(), "jpg_0": pa.binary(), "jpg_1": pa.binary(),
+             "label_0": pa.float64(), "label_1": pa.float64(), "weight": pa.float64()}
+    return {k: pa.array(v, types[k]) for k, v in cols.items()}
+
+
+def write_pickapic_parquet(rows: Iterable[dict], path: str | Path, *, batch_rows: int = 256,
+                           optional_columns: Iterable[str] | None = None) -> Path:
     """Write rows (``caption``, ``jpg_0``/``jpg_1`` bytes, ``label_0``) as Pick-a-Pic parquet, atomically.
 
-    ``label_1 = 1 − label_0`` is written too. The file appears only once it is complete.
+    ``label_1 = 1 - label_0`` is written too. ``caption_1`` and ``weight`` are written if named in
+    ``optional_columns``, or (by default) when the first rows have them. Rows are streamed in batches
+    into a temp file that is renamed over ``path`` only once complete: a failure (a bad row, a full
+    disk) leaves no file behind.
     """
     path = Path(path)
-    rows = list(rows)
-    for i, r in enumerate(rows):
-        if float(r["label_0"]) not in VALID_LABELS:
-            raise ValueError(f"row {i}: label_0 {r['label_0']} not in {{0, 0.5, 1}}")
-    table = pa.table({
-        "caption": pa.array([r["caption"] for r in rows], pa.string()),
-        "jpg_0": pa.array([r["jpg_0"] for r in rows], pa.binary()),
-        "jpg_1": pa.array([r["jpg_1"] for r in rows], pa.binary()),
-        "label_0": pa.array([float(r["label_0"]) for r in rows], pa.float64()),
-        "label_1": pa.array([1.0 - float(r["label_0"]) for r in rows], pa.float64()),
-    })
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    writer = None
     try:
-        pq.write_table(table, tmp)
+        optional = None if optional_columns is None else list(optional_columns)
+        bad = [c for c in optional or () if c not in ("caption_1", "weight")]
+        if bad:
+            raise ValueError(f"optional_columns may name caption_1 and weight, not {bad}")
+        batch, start = [], 0
+        for row in _with_end(rows):
+            if row is not None:
+                batch.append(row)
+            if batch and (row is None or len(batch) >= batch_rows):
+                if optional is None:
+                    optional = [k for k in ("caption_1", "weight") if any(r.get(k) is not None for r in batch)]
+                table = pa.table(_columns(batch, start, optional))
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+                start += len(batch)
+                batch = []
+        if writer is None:  # no rows: an empty file with the schema
+            writer = pq.ParquetWriter(tmp, pa.table(_columns([], 0, optional or [])).schema)
+        writer.close()
+        writer = None
         os.replace(tmp, path)
     finally:
+        if writer is not None:
+            writer.close()
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _with_end(rows: Iterable[dict]) -> Iterator[dict | None]:
+    yield from rows
+    yield None

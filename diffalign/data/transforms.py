@@ -1,4 +1,11 @@
-"""Image preparation for training: resize, crop, flip; records what SDXL's micro-conditioning needs."""
+"""Image preparation for training: resize, crop, flip; records what SDXL's micro-conditioning needs.
+
+``original_size`` is the image's true ``(height, width)`` before any resizing, and
+``crop_top_left`` is ``(top, left)`` of the square crop in the resized image, as SDXL's
+``add_time_ids`` expect (the SDXL training recipe, not a hard-coded ``(0, 0)``). When the image is
+mirrored the crop is given in the mirrored frame (``left`` measured from the new left edge), i.e. it
+describes the image the model actually sees.
+"""
 
 from __future__ import annotations
 
@@ -22,11 +29,22 @@ class PreparedImage:
     flipped: bool = False
 
 
-def _resize(img: Image.Image, resolution: int) -> Image.Image:
-    w, h = img.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """``(width, height)`` after scaling the shorter side to ``resolution``."""
+    scale = resolution / min(width, height)
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+
+
+def resize_shortest(img: Image.Image, resolution: int) -> Image.Image:
+    """Scale so the shorter side is ``resolution`` (bicubic)."""
+    size = resized_size(img.width, img.height, resolution)
     return img.resize(size, Image.Resampling.BICUBIC) if size != img.size else img
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB image to ``[3, H, W]`` float in [-1, 1]."""
+    arr = np.array(img.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
 
 
 def prepare_image(img: Image.Image, resolution: int, *, center_crop: bool = True, random_flip: bool = False,
@@ -34,38 +52,45 @@ def prepare_image(img: Image.Image, resolution: int, *, center_crop: bool = True
                   flip: bool | None = None) -> PreparedImage:
     """Shortest side to ``resolution`` (bicubic), square crop (centre or random), optional flip.
 
-    ``crop`` and ``flip`` force those choices (used to treat both images of a pair alike).
+    ``crop`` (``(top, left)`` in the resized, unflipped image) and ``flip`` force those choices; they
+    are how both images of a pair are treated alike.
     """
+    if resolution <= 0:
+        raise ValueError(f"resolution must be positive, got {resolution}")
     original = (img.height, img.width)
-    img = _resize(img.convert("RGB"), resolution)
+    img = resize_shortest(img.convert("RGB"), resolution)
+    max_top, max_left = img.height - resolution, img.width - resolution
     if crop is None:
         if center_crop:
-            crop = ((img.height - resolution) // 2, (img.width - resolution) // 2)
+            crop = (max_top // 2, max_left // 2)
         else:
-            crop = (int(torch.randint(0, img.height - resolution + 1, (), generator=generator)),
-                    int(torch.randint(0, img.width - resolution + 1, (), generator=generator)))
-    top, left = min(crop[0], img.height - resolution), min(crop[1], img.width - resolution)
+            crop = (int(torch.randint(0, max_top + 1, (), generator=generator)),
+                    int(torch.randint(0, max_left + 1, (), generator=generator)))
+    top, left = min(max(crop[0], 0), max_top), min(max(crop[1], 0), max_left)
     img = img.crop((left, top, left + resolution, top + resolution))
     if flip is None:
         flip = random_flip and bool(torch.rand((), generator=generator) < 0.5)
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    arr = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-    return PreparedImage(arr, original, (top, left), flip)
+        left = max_left - left  # the same crop seen in the mirrored image
+    return PreparedImage(to_tensor(img), original, (top, left), bool(flip))
 
 
 def prepare_pair(pair: PreferencePair, resolution: int, *, center_crop: bool = True, random_flip: bool = False,
                  generator: torch.Generator | None = None) -> tuple[PreparedImage, PreparedImage]:
-    """Prepare winner and loser; one flip decision for both (the pair stays comparable).
+    """Prepare winner and loser alike: one flip decision, one (relative) crop position for both.
 
-    Random crops are drawn once as a relative position and applied to both images."""
+    Each image keeps its own true original size; images of equal size get identical crops.
+    """
     flip = random_flip and bool(torch.rand((), generator=generator) < 0.5)
-    if center_crop:
-        return (prepare_image(pair.chosen, resolution, flip=flip), prepare_image(pair.rejected, resolution, flip=flip))
-    u, v = torch.rand(2, generator=generator).tolist()
+    u, v = torch.rand(2, generator=generator).tolist() if not center_crop else (None, None)
     out = []
     for img in (pair.chosen, pair.rejected):
-        r = _resize(img.convert("RGB"), resolution)
-        crop = (int(u * (r.height - resolution)), int(v * (r.width - resolution)))
+        w, h = resized_size(img.width, img.height, resolution)
+        max_top, max_left = h - resolution, w - resolution
+        if center_crop:
+            crop = (max_top // 2, max_left // 2)
+        else:
+            crop = (min(int(u * (max_top + 1)), max_top), min(int(v * (max_left + 1)), max_left))
         out.append(prepare_image(img, resolution, crop=crop, flip=flip))
     return out[0], out[1]
