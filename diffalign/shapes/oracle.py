@@ -8,8 +8,9 @@ Its utility of an image for a prompt is ``fidelity_weight · fidelity + quality_
   fills), no clutter (share of foreground pixels that belong to a detected object) and sizeable
   objects (objects of at least ~10×10 pixels).
 
-``prefer`` compares two images like a human rater: a tie when utilities differ by less than
-``tie_margin``, otherwise the better one, flipped with probability ``noise``.
+``prefer`` compares two images like a human rater (see :class:`Oracle`): a tie when utilities
+differ by less than ``tie_margin``, otherwise a Bradley–Terry draw on the utility difference,
+flipped with probability ``noise``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from diffalign.shapes.evaluate import analyse, evaluate
+from diffalign.shapes.evaluate import Analysis, analyse, evaluate
 from diffalign.shapes.grammar import ShapesPrompt, parse_prompt
 
 GOOD_AREA = 100  # pixels (at 64 px images): objects this large count as well sized
@@ -34,9 +35,12 @@ def to_jpeg_bytes(image: Image.Image, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def visual_quality(image) -> float:
-    """Quality term in [0, 1] (0 when there is no object at all)."""
-    a = analyse(image)
+def visual_quality(image, analysis: Analysis | None = None) -> float:
+    """Quality term in [0, 1]: mean of clean colour, no clutter and object size (0 with no object).
+
+    ``analysis`` is :func:`~diffalign.shapes.evaluate.analyse`'s result for ``image`` if already known.
+    """
+    a = analyse(image) if analysis is None else analysis
     if not a.detections:
         return 0.0
     object_px = sum(d.area for d in a.detections)
@@ -46,48 +50,82 @@ def visual_quality(image) -> float:
     return (clean + uncluttered + sized) / 3
 
 
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion (``successes`` may be fractional: ties count ½)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 class Oracle:
-    """Preference labeller over (image, prompt); deterministic for a given ``seed``.
+    """Preference labeller over (image, prompt) pairs; deterministic for a given ``seed``.
+
+    A label is drawn like a Bradley–Terry rater: with ``Δ = utility(img0) − utility(img1)``,
+    a tie (0.5) when ``|Δ| < tie_margin``; otherwise ``img0`` wins with probability
+    ``σ(Δ / temperature)`` (``temperature=0``: the better image always wins), and the result is
+    then flipped with probability ``noise`` (careless clicks).
 
     Args:
-        fidelity_weight, quality_weight: weights of the two utility terms.
-        noise: probability of flipping a non-tie label (annotator noise).
-        tie_margin: utilities closer than this give a tie (label 0.5).
-        seed: seed of the noise.
+        fidelity_weight: weight of fidelity, the share of the caption's claims that hold.
+        quality_weight: weight of :func:`visual_quality` (in [0, 1]).
+        noise: probability of flipping a non-tie label.
+        tie_margin: utilities closer than this give a tie.
+        temperature: Bradley–Terry temperature on the utility difference. The default 0.02 makes a
+            fidelity gap (≥ 0.25 for one failed claim) decisive while small quality gaps stay soft.
+        seed: seed of the oracle's own ``numpy`` generator.
     """
 
     def __init__(self, fidelity_weight: float = 1.0, quality_weight: float = 0.5, noise: float = 0.1,
-                 tie_margin: float = 0.02, seed: int = 0):
+                 tie_margin: float = 0.02, temperature: float = 0.02, seed: int = 0):
+        if not 0.0 <= noise <= 1.0:
+            raise ValueError(f"noise must be in [0, 1], got {noise}")
         self.fidelity_weight, self.quality_weight = fidelity_weight, quality_weight
-        self.noise, self.tie_margin = noise, tie_margin
+        self.noise, self.tie_margin, self.temperature = noise, tie_margin, temperature
         self.rng = np.random.default_rng(seed)
 
     def utility(self, image, prompt: ShapesPrompt | str) -> float:
+        """``fidelity_weight · fidelity + quality_weight · quality`` of one image for ``prompt``."""
         prompt = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-        return self.fidelity_weight * evaluate(image, prompt).fraction + self.quality_weight * visual_quality(image)
+        a = analyse(image)
+        fidelity = evaluate(image, prompt, detections=a.detections).fraction
+        return self.fidelity_weight * fidelity + self.quality_weight * visual_quality(image, a)
 
-    def prefer(self, image_0, image_1, prompt: ShapesPrompt | str) -> float:
-        """``label_0``: 1.0 if ``image_0`` is preferred, 0.0 if ``image_1``, 0.5 for a tie."""
-        delta = self.utility(image_0, prompt) - self.utility(image_1, prompt)
+    def label_from_utilities(self, utility_0: float, utility_1: float) -> float:
+        """``label_0`` (1.0, 0.0 or 0.5 for a tie) for two images of known utilities; draws noise."""
+        delta = utility_0 - utility_1
         if abs(delta) < self.tie_margin:
             return 0.5
-        label = 1.0 if delta > 0 else 0.0
+        if self.temperature > 0:
+            p0 = 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, delta / self.temperature))))
+            label = float(self.rng.random() < p0)
+        else:
+            label = float(delta > 0)
         if self.rng.random() < self.noise:
             label = 1.0 - label
         return label
 
+    def prefer(self, image_0, image_1, prompt: ShapesPrompt | str) -> float:
+        """``label_0``: 1.0 if ``image_0`` is preferred, 0.0 if ``image_1``, 0.5 for a tie."""
+        return self.label_from_utilities(self.utility(image_0, prompt), self.utility(image_1, prompt))
+
     def label_pairs(self, images_0: Sequence, images_1: Sequence, prompts: Sequence) -> list[float]:
+        """``label_0`` of each pair ``(images_0[i], images_1[i])`` for ``prompts[i]``."""
+        if not len(images_0) == len(images_1) == len(prompts):
+            raise ValueError(f"{len(images_0)} and {len(images_1)} images for {len(prompts)} prompts")
         return [self.prefer(a, b, p) for a, b, p in zip(images_0, images_1, prompts)]
 
     def win_rate(self, images_a: Sequence, images_b: Sequence, prompts: Sequence) -> tuple[float, float, float]:
-        """How often ``a`` beats ``b`` on noise-free utility (ties count ½), with a 95% normal CI."""
+        """``(rate, ci_low, ci_high)``: how often ``a`` beats ``b`` on noise-free utility (ties count
+        ½; no temperature, no noise), with a 95% Wilson interval."""
         if not len(images_a) == len(images_b) == len(prompts):
-            raise ValueError("win_rate needs as many images of each model as prompts")
-        outcomes = []
+            raise ValueError(f"{len(images_a)} and {len(images_b)} images for {len(prompts)} prompts")
+        wins = 0.0
         for a, b, p in zip(images_a, images_b, prompts):
             d = self.utility(a, p) - self.utility(b, p)
-            outcomes.append(0.5 if abs(d) < self.tie_margin else float(d > 0))
-        x = np.asarray(outcomes)
-        mean = float(x.mean())
-        half = 1.96 * float(x.std(ddof=1)) / math.sqrt(len(x)) if len(x) > 1 else 0.5
-        return mean, max(0.0, mean - half), min(1.0, mean + half)
+            wins += 0.5 if abs(d) < self.tie_margin else float(d > 0)
+        n = len(prompts)
+        lo, hi = wilson_interval(wins, n)
+        return (wins / n if n else 0.5), lo, hi

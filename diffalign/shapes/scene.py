@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 64
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-# Saturated, far apart in RGB, and far from the pale backgrounds.
+# Saturated and far from the pale backgrounds (> 150 in RGB); the closest pair, yellow/orange, is 81 apart.
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 170, 40),
@@ -68,16 +68,16 @@ def render(scene: Scene) -> Image.Image:
     img = Image.new("RGB", (s, s), tuple(scene.background))
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
+        if obj.shape not in SHAPES or obj.color not in COLORS:
+            raise ValueError(f"unknown shape {obj.shape!r} or colour {obj.color!r}; choose from {SHAPES} and {tuple(COLORS)}")
         fill = COLORS[obj.color]
         poly = shape_polygon(obj, _SUPERSAMPLE)
         if poly is None:
             h = obj.size / 2 * _SUPERSAMPLE
             cx, cy = obj.cx * _SUPERSAMPLE, obj.cy * _SUPERSAMPLE
             draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
-        elif obj.shape in ("square", "triangle"):
-            draw.polygon(poly, fill=fill)
         else:
-            raise ValueError(f"unknown shape {obj.shape!r}; choose from {SHAPES}")
+            draw.polygon(poly, fill=fill)
     return img.resize((scene.image_size, scene.image_size), Image.Resampling.BOX)
 
 
