@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["auto", "pickapic", "jsonl", "feedback"], default="auto")
     p.add_argument("--split", default="train", help="hub split (hub ids only)")
     p.add_argument("--limit", type=int, default=None, help="stop after this many kept examples")
-    p.add_argument("--image-root", default=None, help="JSONL image paths are relative to this (default: the file's folder)")
+    p.add_argument("--image-root", default=None,
+                   help="JSONL image paths are relative to this (default: the file's folder)")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
     c = sub.add_parser("convert", help="JSONL pairs {prompt, chosen, rejected} -> Pick-a-Pic parquet")
     c.add_argument("input", help="JSONL file of pairs")

@@ -96,6 +96,7 @@ def read_jsonl_pairs(path: str | Path, *, image_root: str | Path | None = None, 
                      stats: DataStats | None = None) -> Iterator[PreferencePair]:
     """Preference pairs from a JSONL file; errors name the file, line and field."""
     for r in iter_raw_pairs(path, image_root=image_root, strict=strict, stats=stats):
-        yield PreferencePair(prompt=r.prompt, chosen=r.images[0], rejected=r.images[1], prompt_rejected=r.prompt_rejected,
+        yield PreferencePair(prompt=r.prompt, chosen=r.images[0], rejected=r.images[1],
+                             prompt_rejected=r.prompt_rejected,
                              weight=r.weight, source=r.source,
                              key=content_key(r.chosen, r.rejected, r.prompt, r.prompt_rejected or r.prompt))

@@ -54,6 +54,11 @@ def _is_data_file(p: Path) -> bool:
     return p.name.endswith(".parquet") or p.name.endswith(TAR_SUFFIXES)
 
 
+def _looks_like_hub_id(s: str) -> bool:
+    """``owner/name`` that is not an existing path and does not end like a data file."""
+    return s.count("/") == 1 and not s.startswith((".", "/", "~")) and not s.endswith(_FILE_SUFFIXES)
+
+
 def resolve_sources(spec: str | Path | list) -> list[Path] | None:
     """Local parquet/tar files for a path, directory, glob or list; ``None`` if ``spec`` is a hub id."""
     specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
@@ -66,8 +71,8 @@ def resolve_sources(spec: str | Path | list) -> list[Path] | None:
             files += sorted(p for p in Path(s).rglob("*") if p.is_file() and _is_data_file(p))
         elif os.path.exists(s):
             files.append(Path(s))
-        elif len(specs) == 1 and s.count("/") == 1 and not s.startswith((".", "/", "~")) and not s.endswith(_FILE_SUFFIXES):
-            return None  # owner/name: a hub dataset id
+        elif len(specs) == 1 and _looks_like_hub_id(s):
+            return None
         else:
             raise FileNotFoundError(f"no such data file or directory: {s}")
     if not files:
@@ -213,7 +218,8 @@ def _hub_rows(dataset_id: str, split: str, streaming: bool) -> Iterator[tuple[st
     except Exception as e:
         raise RuntimeError(f"could not open hub dataset {dataset_id!r} (split {split!r}): {e}. Offline, pass local "
                            "parquet files instead. yuvalkirstain/pickapic_v2 has been gone from the Hub since 2025: "
-                           "use a mirror, or yuvalkirstain/pickapic_v2_no_images (images fetched from their URLs)") from e
+                           "use a mirror, or yuvalkirstain/pickapic_v2_no_images (images fetched from their URLs)"
+                           ) from e
     where = f"{dataset_id}[{split}]"
     names = getattr(ds, "column_names", None)
     if names:

@@ -1,7 +1,8 @@
 import torch
 
 from data_helpers import BLUE, RED, jpeg
-from diffalign.data import DataStats, LatentCache, PreferenceDataset, collate_pairs, read_pickapic, write_pickapic_parquet
+from diffalign.data import (DataStats, LatentCache, PreferenceDataset, collate_pairs, read_pickapic,
+                            write_pickapic_parquet)
 from diffalign.data.dataset import latent_key
 
 
@@ -64,7 +65,8 @@ def test_dataset_collate_layout(tmp_path):
     assert batch["original_sizes"].tolist() == [[16, 24], [16, 32], [16, 24], [32, 16]]
     assert batch["crops_top_left"].shape == (4, 2) and batch["weights"].tolist() == [1.0, 1.0]
     pair, w, l = ds[1]
-    assert batch["keys"][1] == latent_key(pair.key, "chosen", w) and batch["keys"][3] == latent_key(pair.key, "rejected", l)
+    assert batch["keys"][1] == latent_key(pair.key, "chosen", w)
+    assert batch["keys"][3] == latent_key(pair.key, "rejected", l)
     assert len(set(batch["keys"])) == 4
     # deterministic per (seed, epoch, index)
     assert torch.equal(ds[1][1].pixels, w.pixels)

@@ -163,7 +163,8 @@ def test_no_images_urls_fetched_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr("urllib.request.urlopen", urlopen)
     path = _write_raw(tmp_path / "noimg.parquet", {
         "caption": ["a", "b"], "label_0": [0.0, 1.0],
-        "image_0_url": ["http://x/blue.jpg", "http://x/gone.jpg"], "image_1_url": ["http://x/red.jpg", "http://x/red.jpg"]})
+        "image_0_url": ["http://x/blue.jpg", "http://x/gone.jpg"],
+        "image_1_url": ["http://x/red.jpg", "http://x/red.jpg"]})
     cache = tmp_path / "imgcache"
     for _ in range(2):
         stats = DataStats()
