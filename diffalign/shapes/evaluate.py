@@ -106,11 +106,12 @@ def detect(image) -> list[Detection]:
 @dataclass
 class Analysis:
     """``detections`` plus the ``[H, W]`` boolean maps they came from: ``foreground`` (differs from the
-    background) and ``core`` (close to a palette colour)."""
+    background), ``core`` (close to a palette colour) and ``objects`` (covered by a detection)."""
 
     detections: list[Detection]
     foreground: np.ndarray
     core: np.ndarray
+    objects: np.ndarray
 
 
 _EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity
@@ -163,7 +164,8 @@ def analyse(image) -> Analysis:
         cy, cx = (float((weights * g).sum()) / m for g in np.indices(weights.shape))
         found.append(Detection(classify_shape(weights), name, cx, cy, area, (x0, y0, x1, y1),
                                area / float((x1 - x0) * (y1 - y0))))
-    return Analysis(found, foreground, core)
+    objects = np.any(extents, axis=0) if extents else np.zeros(foreground.shape, dtype=bool)
+    return Analysis(found, foreground, core, objects)
 
 
 POSITION_THRESHOLD = 0.1  # GenEval: centre offsets shrink by 0.1·(sum of box sides) before the test

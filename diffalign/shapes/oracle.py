@@ -5,8 +5,8 @@ Its utility of an image for a prompt is ``fidelity_weight · fidelity + quality_
 * fidelity: the share of the caption's claims that hold (ShapesEval's checks);
 * quality in [0, 1]: mean of three visual terms a better model can improve —
   clean colour (share of object pixels that are close to their palette colour, i.e. crisp, flat
-  fills), no clutter (share of foreground pixels that belong to a detected object) and sizeable
-  objects (objects of at least ~10×10 pixels).
+  fills), no clutter (object pixels against object plus stray foreground pixels, each stray blob
+  counting at least ``STRAY_PX``) and sizeable objects (objects of at least ~10×10 pixels).
 
 ``prefer`` compares two images like a human rater (see :class:`Oracle`): a tie when utilities
 differ by less than ``tie_margin``, otherwise a Bradley–Terry draw on the utility difference,
@@ -21,11 +21,13 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from diffalign.shapes.evaluate import Analysis, analyse, evaluate
 from diffalign.shapes.grammar import ShapesPrompt, parse_prompt
 
 GOOD_AREA = 100  # pixels (at 64 px images): objects this large count as well sized
+STRAY_PX = 20    # each stray foreground blob counts as at least this many pixels of clutter
 
 
 def to_jpeg_bytes(image: Image.Image, quality: int = 95) -> bytes:
@@ -45,7 +47,10 @@ def visual_quality(image, analysis: Analysis | None = None) -> float:
         return 0.0
     object_px = sum(d.area for d in a.detections)
     clean = min(1.0, float(a.core.sum()) / max(1, object_px))
-    uncluttered = min(1.0, object_px / max(1, int(a.foreground.sum())))
+    comps, n = ndimage.label(a.foreground, structure=np.ones((3, 3)))
+    strays = n - len(np.unique(comps[a.objects & a.foreground]))  # foreground blobs with no object
+    clutter = int((a.foreground & ~a.objects).sum()) + STRAY_PX * max(0, strays)
+    uncluttered = object_px / (object_px + clutter)
     sized = float(np.mean([min(1.0, d.area / GOOD_AREA) for d in a.detections]))
     return (clean + uncluttered + sized) / 3
 
