@@ -24,6 +24,7 @@ import glob
 import json
 import math
 import os
+import re
 import tarfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -59,8 +60,26 @@ def _looks_like_hub_id(s: str) -> bool:
     return s.count("/") == 1 and not s.startswith((".", "/", "~")) and not s.endswith(_FILE_SUFFIXES)
 
 
-def resolve_sources(spec: str | Path | list) -> list[Path] | None:
-    """Local parquet/tar files for a path, directory, glob or list; ``None`` if ``spec`` is a hub id."""
+_SPLIT_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-\d+")  # hub layout: data/train-00000-of-00645-....parquet
+
+
+def _files_of_split(files: list[Path], split: str | None, where: str) -> list[Path]:
+    """In a directory laid out as on the Hub (``SPLIT-00000-of-N...``), only the files of ``split``."""
+    tagged = {f: m.group("split") for f in files if (m := _SPLIT_FILE.match(f.name))}
+    if split is None or not tagged:
+        return files
+    chosen = [f for f in files if tagged.get(f) == split]
+    if not chosen:
+        raise FileNotFoundError(f"{where}: no files of split {split!r}; it has {sorted(set(tagged.values()))}")
+    return chosen
+
+
+def resolve_sources(spec: str | Path | list, split: str | None = None) -> list[Path] | None:
+    """Local parquet/tar files for a path, directory, glob or list; ``None`` if ``spec`` is a hub id.
+
+    A directory holding the Hub's file layout (``train-00000-of-00645-*.parquet``,
+    ``validation_unique-00000-*.parquet``, ...) gives only the files of ``split``.
+    """
     specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     files: list[Path] = []
     for s in specs:
@@ -68,7 +87,8 @@ def resolve_sources(spec: str | Path | list) -> list[Path] | None:
         if any(ch in s for ch in "*?["):
             files += [Path(p) for p in sorted(glob.glob(s, recursive=True)) if _is_data_file(Path(p))]
         elif os.path.isdir(s):
-            files += sorted(p for p in Path(s).rglob("*") if p.is_file() and _is_data_file(p))
+            found = sorted(p for p in Path(s).rglob("*") if p.is_file() and _is_data_file(p))
+            files += _files_of_split(found, split, s)
         elif os.path.exists(s):
             files.append(Path(s))
         elif len(specs) == 1 and _looks_like_hub_id(s):
@@ -92,7 +112,8 @@ def read_pickapic(
 ) -> Iterator[PreferencePair]:
     """Preference pairs, winner first, from Pick-a-Pic-schema data.
 
-    ``source``: a parquet file, directory, glob or list of them; WebDataset tar shards (layout in the
+    ``source``: a parquet file, directory (in the Hub's layout, only the files of ``split``), glob or
+    list of them; WebDataset tar shards (layout in the
     module docstring); or a hub dataset id read with ``datasets.load_dataset(id, split=split,
     streaming=streaming)``. Rows without image bytes but with image URLs (``pickapic_v2_no_images``)
     have their images fetched once into ``image_cache_dir``; a failed fetch counts as a bad image.
@@ -102,7 +123,7 @@ def read_pickapic(
     """
     stats = stats if stats is not None else DataStats()
     cache = Path(image_cache_dir) if image_cache_dir else None
-    files = resolve_sources(source)
+    files = resolve_sources(source, split)
     if files is None:
         yield from _rows_to_pairs(_hub_rows(str(source), split, streaming), drop_ties, strict, stats, cache)
         return

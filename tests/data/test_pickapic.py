@@ -209,3 +209,14 @@ def test_resolve_sources_hub_vs_path(tmp_path):
     assert pickapic.resolve_sources("yuvalkirstain/pickapic_v2") is None
     with pytest.raises(FileNotFoundError):
         pickapic.resolve_sources("missing/file.parquet")
+
+
+def test_directory_in_hub_layout_reads_one_split(tmp_path, rows):
+    data = tmp_path / "data"
+    write_pickapic_parquet(rows[:2], data / "train-00000-of-00002-abc.parquet")
+    write_pickapic_parquet(rows[:1], data / "train-00001-of-00002-def.parquet")
+    write_pickapic_parquet(rows[:1], data / "validation_unique-00000-of-00001-x.parquet")
+    assert len(list(read_pickapic(tmp_path))) == 3
+    assert len(list(read_pickapic(tmp_path, split="validation_unique"))) == 1
+    with pytest.raises(FileNotFoundError, match="split 'test'"):
+        list(read_pickapic(tmp_path, split="test"))
