@@ -60,7 +60,7 @@ def _looks_like_hub_id(s: str) -> bool:
     return s.count("/") == 1 and not s.startswith((".", "/", "~")) and not s.endswith(_FILE_SUFFIXES)
 
 
-_SPLIT_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-\d+")  # hub layout: data/train-00000-of-00645-....parquet
+_SPLIT_FILE = re.compile(r"^(?P<split>\w+)-\d+-of-\d+")  # hub layout: data/train-00000-of-00645-....parquet
 
 
 def _files_of_split(files: list[Path], split: str | None, where: str) -> list[Path]:
@@ -113,9 +113,8 @@ def read_pickapic(
     """Preference pairs, winner first, from Pick-a-Pic-schema data.
 
     ``source``: a parquet file, directory (in the Hub's layout, only the files of ``split``), glob or
-    list of them; WebDataset tar shards (layout in the
-    module docstring); or a hub dataset id read with ``datasets.load_dataset(id, split=split,
-    streaming=streaming)``. Rows without image bytes but with image URLs (``pickapic_v2_no_images``)
+    list of them; WebDataset tar shards (layout in the module docstring); or a hub dataset id read
+    with ``datasets.load_dataset(id, split=split, streaming=streaming)``. Rows without image bytes but with image URLs (``pickapic_v2_no_images``)
     have their images fetched once into ``image_cache_dir``; a failed fetch counts as a bad image.
 
     Errors name the file, row and field: a missing column, a label outside {0, 0.5, 1}. An undecodable

@@ -220,3 +220,6 @@ def test_directory_in_hub_layout_reads_one_split(tmp_path, rows):
     assert len(list(read_pickapic(tmp_path, split="validation_unique"))) == 1
     with pytest.raises(FileNotFoundError, match="split 'test'"):
         list(read_pickapic(tmp_path, split="test"))
+    # shard names that merely contain a number are not split-tagged
+    write_pickapic_parquet(rows[:1], tmp_path / "other" / "pickapic-000001.parquet")
+    assert len(list(read_pickapic(tmp_path / "other"))) == 1
