@@ -1,0 +1,158 @@
+"""Reward models by name: ``load_reward(name_or_path, **kw)``, ``list_rewards()``, ``register_reward``.
+
+Each name maps to a factory ``(**kw) -> RewardModel`` and to a card ``reward_models/<name>.yaml``
+(backbone, weights id, preprocessing, score scale, license). Factories import their dependencies
+lazily, so listing rewards imports neither transformers nor open_clip.
+
+Common keyword arguments: ``weights`` (hub id, local folder or file), ``mode`` ("exact" |
+"differentiable"), ``batch_size``, ``dtype`` (fp32 default). A local folder can also be loaded
+directly: ``load_reward(DIR)`` reads ``DIR/reward.yaml`` (``reward: NAME`` plus default keyword
+arguments) and passes ``weights=DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from diffalign.rewards.base import RewardCard, RewardModel
+
+_FACTORIES: dict[str, Callable[..., RewardModel]] = {}
+CARD_ENV = "DIFFALIGN_REWARD_CARDS"
+
+
+def register_reward(name: str) -> Callable[[Callable[..., RewardModel]], Callable[..., RewardModel]]:
+    """Decorator: register a factory ``(**kw) -> RewardModel`` under ``name`` (lower case)."""
+    def deco(factory: Callable[..., RewardModel]) -> Callable[..., RewardModel]:
+        key = name.lower()
+        if key in _FACTORIES and _FACTORIES[key] is not factory:
+            raise ValueError(f"reward {name!r} is already registered")
+        _FACTORIES[key] = factory
+        return factory
+    return deco
+
+
+def list_rewards() -> list[str]:
+    """Registered reward names, sorted."""
+    return sorted(_FACTORIES)
+
+
+def card_dirs() -> list[Path]:
+    """Where cards are looked up: ``$DIFFALIGN_REWARD_CARDS``, the checkout's ``reward_models/``,
+    then ``diffalign/rewards/cards/`` (the copy a wheel installs)."""
+    dirs = [Path(p) for p in os.environ.get(CARD_ENV, "").split(os.pathsep) if p]
+    here = Path(__file__).resolve().parent
+    return dirs + [here.parents[1] / "reward_models", here / "cards"]
+
+
+def get_card(name: str) -> RewardCard | None:
+    """The card of ``name``, or None when no card file exists."""
+    for d in card_dirs():
+        path = d / f"{name.lower()}.yaml"
+        if path.is_file():
+            return RewardCard.from_yaml(path)
+    return None
+
+
+def load_reward(name_or_path: str | os.PathLike, **kw) -> RewardModel:
+    """Build a registered reward (``"pickscore"``, ``"hpsv2.1"``, ...) or a local folder with a
+    ``reward.yaml``; keyword arguments go to the reward's factory. The card is attached as ``.card``."""
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "reward.yaml").is_file():
+        import yaml
+
+        spec = yaml.safe_load((path / "reward.yaml").read_text()) or {}
+        if "reward" not in spec:
+            raise ValueError(f"{path / 'reward.yaml'}: no 'reward' field naming a registered reward")
+        name = str(spec.pop("reward"))
+        kw = {**spec, "weights": str(path), **kw}
+    else:
+        name = str(name_or_path)
+    key = name.lower()
+    if key not in _FACTORIES:
+        raise KeyError(f"unknown reward {name!r}; registered: {', '.join(list_rewards())} "
+                       "(or a folder holding a reward.yaml)")
+    model = _FACTORIES[key](**kw)
+    model.card = get_card(model.name) or get_card(key)
+    return model
+
+
+# ---------------------------------------------------------------------------- built-in rewards
+
+
+@register_reward("pickscore")
+def _pickscore(**kw) -> RewardModel:
+    from diffalign.rewards.hf_clip import PickScore
+
+    return PickScore.from_pretrained(**kw)
+
+
+@register_reward("hpsv2")
+def _hpsv2(version: str | None = None, **kw) -> RewardModel:
+    from diffalign.rewards.open_clip_rewards import HPSv2
+
+    return HPSv2.from_pretrained(version=version, **kw)
+
+
+@register_reward("hpsv2.0")
+def _hpsv20(**kw) -> RewardModel:
+    return _hpsv2(version="v2.0", **kw)
+
+
+@register_reward("hpsv2.1")
+def _hpsv21(**kw) -> RewardModel:
+    return _hpsv2(version="v2.1", **kw)
+
+
+@register_reward("laion-aesthetic")
+def _aesthetic(**kw) -> RewardModel:
+    from diffalign.rewards.open_clip_rewards import LaionAesthetic
+
+    return LaionAesthetic.from_pretrained(**kw)
+
+
+@register_reward("clipscore")
+def _clipscore(variant: str | None = None, **kw) -> RewardModel:
+    from diffalign.rewards.hf_clip import CLIPScore
+
+    return CLIPScore.from_pretrained(variant=variant, **kw)
+
+
+for _variant in ("hessel", "torchmetrics", "raw"):
+    register_reward(f"clipscore-{_variant}")(lambda _v=_variant, **kw: _clipscore(variant=_v, **kw))
+
+
+@register_reward("jpeg-incompressibility")
+def _jpeg_incompressibility(**kw) -> RewardModel:
+    from diffalign.rewards.jpeg import JpegReward
+
+    return JpegReward(sign=1.0, **kw)
+
+
+@register_reward("jpeg-compressibility")
+def _jpeg_compressibility(**kw) -> RewardModel:
+    from diffalign.rewards.jpeg import JpegReward
+
+    return JpegReward(sign=-1.0, **kw)
+
+
+@register_reward("shapes-eval")
+def _shapes_eval(**kw) -> RewardModel:
+    from diffalign.rewards.shapes import ShapesEvalReward
+
+    return ShapesEvalReward(**kw)
+
+
+@register_reward("shapes-oracle")
+def _shapes_oracle(**kw) -> RewardModel:
+    from diffalign.rewards.shapes import ShapesOracleReward
+
+    return ShapesOracleReward(**kw)
+
+
+@register_reward("shapes-clip")
+def _shapes_clip(**kw) -> RewardModel:
+    from diffalign.rewards.shapes import ShapesCLIP
+
+    return ShapesCLIP.from_pretrained(**kw)
