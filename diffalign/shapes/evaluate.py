@@ -23,7 +23,7 @@ _PALETTE = np.array(list(COLORS.values()), dtype=np.float32)  # [K, 3]
 _NAMES = list(COLORS)
 FOREGROUND_DISTANCE = 60.0   # RGB distance from the background that makes a pixel foreground
 COLOR_DISTANCE = 80.0        # a pixel belongs to a colour only this close to it (edge blends do not)
-MIN_AREA = 16                # components smaller than this (pixels at 64 px) are specks
+MIN_AREA = 16                # colour cores smaller than this (pixels at 64 px; scaled with area) are specks
 TRIANGLE_SKEW = -0.12        # vertical skewness below which an object is an (apex-up) triangle
 SQUARE_CORNER = 0.12         # diagonal-minus-axis kurtosis above which an object is a square
 
@@ -133,12 +133,13 @@ def analyse(image) -> Analysis:
     dist = np.linalg.norm(px[..., None, :] - _PALETTE, axis=-1)  # [H, W, K]
     label = dist.argmin(-1)
     core = foreground & (dist.min(-1) < COLOR_DISTANCE)
+    min_area = MIN_AREA * px.shape[0] * px.shape[1] / 64**2
     cores = []
     for k, name in enumerate(_NAMES):
         comps, _ = ndimage.label(core & (label == k), structure=_EIGHT)
         for i, sl in enumerate(ndimage.find_objects(comps), start=1):
             mask = comps == i
-            if mask.sum() >= MIN_AREA:
+            if mask.sum() >= min_area:
                 region = np.bincount(regions[mask]).argmax()
                 cores.append((name, mask, region))
     shared = np.bincount([r for _, _, r in cores], minlength=regions.max() + 1)
@@ -155,8 +156,10 @@ def analyse(image) -> Analysis:
     found: list[Detection] = []
     for j, ((name, _, _), extent) in enumerate(zip(cores, extents)):
         # coverage weights: blurred edges included, pixels of the other objects left out
-        zone = ndimage.binary_dilation(grown[j]) & (taken - grown[j] == 0)
+        zone = ndimage.binary_dilation(grown[j]) & ((taken - grown[j] == 0) | extent)
         weights = np.clip(_toward(px, background, name), 0.0, 1.0) * zone
+        if weights.sum() < 0.5 * extent.sum():  # colour far off the background-to-palette line
+            weights = extent.astype(np.float64)
         ys, xs = np.nonzero(extent)
         x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
         area = int(extent.sum())

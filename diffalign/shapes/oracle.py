@@ -26,7 +26,7 @@ from scipy import ndimage
 from diffalign.shapes.evaluate import Analysis, analyse, evaluate
 from diffalign.shapes.grammar import ShapesPrompt, parse_prompt
 
-GOOD_AREA = 100  # pixels (at 64 px images): objects this large count as well sized
+GOOD_AREA = 100  # pixels at 64 px (scaled with image area): objects this large count as well sized
 STRAY_PX = 20    # each stray foreground blob counts as at least this many pixels of clutter
 
 
@@ -51,7 +51,8 @@ def visual_quality(image, analysis: Analysis | None = None) -> float:
     strays = n - len(np.unique(comps[a.objects & a.foreground]))  # foreground blobs with no object
     clutter = int((a.foreground & ~a.objects).sum()) + STRAY_PX * max(0, strays)
     uncluttered = object_px / (object_px + clutter)
-    sized = float(np.mean([min(1.0, d.area / GOOD_AREA) for d in a.detections]))
+    good = GOOD_AREA * a.foreground.size / 64**2
+    sized = float(np.mean([min(1.0, d.area / good) for d in a.detections]))
     return (clean + uncluttered + sized) / 3
 
 

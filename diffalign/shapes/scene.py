@@ -69,7 +69,8 @@ def render(scene: Scene) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
         if obj.shape not in SHAPES or obj.color not in COLORS:
-            raise ValueError(f"unknown shape {obj.shape!r} or colour {obj.color!r}; choose from {SHAPES} and {tuple(COLORS)}")
+            raise ValueError(f"unknown shape {obj.shape!r} or colour {obj.color!r}; "
+                             f"choose from {SHAPES} and {tuple(COLORS)}")
         fill = COLORS[obj.color]
         poly = shape_polygon(obj, _SUPERSAMPLE)
         if poly is None:

@@ -9,7 +9,7 @@ from PIL import Image, ImageFilter
 
 from diffalign.shapes.evaluate import Detection, detect, evaluate, relations, shapes_eval
 from diffalign.shapes.grammar import TASKS, parse_prompt, prompt_set, scene_for_prompt
-from diffalign.shapes.scene import Scene, ShapeObject, render
+from diffalign.shapes.scene import COLORS, Scene, ShapeObject, render
 
 BG = (230, 230, 230)
 
@@ -125,3 +125,26 @@ def test_overall_is_the_mean_of_task_means():
     assert scores == {"single_object": 1.0, "colors": 0.0, "overall": 0.5}  # pooled would be 0.75
     with pytest.raises(ValueError, match="images but"):
         shapes_eval([good], [])
+
+
+def test_survives_washed_out_colours_and_a_lit_background(rendered):
+    prompts, images = rendered
+    ramp = np.linspace(-12, 12, 64)[None, :, None]  # a left-to-right lighting gradient
+    shifted = [Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) * 0.85 + 25 + ramp, 0, 255).astype(np.uint8))
+               for img in images[::3]]
+    assert shapes_eval(shifted, prompts[::3])["overall"] >= 0.97  # measured 1.0
+
+
+def test_never_crashes_on_junk():
+    rng = np.random.default_rng(0)
+    junk = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), np.zeros((64, 64, 3), np.uint8),
+            np.full((64, 64, 3), 200, np.uint8), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+            Image.new("L", (64, 64), 128), Image.new("RGBA", (64, 64), (200, 20, 20, 255))]
+    blobs = np.full((64, 64, 3), 230, np.uint8)
+    for k in range(12):  # overlapping rectangles of every colour
+        x, y = rng.integers(0, 50, 2)
+        blobs[y:y + 14, x:x + 14] = list(COLORS.values())[k % len(COLORS)]
+    for image in [*junk, blobs]:
+        for p in prompt_set("all", 1):
+            r = evaluate(image, p)
+            assert 0.0 <= r.fraction <= 1.0 and r.correct == (r.fraction == 1.0)
