@@ -1,10 +1,17 @@
 """ShapesEval: read a generated image back and check each claim of its caption, scored like GenEval.
 
-Detection is exact image analysis, no learned model: the background is the median border colour,
-foreground pixels are labelled with the nearest palette colour, connected components of one colour
-are objects; the centroid height (triangles) and the fill ratio of the bounding box (square ≈ 1,
-circle ≈ π/4) name the shape. The rules then follow GenEval's ``evaluate_images.py`` (see
-:func:`evaluate`), with object area standing in for detector confidence.
+Detection is exact image analysis, no learned model:
+
+1. the background is the median border colour; pixels more than ``FOREGROUND_DISTANCE`` from it
+   are foreground;
+2. foreground pixels within ``COLOR_DISTANCE`` of their nearest palette colour are colour cores;
+   each connected core of one colour of at least ``MIN_AREA`` pixels is an object (specks are not);
+3. an object's extent is where pixels lie at least half way from the background to its colour, and
+   its coverage weights (that position, clipped to [0, 1]) give blur-robust moments that name the
+   shape (:func:`shape_features`): triangles are skewed downwards, squares reach into their corners.
+
+The rules then follow GenEval's ``evaluate_images.py`` (see :func:`evaluate`), with object area
+standing in for detector confidence; :func:`shapes_eval` scores like GenEval's ``summary_scores.py``.
 """
 
 from __future__ import annotations
@@ -240,7 +247,11 @@ def evaluate(image, prompt: ShapesPrompt | str, detections: list[Detection] | No
 
 
 def shapes_eval(images: Sequence, prompts: Sequence[ShapesPrompt | str]) -> dict[str, float]:
-    """GenEval-style score: accuracy per task and ``overall`` = mean of the task means (tasks present)."""
+    """GenEval-style score of ``images[i]`` for ``prompts[i]`` (images as :func:`detect` takes them).
+
+    Returns the share of correct images per task and ``overall``, the mean of the task means (over
+    the tasks present), as GenEval's ``summary_scores.py``.
+    """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     per_task: dict[str, list[bool]] = {}

@@ -16,7 +16,8 @@ As in GenEval, a ``position`` entry ``[relation, i]`` on include item ``j`` mean
 
 Split: in each task, the quarter of the combinations with the largest caption hashes (at least one)
 is ``heldout``, the rest ``train``, so held-out prompts are unseen combinations of seen words.
-``single_object`` has only three combinations; it is in both splits.
+``single_object`` has only three combinations; it is in both splits. The split is per task: a
+colour-shape pair held out of ``colors`` may still occur inside a ``color_attr`` training prompt.
 """
 
 from __future__ import annotations
