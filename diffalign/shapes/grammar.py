@@ -57,6 +57,19 @@ class ShapesPrompt:
                 if "position" in item:
                     self.position = tuple(item["position"])  # type: ignore[assignment]
 
+    def metadata(self) -> dict:
+        """This prompt as a line of GenEval's ``evaluation_metadata.jsonl`` (tag, include, exclude, prompt)."""
+        out = {"tag": self.task, "include": [dict(item) for item in self.include], "prompt": self.text}
+        if self.exclude:
+            out["exclude"] = [dict(item) for item in self.exclude]
+        return out
+
+    @classmethod
+    def from_metadata(cls, line: dict) -> ShapesPrompt:
+        """The inverse of :meth:`metadata`."""
+        return cls(line["prompt"], line["tag"], [dict(i) for i in line["include"]],
+                   [dict(i) for i in line.get("exclude", [])])
+
 
 def _a(word: str) -> str:
     return f"a {word}"

@@ -1,6 +1,7 @@
 """The Shapes world's renderer and caption grammar: determinism, captions, metadata, split, scenes."""
 
 import itertools
+import json
 import random
 
 import numpy as np
@@ -64,6 +65,13 @@ def test_captions_and_metadata_mirror_geneval():
     assert all(p.text == p.text.lower() for p in every)
     with pytest.raises(ValueError, match="not a caption"):
         parse_prompt("a photo of a dog")
+
+
+def test_metadata_round_trips_through_json():
+    for p in prompt_set("all", 3, seed=0):
+        line = json.loads(json.dumps(p.metadata()))
+        assert line["tag"] == p.task and line["prompt"] == p.text and ("exclude" in line) == (p.task == "counting")
+        assert ShapesPrompt.from_metadata(line) == p
 
 
 def test_split_holds_out_a_quarter_of_unseen_combinations():
