@@ -29,10 +29,29 @@ def _features(out) -> torch.Tensor:
 
 
 def _from_pretrained(cls, source: str | os.PathLike, what: str, filename: str, **kw):
+    """``cls.from_pretrained(source)``; a local path that does not exist, or a hub id that cannot be
+    reached, becomes a :class:`MissingWeightsError` naming ``filename``."""
+    src = str(source)
+    local = os.path.isabs(src) or src.startswith(".") or os.path.exists(src)
+    if local and not os.path.isdir(src):
+        raise missing_weights(what, filename, None, url=src, cause=FileNotFoundError(src))
     try:
-        return cls.from_pretrained(str(source), **kw)
-    except OSError as e:
-        raise missing_weights(what, filename, None if os.path.isdir(str(source)) else str(source), cause=e) from e
+        return cls.from_pretrained(src, **kw)
+    except Exception as e:  # offline / not found: OSError or huggingface_hub errors
+        if not (isinstance(e, OSError) or type(e).__module__.startswith("huggingface_hub")):
+            raise
+        raise missing_weights(what, filename, None if local else src, url=src, cause=e) from e
+
+
+def check_loading_info(info: dict, what: str) -> None:
+    """Fail on keys ``from_pretrained`` would silently initialise at random (missing or mismatched);
+    unexpected keys are allowed only for the ``position_ids`` buffers older transformers saved."""
+    missing = list(info.get("missing_keys", []))
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
+    unexpected = [k for k in info.get("unexpected_keys", []) if not k.endswith("position_ids")]
+    if missing or mismatched or unexpected:
+        raise KeyError(f"{what}: checkpoint does not match the model: missing {sorted(missing)[:8]}, "
+                       f"mismatched {sorted(mismatched)[:8]}, unexpected {sorted(unexpected)[:8]}")
 
 
 class CLIPReward(RewardModel):
@@ -82,7 +101,8 @@ def load_hf_clip(weights: str | os.PathLike, processor: str | os.PathLike | None
     files from ``processor`` when given, else from ``weights``)."""
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-    model = _from_pretrained(CLIPModel, weights, what, "model.safetensors")
+    model, info = _from_pretrained(CLIPModel, weights, what, "model.safetensors", output_loading_info=True)
+    check_loading_info(info, f"{what} ({weights})")
     src = processor or weights
     tokenizer = _from_pretrained(AutoTokenizer, src, what, "tokenizer files")
     image_processor = _from_pretrained(CLIPImageProcessor, src, what, "preprocessor_config.json")
@@ -105,8 +125,7 @@ class PickScore(CLIPReward):
         the laion CLIP-H processor)."""
         weights = weights or PICKSCORE_ID
         if processor is None:
-            local = os.path.isfile(os.path.join(str(weights), "preprocessor_config.json"))
-            processor = weights if local else PICKSCORE_PROCESSOR_ID
+            processor = weights if os.path.isdir(str(weights)) else PICKSCORE_PROCESSOR_ID
         model, tok, proc = load_hf_clip(weights, processor, "PickScore")
         return cls(model, tok, from_hf_processor(proc), scale="logit_scale", **kw)
 

@@ -21,9 +21,9 @@ class MissingWeightsError(FileNotFoundError):
 def missing_weights(what: str, filename: str, hub_id: str | None, url: str | None = None,
                     cause: BaseException | None = None) -> MissingWeightsError:
     """The error for a weight file that is not available, saying how to place it locally."""
-    where = f"hub repo {hub_id!r}" if hub_id else f"URL {url}"
+    where = f"hub repo {hub_id!r}" if hub_id else f"{url}"
     how = (f"`huggingface-cli download {hub_id} {filename} --local-dir DIR`" if hub_id
-           else f"download {url} into DIR")
+           else f"put {filename} into a folder DIR")
     msg = (f"{what}: weight file {filename!r} from {where} is not available"
            f"{' (' + type(cause).__name__ + ')' if cause else ''}. On a machine with internet run {how}, "
            f"then pass weights='DIR' (or the file path) to load_reward, or --reward-weights on the command line.")
