@@ -1,11 +1,20 @@
 """Tiny random-weight pipelines of the real architectures, saved as diffusers folders.
 
 Tests load them with the same ``from_pretrained`` code path a hub id takes. Everything is built
-locally (the tokenizer too), so no network is needed. Images are 32×32.
+locally (the tokenizers too), so no network is needed. Images are 32×32 (latents 4×16×16); each
+build takes well under a second on a CPU. Weights are fixed by ``seed``.
+
+Usage::
+
+    from diffalign import testing
+    from diffalign.models import load_backbone
+
+    backbone = load_backbone(testing.make_tiny_sdxl(tmp_path / "sdxl"))
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -13,10 +22,28 @@ import torch
 WORDS = ("a", "photo", "of", "yellow", "disc", "cat", "red", "hat", "tie", "blue", "square", "and", "the", "dog")
 
 
-def _tokenizer(folder: Path):
+def _tokenizer():
+    """A word-level ``CLIPTokenizer`` built in a temporary folder (the pipeline saves its own copy)."""
     from diffalign.shapes.tokenizer import build_tokenizer
 
-    return build_tokenizer(folder, WORDS)
+    with tempfile.TemporaryDirectory() as tmp:
+        return build_tokenizer(Path(tmp), WORDS)
+
+
+def _t5_tokenizer():
+    """A tiny unigram ``T5TokenizerFast`` (one piece per word in :data:`WORDS`, characters otherwise)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces = [("\u2581" + w, -1.0) for w in WORDS] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz\u2581"]
+    backend = Tokenizer(models.Unigram(specials + pieces, unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                          special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=32)
 
 
 def _clip_text(cls, tokenizer, hidden: int = 32, projection: int | None = None):
@@ -44,7 +71,7 @@ def make_tiny_sd(path: str | Path, prediction_type: str = "epsilon", seed: int =
 
     path = Path(path)
     torch.manual_seed(seed)
-    tok = _tokenizer(path / "_tok")
+    tok = _tokenizer()
     unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4,
                                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
@@ -65,7 +92,7 @@ def make_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
 
     path = Path(path)
     torch.manual_seed(seed)
-    tok = _tokenizer(path / "_tok")
+    tok = _tokenizer()
     unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4,
                                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
@@ -81,21 +108,26 @@ def make_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def make_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
-    """A tiny SD3-architecture pipeline (MMDiT, flow matching, CLIP-L + CLIP-G; no T5, as the pipeline allows)."""
+def make_tiny_sd3(path: str | Path, with_t5: bool = False, seed: int = 0) -> Path:
+    """A tiny SD3-architecture pipeline (MMDiT, flow matching, CLIP-L + CLIP-G, and a tiny T5 encoder
+    with its tokenizer if ``with_t5``; without it the folder has no T5, as the pipeline allows)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     path = Path(path)
     torch.manual_seed(seed)
-    tok = _tokenizer(path / "_tok")
+    tok = _tokenizer()
     transformer = SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
                                         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
                                         pooled_projection_dim=64, out_channels=4)
+    t5 = None
+    if with_t5:  # d_model = the transformer's joint_attention_dim, as SD3's T5-XXL (4096) is
+        t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=4,
+                                     relative_attention_num_buckets=8, decoder_start_token_id=0))
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     vae=_vae(shift_factor=0.06, scaling_factor=1.5),
                                     text_encoder=_clip_text(CLIPTextModelWithProjection, tok), tokenizer=tok,
                                     text_encoder_2=_clip_text(CLIPTextModelWithProjection, tok), tokenizer_2=tok,
-                                    text_encoder_3=None, tokenizer_3=None)
+                                    text_encoder_3=t5, tokenizer_3=_t5_tokenizer() if with_t5 else None)
     pipe.save_pretrained(path)
     return path

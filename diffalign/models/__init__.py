@@ -1,15 +1,11 @@
 """Backbones per family behind one interface: loading, encoders, prediction, LoRA, reference toggle."""
 
-from diffalign.models.backbone import (
-    FAMILIES,
-    Backbone,
-    SD3Backbone,
-    SDBackbone,
-    SDXLBackbone,
-    detect_family,
-    load_backbone,
-)
+from diffalign.models.backbone import Backbone
 from diffalign.models.base import Conditioning
+from diffalign.models.loading import FAMILIES, detect_family, load_backbone
+from diffalign.models.sd import SDBackbone
+from diffalign.models.sd3 import SD3Backbone
+from diffalign.models.sdxl import SDXLBackbone
 
 __all__ = ["FAMILIES", "Backbone", "Conditioning", "SD3Backbone", "SDBackbone", "SDXLBackbone", "detect_family",
            "load_backbone"]

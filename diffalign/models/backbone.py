@@ -1,13 +1,17 @@
-"""Backbones: one adapter over a diffusers pipeline per family (SD1.x/2.x, SDXL, SD3).
+"""The :class:`Backbone` base: one adapter over a diffusers pipeline.
 
-The pipeline keeps its components; the adapter says how each family encodes prompts, which
-keyword arguments its denoiser takes, how latents are scaled, and how its LoRA is saved.
+The pipeline keeps its components. A family subclass (:mod:`~diffalign.models.sd`,
+:mod:`~diffalign.models.sdxl`, :mod:`~diffalign.models.sd3`) says how prompts are encoded and which
+keyword arguments its denoiser takes; everything else (loading, VAE, LoRA, the reference toggle,
+saving in diffusers format) is shared and lives here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -18,28 +22,40 @@ from diffalign.core.forward import forward_process_from_scheduler
 from diffalign.models.base import Conditioning
 
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-SD3_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+"""diffusers' Diffusion-DPO scripts (SD1.5 and SDXL) put LoRA on the attention projections."""
+SD3_LORA_TARGETS = UNET_LORA_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+"""SD3's joint attention also projects the text stream (diffusers' SD3 LoRA scripts)."""
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
 class Backbone:
-    """A text-to-image diffusion model seen through one interface (see :mod:`diffalign.models.base`)."""
+    """A text-to-image diffusion model seen through one interface (see :mod:`diffalign.models.base`).
+
+    Attributes:
+        pipeline: the diffusers pipeline holding every component.
+        denoiser: the UNet / transformer. A trainer may replace it by its accelerate-prepared
+            (DDP/FSDP) wrapper; :attr:`raw_denoiser` always gives the bare module.
+        vae, scheduler: the pipeline's.
+        forward_process: :func:`~diffalign.core.forward.forward_process_from_scheduler` of the scheduler.
+    """
 
     family: ClassVar[str]
     pipeline_class_name: ClassVar[str]
     denoiser_name: ClassVar[str] = "unet"
     lora_targets: ClassVar[list[str]] = UNET_LORA_TARGETS
-    optional_components: ClassVar[tuple[str, ...]] = ("safety_checker", "feature_extractor", "image_encoder")
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
-        self.denoiser = getattr(pipeline, self.denoiser_name)   # trainers may replace it by a wrapped module
+        self.denoiser: torch.nn.Module = getattr(pipeline, self.denoiser_name)
         self.vae = pipeline.vae
         self.scheduler = pipeline.scheduler
         self.forward_process = forward_process_from_scheduler(pipeline.scheduler)
         self._reference_copy: torch.nn.Module | None = None
+        self._in_reference = False
         self.is_lora = False
-        for m in self._frozen_modules():
-            m.requires_grad_(False)
+        for module in self._frozen_modules():
+            module.requires_grad_(False).eval()
         self.denoiser.requires_grad_(False)
         pipeline.set_progress_bar_config(disable=True)
 
@@ -47,23 +63,32 @@ class Backbone:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, torch_dtype: torch.dtype | None = None,
                         variant: str | None = None, revision: str | None = None, **kwargs) -> "Backbone":
-        """Load from a hub id or a local folder through the diffusers pipeline class, as a user would."""
+        """Load from a hub id or a local folder with the family's diffusers pipeline class.
+
+        Extra ``kwargs`` go to the pipeline's ``from_pretrained`` (e.g. ``text_encoder_3=None``).
+        Components the folder leaves out (SD3 saved without T5, SD without safety checker) are None.
+        """
         import diffusers
 
         pipeline_cls = getattr(diffusers, cls.pipeline_class_name)
-        try:  # components a folder leaves out (e.g. SD3 saved without T5) are passed as None
+        try:
             index = diffusers.DiffusionPipeline.load_config(str(name_or_path), revision=revision)
-            for name in cls.optional_components:
-                entry = index.get(name)
-                if entry is None or (isinstance(entry, (list, tuple)) and entry[0] is None):
-                    kwargs.setdefault(name, None)
-        except (OSError, ValueError):
-            pass  # from_pretrained below reports the real problem
+        except (OSError, ValueError) as e:
+            raise OSError(f"cannot load {cls.pipeline_class_name} from {str(name_or_path)!r}: not a local "
+                          f"diffusers folder and not reachable on the hub ({e})") from e
+        for name in inspect.signature(pipeline_cls.__init__).parameters:
+            entry = index.get(name, "absent")
+            if name not in ("self", "kwargs") and (entry is None or (isinstance(entry, (list, tuple))
+                                                                      and entry[0] is None)):
+                kwargs.setdefault(name, None)
+        if "safety_checker" in inspect.signature(pipeline_cls.__init__).parameters:
+            kwargs.setdefault("safety_checker", None)
+            kwargs.setdefault("requires_safety_checker", False)
         try:
             pipe = pipeline_cls.from_pretrained(str(name_or_path), torch_dtype=torch_dtype, variant=variant,
                                                 revision=revision, **kwargs)
         except (OSError, ValueError) as e:
-            raise OSError(f"could not load {cls.pipeline_class_name} from {str(name_or_path)!r}: {e}") from e
+            raise OSError(f"cannot load {cls.pipeline_class_name} from {str(name_or_path)!r}: {e}") from e
         return cls(pipe)
 
     def _frozen_modules(self) -> list[torch.nn.Module]:
@@ -72,14 +97,20 @@ class Backbone:
 
     @property
     def raw_denoiser(self) -> torch.nn.Module:
-        """The denoiser without DDP/FSDP/compile wrappers."""
-        return extract_model_from_parallel(self.denoiser)
+        """The denoiser without DDP / FSDP / DeepSpeed / ``torch.compile`` wrappers."""
+        return extract_model_from_parallel(self.denoiser, keep_torch_compile=False)
 
     @property
     def device(self) -> torch.device:
         return next(self.raw_denoiser.parameters()).device
 
-    def to(self, device) -> "Backbone":
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the frozen weights (LoRA weights are fp32 whatever this is)."""
+        return self.vae.dtype
+
+    def to(self, device: torch.device | str) -> "Backbone":
+        """Move every component (and the full-fine-tune reference copy) to ``device``."""
         self.pipeline.to(device)
         if self._reference_copy is not None:
             self._reference_copy.to(device)
@@ -88,89 +119,149 @@ class Backbone:
     # ------------------------------------------------------------------ encoders
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
+        """Text conditioning for ``B`` prompts (no classifier-free-guidance duplication; "" allowed)."""
         raise NotImplementedError
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
                       chunk_size: int = 8) -> torch.Tensor:
-        """Latents ``[B, C, h, w]`` of images ``[B, 3, H, W]`` in [-1, 1], scaled (and shifted) as the pipeline does.
+        """Latents ``[B, C, H/f, W/f]`` of images ``[B, 3, H, W]`` in [-1, 1], as the pipeline scales them:
+        ``(z - shift_factor) * scaling_factor``.
 
-        ``sample=False`` takes the posterior mean (deterministic, what the cache stores)."""
+        ``sample=False`` takes the posterior mode (deterministic; what caches store); ``sample=True``
+        draws ``latent_dist.sample(generator)`` as diffusers' training scripts do. Encoded ``chunk_size``
+        images at a time.
+        """
         cfg = self.vae.config
+        shift = cfg.get("shift_factor") or 0.0
         out = []
         for chunk in pixels.split(chunk_size):
             dist = self.vae.encode(chunk.to(self.vae.device, self.vae.dtype)).latent_dist
             z = dist.sample(generator) if sample else dist.mode()
-            shift = cfg.get("shift_factor") or 0.0
             out.append((z - shift) * cfg.scaling_factor)
         return torch.cat(out)
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` in [0, 1] from latents ``[B, C, h, w]``."""
+    def decode_latents(self, latents: torch.Tensor, *, chunk_size: int = 8) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] (fp32) from latents ``[B, C, h, w]``."""
         cfg = self.vae.config
-        z = latents.to(self.vae.dtype) / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
-        return (self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
+        shift = cfg.get("shift_factor") or 0.0
+        out = []
+        for chunk in latents.split(chunk_size):
+            z = chunk.to(self.vae.device, self.vae.dtype) / cfg.scaling_factor + shift
+            out.append((self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(out)
 
     # ------------------------------------------------------------------ denoiser
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The denoiser's raw prediction ``[B, C, h, w]`` at ``x_t``; gradients flow."""
+        """The denoiser's raw prediction (ε, v or flow velocity), same shape as ``x_t`` ``[B, C, h, w]``.
+
+        ``timesteps`` is ``[B]`` as the forward process gives them. Gradients flow to trainable weights.
+        """
         raise NotImplementedError
 
     def add_lora(self, rank: int = 8, alpha: float | None = None, target_modules: list[str] | None = None,
                  dropout: float = 0.0, init: str | bool = "gaussian") -> None:
-        """Attach a peft LoRA to the denoiser (diffusers' ``add_adapter``); only it will train.
+        """Attach a peft LoRA (adapter ``"default"``) to the denoiser; only it trains, in fp32.
 
-        ``alpha`` defaults to the rank and the targets to the family's attention projections, as in
-        diffusers' Diffusion-DPO scripts. LoRA weights are kept in fp32.
+        ``alpha`` defaults to ``rank`` and ``target_modules`` to the family's attention projections,
+        as in diffusers' Diffusion-DPO scripts. ``init`` is peft's ``init_lora_weights`` (``"gaussian"``
+        as those scripts; ``True`` for Kaiming-A / zero-B). Either way B starts at 0, so the policy
+        equals the reference at step 0.
         """
         from peft import LoraConfig
 
+        if self.is_lora:
+            raise RuntimeError("a LoRA is already attached to this backbone")
+        if self._reference_copy is not None:
+            raise RuntimeError("full fine-tuning is enabled; LoRA and full fine-tuning do not mix")
         config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, init_lora_weights=init,
-                            target_modules=target_modules or self.lora_targets)
+                            target_modules=list(target_modules or self.lora_targets))
         self.raw_denoiser.add_adapter(config)
-        for p in self.raw_denoiser.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        self._lora_to_fp32()
         self.is_lora = True
 
-    def enable_full_finetune(self) -> None:
-        """Train every denoiser weight; a frozen copy made now is the reference."""
-        self._reference_copy = copy.deepcopy(self.raw_denoiser).requires_grad_(False).eval()
+    def _lora_to_fp32(self) -> None:
+        for name, p in self.raw_denoiser.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(True)
+                p.data = p.data.float()
+
+    def enable_full_finetune(self, reference_dtype: torch.dtype | None = None) -> None:
+        """Train every denoiser weight; a frozen copy made now is the reference.
+
+        ``reference_dtype`` stores the copy in a lower precision (e.g. ``torch.bfloat16``, as diffusers'
+        DPO script keeps its ``ref_unet`` in the weight dtype) to halve its memory.
+        """
+        if self.is_lora:
+            raise RuntimeError("a LoRA is attached; LoRA and full fine-tuning do not mix")
+        ref = copy.deepcopy(self.raw_denoiser).requires_grad_(False).eval()
+        self._reference_copy = ref.to(reference_dtype) if reference_dtype is not None else ref
         self.raw_denoiser.requires_grad_(True)
-        self.is_lora = False
+
+    @property
+    def is_full_finetune(self) -> bool:
+        return self._reference_copy is not None
 
     def enable_gradient_checkpointing(self) -> None:
+        """diffusers' activation checkpointing in the denoiser's blocks."""
         self.raw_denoiser.enable_gradient_checkpointing()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters an optimizer should see (LoRA weights, or the whole denoiser)."""
         return [p for p in self.raw_denoiser.parameters() if p.requires_grad]
 
     @contextlib.contextmanager
-    def reference(self):
-        """Inside, ``predict`` gives the reference model: the same network with its LoRA disabled
-        (no second copy in memory), or the frozen copy of a full fine-tune."""
-        if self._reference_copy is not None:
-            policy = self.denoiser
-            self.denoiser = self._reference_copy
-            try:
-                yield self
-            finally:
-                self.denoiser = policy
-        elif self.is_lora:
-            raw = self.raw_denoiser
-            raw.disable_adapters()
-            try:
-                yield self
-            finally:
-                raw.enable_adapters()
-        else:
+    def reference(self) -> Iterator["Backbone"]:
+        """Inside, :meth:`predict` is the reference model's; the previous state returns on exit (also on errors).
+
+        * LoRA: the same network with its adapters disabled (no second copy in memory). The adapters are
+          switched on the bare module, so calls keep going through an FSDP wrapper (which gathers the
+          shards); a DDP wrapper is bypassed, so reference calls never touch its gradient reducer.
+        * Full fine-tune: the frozen copy made by :meth:`enable_full_finetune` (moved to the policy's
+          device if the trainer moved the policy).
+        * Neither: the model itself. Nested uses are no-ops.
+
+        Call it under ``torch.no_grad()`` unless gradients with respect to the inputs are wanted.
+        """
+        if self._in_reference:
             yield self
+            return
+        policy = self.denoiser
+        raw = self.raw_denoiser
+        self._in_reference = True
+        try:
+            if self._reference_copy is not None:
+                if next(self._reference_copy.parameters()).device != self.device:
+                    self._reference_copy.to(self.device)
+                self.denoiser = self._reference_copy
+                yield self
+            elif self.is_lora:
+                if isinstance(policy, torch.nn.parallel.DistributedDataParallel):
+                    self.denoiser = raw
+                raw.disable_adapters()
+                try:
+                    yield self
+                finally:
+                    raw.enable_adapters()
+            else:
+                yield self
+        finally:
+            self.denoiser = policy
+            self._in_reference = False
 
     # ------------------------------------------------------------------ saving
-    def save_trained(self, out_dir: str | Path) -> None:
-        """LoRA: diffusers format (``pipe.load_lora_weights(out_dir)`` loads it). Full fine-tune: the
-        denoiser folder (``<Class>.from_pretrained(out_dir, subfolder="unet"|"transformer")``)."""
+    def save_trained(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write what was trained, in the format diffusers loads, and return ``out_dir``.
+
+        * LoRA: ``pytorch_lora_weights.safetensors`` through the pipeline class's ``save_lora_weights``
+          (with the adapter's rank/alpha as metadata), so ``pipe.load_lora_weights(out_dir)`` loads it.
+        * Full fine-tune: ``out_dir/unet`` (or ``transformer``) via ``save_pretrained``, loaded by
+          ``UNet2DConditionModel.from_pretrained(out_dir, subfolder="unet")``.
+
+        ``state_dict``: the denoiser's full state dict when the bare module holds only shards (FSDP:
+        pass ``accelerator.get_state_dict(backbone.denoiser)``). Call on the main process only.
+        """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         raw = self.raw_denoiser
@@ -178,126 +269,70 @@ class Backbone:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            layers = get_peft_model_state_dict(raw)
-            if self.denoiser_name == "unet":  # UNet LoRAs are saved in diffusers' naming; SD3's in peft's, as diffusers does
+            layers = get_peft_model_state_dict(raw, state_dict=state_dict)
+            if self.denoiser_name == "unet":  # diffusers' UNet scripts convert; its SD3 scripts keep peft names
                 layers = convert_state_dict_to_diffusers(layers)
-            type(self.pipeline).save_lora_weights(out_dir, **{f"{self.denoiser_name}_lora_layers": layers},
-                                                  safe_serialization=True)
+            layers = {k: v.detach().cpu().contiguous() for k, v in layers.items()}
+            metadata = raw.peft_config["default"].to_dict()
+            type(self.pipeline).save_lora_weights(
+                out_dir, safe_serialization=True,
+                **{f"{self.denoiser_name}_lora_layers": layers,
+                   f"{self.denoiser_name}_lora_adapter_metadata": metadata})
         else:
-            raw.save_pretrained(out_dir / self.denoiser_name, safe_serialization=True)
+            raw.save_pretrained(out_dir / self.denoiser_name, safe_serialization=True, state_dict=state_dict)
+        return out_dir
 
     def load_trained(self, path: str | Path) -> None:
-        """Load what :meth:`save_trained` wrote (LoRA into the attached adapter, or full weights)."""
-        path = Path(path)
-        if self.is_lora:
-            from diffusers.utils import convert_unet_state_dict_to_peft
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
+        """Load what :meth:`save_trained` wrote: a LoRA folder or a full denoiser folder.
 
-            state = load_file(path / "pytorch_lora_weights.safetensors")
-            prefix = self.denoiser_name + "."
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            if self.denoiser_name == "unet":
-                state = convert_unet_state_dict_to_peft(state)
-            result = set_peft_model_state_dict(self.raw_denoiser, state)
-            unexpected = getattr(result, "unexpected_keys", None)
-            if unexpected:
-                raise RuntimeError(f"{path}: LoRA keys do not match the model: {unexpected[:5]}")
-        else:
+        A LoRA goes into the attached adapter (for resuming); on a backbone without one it is attached
+        first, with the rank/alpha/targets saved in the file, and left trainable.
+        """
+        path = Path(path)
+        lora_file, full_dir = path / LORA_WEIGHTS_NAME, path / self.denoiser_name
+        if lora_file.is_file():
+            self._load_lora(lora_file)
+        elif (full_dir / "config.json").is_file():
+            if self.is_lora:
+                raise ValueError(f"{path}: holds a full {self.denoiser_name}, but this backbone trains a LoRA")
             loaded = type(self.raw_denoiser).from_pretrained(path, subfolder=self.denoiser_name)
             self.raw_denoiser.load_state_dict(loaded.state_dict())
+        else:
+            raise FileNotFoundError(f"{path}: neither {LORA_WEIGHTS_NAME} nor {self.denoiser_name}/config.json "
+                                    "(written by Backbone.save_trained) is there")
 
+    def _load_lora(self, lora_file: Path) -> None:
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
 
-class SDBackbone(Backbone):
-    """SD1.x / SD2.x (epsilon or v_prediction)."""
+        if not self.is_lora:
+            config = self._saved_lora_config(lora_file)
+            self.add_lora(rank=config["r"], alpha=config["lora_alpha"], target_modules=config["target_modules"],
+                          dropout=config.get("lora_dropout", 0.0))
+        prefix = self.denoiser_name + "."
+        state = {k[len(prefix):]: v for k, v in load_file(lora_file).items() if k.startswith(prefix)}
+        if self.denoiser_name == "unet":
+            state = convert_unet_state_dict_to_peft(state)
+        result = set_peft_model_state_dict(self.raw_denoiser, state)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if not state or unexpected:
+            raise ValueError(f"{lora_file}: LoRA keys do not match this {self.denoiser_name}: "
+                             f"{(unexpected or list(state))[:5]}")
+        self._lora_to_fp32()
 
-    family = "sd"
-    pipeline_class_name = "StableDiffusionPipeline"
+    def _saved_lora_config(self, lora_file: Path) -> dict:
+        import json
 
-    @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> Conditioning:
-        embeds, _ = self.pipeline.encode_prompt(list(prompts), self.device, 1, False)
-        return Conditioning(embeds)
+        from safetensors import safe_open
 
-    def predict(self, x_t, timesteps, cond):
-        return self.denoiser(x_t, timesteps, encoder_hidden_states=cond.prompt_embeds.to(x_t.dtype)).sample
-
-
-class SDXLBackbone(Backbone):
-    """SDXL: two text encoders, pooled embedding and size/crop micro-conditioning."""
-
-    family = "sdxl"
-    pipeline_class_name = "StableDiffusionXLPipeline"
-
-    @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> Conditioning:
-        embeds, _, pooled, _ = self.pipeline.encode_prompt(list(prompts), device=self.device,
-                                                            num_images_per_prompt=1, do_classifier_free_guidance=False)
-        return Conditioning(embeds, pooled)
-
-    @staticmethod
-    def time_ids(original_sizes: torch.Tensor, crops_top_left: torch.Tensor, target_size: tuple[int, int]) -> torch.Tensor:
-        """``[B, 6]`` = (original h, w, crop top, left, target h, w) from each image's true size and crop."""
-        target = torch.tensor(target_size, dtype=torch.float32).expand(len(original_sizes), 2)
-        return torch.cat([original_sizes.float(), crops_top_left.float(), target], dim=1)
-
-    def predict(self, x_t, timesteps, cond):
-        if cond.time_ids is None:  # no data-derived micro-conditioning: the pipeline's default for this size
-            h, w = x_t.shape[-2] * self.pipeline.vae_scale_factor, x_t.shape[-1] * self.pipeline.vae_scale_factor
-            cond.time_ids = self.time_ids(torch.tensor([[h, w]] * len(x_t)), torch.zeros(len(x_t), 2), (h, w))
-        added = {"text_embeds": cond.pooled.to(x_t.dtype), "time_ids": cond.time_ids.to(x_t.device, x_t.dtype)}
-        return self.denoiser(x_t, timesteps, encoder_hidden_states=cond.prompt_embeds.to(x_t.dtype),
-                             added_cond_kwargs=added).sample
-
-
-class SD3Backbone(Backbone):
-    """SD3 (MMDiT, flow matching): CLIP-L + CLIP-G (+ optional T5)."""
-
-    family = "sd3"
-    pipeline_class_name = "StableDiffusion3Pipeline"
-    denoiser_name = "transformer"
-    lora_targets = SD3_LORA_TARGETS
-    optional_components = ("text_encoder_3", "tokenizer_3", "feature_extractor", "image_encoder")
-    max_sequence_length = 256
-
-    @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> Conditioning:
-        embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            list(prompts), None, None, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length)
-        return Conditioning(embeds, pooled)
-
-    def predict(self, x_t, timesteps, cond):
-        return self.denoiser(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=cond.prompt_embeds.to(x_t.dtype),
-                             pooled_projections=cond.pooled.to(x_t.dtype), return_dict=False)[0]
-
-
-FAMILIES: dict[str, type[Backbone]] = {b.family: b for b in (SDBackbone, SDXLBackbone, SD3Backbone)}
-_BY_PIPELINE = {b.pipeline_class_name: b for b in FAMILIES.values()}
-
-
-def detect_family(name_or_path: str | Path, revision: str | None = None) -> str:
-    """``sd``, ``sdxl`` or ``sd3`` from the pipeline's ``model_index.json`` (local folder or hub)."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        config = DiffusionPipeline.load_config(str(name_or_path), revision=revision)
-    except (OSError, ValueError) as e:
-        raise OSError(f"{str(name_or_path)!r} is neither a local diffusers folder nor a reachable hub model "
-                      f"(no model_index.json): {e}") from e
-    cls = config.get("_class_name") or ""
-    if cls in _BY_PIPELINE:
-        return _BY_PIPELINE[cls].family
-    # variants such as StableDiffusionXLImg2ImgPipeline: the longest matching family prefix
-    for name in sorted(_BY_PIPELINE, key=len, reverse=True):
-        if cls.startswith(name.removesuffix("Pipeline")):
-            return _BY_PIPELINE[name].family
-    raise ValueError(f"{name_or_path}: unsupported pipeline {cls!r}; supported: {sorted(_BY_PIPELINE)}")
-
-
-def load_backbone(name_or_path: str | Path, family: str | None = None, **kwargs) -> Backbone:
-    """A backbone from a hub id or a local diffusers folder; the family is detected unless given."""
-    family = family or detect_family(name_or_path, kwargs.get("revision"))
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose from {sorted(FAMILIES)}")
-    return FAMILIES[family].from_pretrained(name_or_path, **kwargs)
+        with safe_open(str(lora_file), "pt") as f:
+            raw_meta = (f.metadata() or {}).get("lora_adapter_metadata")
+        if raw_meta is None:
+            raise ValueError(f"{lora_file}: no LoRA rank/alpha metadata; call add_lora(...) with the trained "
+                             "settings before load_trained")
+        prefix = self.denoiser_name + "."  # diffusers packs each component's config under its name
+        meta = {k[len(prefix):]: v for k, v in json.loads(raw_meta).items() if k.startswith(prefix)}
+        if "r" not in meta:
+            raise ValueError(f"{lora_file}: no {self.denoiser_name} LoRA settings in its metadata")
+        return meta

@@ -1,0 +1,47 @@
+"""Pick the backbone family of a hub id or folder from its ``model_index.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffalign.models.backbone import Backbone
+from diffalign.models.sd import SDBackbone
+from diffalign.models.sd3 import SD3Backbone
+from diffalign.models.sdxl import SDXLBackbone
+
+FAMILIES: dict[str, type[Backbone]] = {b.family: b for b in (SDBackbone, SDXLBackbone, SD3Backbone)}
+_BY_PIPELINE = {b.pipeline_class_name: b.family for b in FAMILIES.values()}
+
+
+def detect_family(name_or_path: str | Path, revision: str | None = None) -> str:
+    """``"sd"``, ``"sdxl"`` or ``"sd3"`` from ``model_index.json``'s ``_class_name`` (local folder or hub).
+
+    Task variants (``StableDiffusionXLImg2ImgPipeline``, ...) map to their family.
+    """
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(str(name_or_path), revision=revision)
+    except (OSError, ValueError) as e:
+        raise OSError(f"cannot load {str(name_or_path)!r}: not a local diffusers folder and not reachable "
+                      f"on the hub (no model_index.json): {e}") from e
+    cls = config.get("_class_name") or ""
+    if cls in _BY_PIPELINE:
+        return _BY_PIPELINE[cls]
+    for name in sorted(_BY_PIPELINE, key=len, reverse=True):  # longest prefix: "StableDiffusionXL" before "StableDiffusion"
+        if cls.startswith(name.removesuffix("Pipeline")):
+            return _BY_PIPELINE[name]
+    raise ValueError(f"{name_or_path}: unsupported pipeline {cls!r}; supported: {sorted(_BY_PIPELINE)}")
+
+
+def load_backbone(name_or_path: str | Path, family: str | None = None, **kwargs) -> Backbone:
+    """A backbone from a hub id or a local diffusers folder, as a user types it.
+
+    ``family`` (``"sd"``, ``"sdxl"``, ``"sd3"``) is detected unless given; ``kwargs`` (``torch_dtype``,
+    ``variant``, ``revision``, pipeline components) go to :meth:`Backbone.from_pretrained`.
+    """
+    if family is None:
+        family = detect_family(name_or_path, kwargs.get("revision"))
+    if family not in FAMILIES:
+        raise ValueError(f"unknown backbone family {family!r}; choose from {sorted(FAMILIES)}")
+    return FAMILIES[family].from_pretrained(name_or_path, **kwargs)
