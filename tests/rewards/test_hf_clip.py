@@ -98,3 +98,16 @@ def test_tiny_clip_has_the_pickscore_key_layout(tiny_hf_clip):
     ours = _depthless(CLIPModel.from_pretrained(tiny_hf_clip).state_dict())
     ref = _depthless(l.split("\t")[0] for l in (LAYOUTS / "pickscore_hf_clip_vith14.tsv").read_text().splitlines())
     assert ours == ref - {"text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"}
+
+
+def test_local_folder_with_reward_yaml(tiny_hf_clip, tmp_path):
+    """``load_reward(DIR)``: DIR/reward.yaml names the reward and its keyword arguments."""
+    for f in tiny_hf_clip.iterdir():
+        if f.is_file():
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "reward.yaml").write_text("reward: shapes-clip\nbatch_size: 2\n")
+    reward = load_reward(str(tmp_path))
+    assert reward.name == "shapes-clip" and reward.batch_size == 2 and reward.card.name == "shapes-clip"
+    images = smooth_images(3)
+    cos, scale = reference_cos(tiny_hf_clip, images, PROMPTS)
+    assert torch.allclose(reward.score(images, PROMPTS), scale * cos, atol=1e-5)
