@@ -31,7 +31,8 @@ import torch
 from PIL import Image
 
 COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
-COLOR_TEMPLATES: tuple[str, ...] = ("a photo of a {c} {obj}", "a photo of a {c}-colored {obj}", "a photo of a {c} object")
+COLOR_TEMPLATES: tuple[str, ...] = ("a photo of a {c} {obj}", "a photo of a {c}-colored {obj}",
+                                    "a photo of a {c} object")
 TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 OFFICIAL_DETECTOR = "mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco (mmdet 2.x)"
 

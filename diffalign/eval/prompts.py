@@ -5,19 +5,23 @@ holding it under its upstream or cache name) or downloads the upstream file once
 (``$DIFFALIGN_CACHE/benchmarks`` or ``~/.cache/diffalign/benchmarks``). Every file is pinned to a
 commit URL and a sha256; a file whose hash differs is refused (``verify=False`` reads it anyway).
 
-============================ ======= ===================================================== ===========
-name                         prompts category / metadata                                   upstream
-============================ ======= ===================================================== ===========
-``geneval``                  553     task tag; the full ``evaluation_metadata.jsonl`` line djghosh13/geneval (MIT)
-``t2i-compbench``            2400    category from the file name (8 × 300 ``*_val.txt``)   Karine-Huang/T2I-CompBench (MIT)
-``partiprompts``             1632    Category; Challenge, Note                             google-research/parti (Apache-2.0)
-``drawbench``                200     Category (upstream's trailing spaces stripped)         apple/ml-diffusion-alignment-gflownet copy; no licence: download only
-``hpdv2``                    3200    style (anime, concept-art, paintings, photo); index   apple/ml-diffusion-alignment-gflownet copy of HPDv2 (Apache-2.0)
-``imagereward``              100     id                                                    THUDM/ImageReward (Apache-2.0)
-``ddpo-simple-animals``      45      none                                                  kvablack/ddpo-pytorch (MIT)
-``pickapic-test``            500     none (unique captions of ``split``)                   hub ``yuvalkirstain/pickapic_v2_no_images``
-``shapes``                   6 × n   task; GenEval-format metadata                         :mod:`diffalign.shapes.grammar` (held-out split)
-============================ ======= ===================================================== ===========
+Sets (prompt count; category; metadata; upstream and licence):
+
+- ``geneval``: 553; task tag; the whole ``evaluation_metadata.jsonl`` line. djghosh13/geneval (MIT).
+- ``t2i-compbench``: 8 × 300 ``*_val.txt``; the category of the file; index.
+  Karine-Huang/T2I-CompBench (MIT).
+- ``partiprompts``: 1632; Category; Challenge, Note. google-research/parti (Apache-2.0).
+- ``drawbench``: 200; Category (upstream's trailing spaces stripped). The CSV copy in
+  apple/ml-diffusion-alignment-gflownet; no licence upstream, so download only.
+- ``hpdv2``: 4 styles × 800 (anime, concept-art, paintings, photo); style; index (duplicates kept,
+  the benchmark scores all 800). The copy in apple/ml-diffusion-alignment-gflownet of HPDv2
+  (Apache-2.0).
+- ``imagereward``: 100; none; id. THUDM/ImageReward ``benchmark-prompts.json`` (Apache-2.0).
+- ``ddpo-simple-animals``: 45; none. kvablack/ddpo-pytorch (MIT).
+- ``pickapic-test``: the 500 unique captions of ``split``; none. Hub dataset
+  ``yuvalkirstain/pickapic_v2_no_images`` (needs ``datasets``; no licence stated, download only).
+- ``shapes``: 6 tasks × ``n_per_task``; task; GenEval-format metadata.
+  :func:`diffalign.shapes.grammar.prompt_set` (held-out split).
 """
 
 from __future__ import annotations

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -67,7 +65,8 @@ def test_max_objects_per_class():
     kept = select_objects([det("clock", 0.91 + i / 1000) for i in range(20)], "counting")
     assert len(kept["clock"]) == 16 and kept["clock"][0].score == pytest.approx(0.929)
     # so an exclusion above 16 can never trigger
-    meta = {"tag": "counting", "include": [{"class": "clock", "count": 16}], "exclude": [{"class": "clock", "count": 17}]}
+    meta = {"tag": "counting", "include": [{"class": "clock", "count": 16}],
+            "exclude": [{"class": "clock", "count": 17}]}
     assert verdict(meta, [det("clock")] * 20)
 
 
@@ -198,7 +197,8 @@ def test_transformers_detector_tiny_random_detr():
     torch.manual_seed(0)
     config = ConditionalDetrConfig(
         use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
-        backbone_config={"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 8, 8, 8], "depths": [1, 1, 1, 1],
+        backbone_config={"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 8, 8, 8],
+                         "depths": [1, 1, 1, 1],
                          "layer_type": "basic", "out_features": ["stage4"]},
         d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
         encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=5, num_labels=3,
@@ -233,4 +233,29 @@ def test_shapes_detector_matches_shapes_eval():
         wrong = grammar.prompt_set("heldout", 1, seed=2)[0].metadata()
         assert evaluate_geneval(wrong, detector.detect(image))[0] == shapes_evaluate(
             image, grammar.ShapesPrompt.from_metadata(wrong)).correct
-    assert json.dumps(SINGLE)  # metadata stays JSON
+
+
+def test_every_real_geneval_line_accepts_its_own_scene_and_rejects_an_empty_one():
+    from pathlib import Path
+
+    from diffalign.eval.prompts import load_prompt_set
+
+    bench = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks"
+    if not bench.is_dir():
+        pytest.fail(f"benchmark copies not found at {bench}")
+    step = {"left of": (-60, 0), "right of": (60, 0), "above": (0, -60), "below": (0, 60)}
+    for item in load_prompt_set("geneval", path=bench):
+        meta, dets, origins = item.metadata, [], []
+        for req in meta["include"]:
+            x, y = 200.0, 200.0
+            if "position" in req:
+                relation, target = req["position"]
+                x, y = origins[target][0] + step[relation][0], origins[target][1] + step[relation][1]
+            origins.append((x, y))
+            for k in range(req["count"]):  # several objects of a class stack vertically, 1 px apart
+                dets.append(det(req["class"], 0.95, (x, y + 21 * k, x + 20, y + 21 * k + 20), req.get("color")))
+        if meta["tag"] == "position":  # keep stacked objects from breaking the relation: one each
+            assert all(req["count"] == 1 for req in meta["include"])
+        ok, reason = evaluate_geneval(meta, dets)
+        assert ok, (meta["prompt"], reason)
+        assert not evaluate_geneval(meta, [])[0]

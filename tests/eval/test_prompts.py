@@ -134,7 +134,8 @@ def test_pickapic_local_parquet(tmp_path):
     pq.write_table(pa.table({"caption": ["other split"]}), tmp_path / "validation_unique-00000-of-00001.parquet")
     items = load_prompt_set("pickapic-test", path=tmp_path)
     assert [i.text for i in items] == ["a cat", "a dog"]
-    assert [i.text for i in load_prompt_set("pickapic-test", path=tmp_path, split="validation_unique")] == ["other split"]
+    val = load_prompt_set("pickapic-test", path=tmp_path, split="validation_unique")
+    assert [i.text for i in val] == ["other split"]
 
 
 def test_pickapic_without_datasets_is_a_clear_error(monkeypatch):
