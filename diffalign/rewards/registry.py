@@ -123,6 +123,13 @@ for _variant in ("hessel", "torchmetrics", "raw"):
     register_reward(f"clipscore-{_variant}")(lambda _v=_variant, **kw: _clipscore(variant=_v, **kw))
 
 
+@register_reward("imagereward")
+def _imagereward(**kw) -> RewardModel:
+    from diffalign.rewards.imagereward import ImageReward
+
+    return ImageReward.from_pretrained(**kw)
+
+
 @register_reward("jpeg-incompressibility")
 def _jpeg_incompressibility(**kw) -> RewardModel:
     from diffalign.rewards.jpeg import JpegReward
