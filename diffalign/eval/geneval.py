@@ -273,6 +273,10 @@ class CLIPColorClassifier:
         from diffalign.rewards.loading import missing_weights
 
         pretrained = "openai" if weights is None else str(weights)
+        looks_local = os.sep in pretrained and not pretrained.startswith("hf-hub:")
+        if looks_local and not os.path.isfile(pretrained):
+            raise missing_weights(f"GenEval colour classifier (open_clip {model_name})", pretrained, None,
+                                  url="open_clip's 'openai' weights", cause=FileNotFoundError(pretrained))
         try:
             if pretrained.startswith("hf-hub:"):
                 model, _, preprocess = open_clip.create_model_and_transforms(pretrained)
@@ -365,7 +369,7 @@ class TransformersDetector:
         try:
             processor = AutoImageProcessor.from_pretrained(model_id)
             model = AutoModelForObjectDetection.from_pretrained(model_id)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise OSError(f"object detector {str(model_id)!r} is neither a local folder nor downloadable ({e}). "
                           f"On a machine with internet run `huggingface-cli download {model_id} --local-dir DIR`, "
                           "then pass DIR") from e

@@ -259,3 +259,12 @@ def test_every_real_geneval_line_accepts_its_own_scene_and_rejects_an_empty_one(
         ok, reason = evaluate_geneval(meta, dets)
         assert ok, (meta["prompt"], reason)
         assert not evaluate_geneval(meta, [])[0]
+
+
+def test_missing_weights_are_clear_errors(tmp_path):
+    from diffalign.rewards.loading import MissingWeightsError
+
+    with pytest.raises(MissingWeightsError, match="colour classifier"):
+        CLIPColorClassifier.from_pretrained(tmp_path / "ViT-L-14.pt")
+    with pytest.raises(OSError, match="huggingface-cli download"):
+        TransformersDetector.from_pretrained(tmp_path / "no-detector")
