@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -55,7 +56,7 @@ class PretrainConfig:
     vae_batch_size: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    steps: int = 3000
+    steps: int = 250
     batch_size: int = 32
     lr: float = 5e-4
     warmup_steps: int = 100
@@ -220,8 +221,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     start = time.time()
     means, stds = encode_pool(vae, images)
     def snapshot(step: int, text_encoder, unet) -> None:  # a full pipeline: any prefix of the run can be picked
-        assemble_pipeline(vae, text_encoder, tokenizer, unet).save_pretrained(
-            out.parent / f"{out.name}-snapshots" / f"step-{step}", safe_serialization=True)
+        folder = out.parent / f"{out.name}-snapshots" / f"step-{step}"
+        assemble_pipeline(vae, text_encoder, tokenizer, unet).save_pretrained(folder, safe_serialization=True)
+        for name in ("vocab.json", "merges.txt"):  # the BPE files too, for tokenizers without tokenizer.json
+            shutil.copy(out / "tokenizer" / name, folder / "tokenizer" / name)
 
     text_encoder, unet = train_denoiser(cfg, tokenizer, captions, means, stds, vae.config.scaling_factor, gen,
                                         on_snapshot=snapshot)
