@@ -60,6 +60,7 @@ class TrainingData:
 
     # ---- one micro-batch
     def batch(self, step: int, micro: int, process: int, num_processes: int) -> TrainBatch:
+        from diffalign.data.dataset import latent_key
         from diffalign.data.transforms import prepare_image, prepare_pair
 
         positions = self.positions(step, micro, process, num_processes)
@@ -72,7 +73,7 @@ class TrainingData:
                 img = prepare_image(item.image, self.resolution, center_crop=self.center_crop,
                                     random_flip=self.random_flip, generator=g)
                 prepared.append([img])
-                keys.append([_latent_key(item.key, img)])
+                keys.append([latent_key(item.key, "image", img)])
                 prompts.append(["" if drop else item.prompt])
                 desirable.append(bool(item.desirable))
                 weights.append(1.0)
@@ -81,11 +82,11 @@ class TrainingData:
                                 random_flip=self.random_flip, generator=g)
             if self.kind == "chosen":
                 prepared.append([w])
-                keys.append([_latent_key(item.key + ":chosen", w)])
+                keys.append([latent_key(item.key, "chosen", w)])
                 prompts.append(["" if drop else item.prompt])
             else:
                 prepared.append([w, l])
-                keys.append([_latent_key(item.key + ":chosen", w), _latent_key(item.key + ":rejected", l)])
+                keys.append([latent_key(item.key, "chosen", w), latent_key(item.key, "rejected", l)])
                 p_l = item.prompt_rejected if item.prompt_rejected is not None else item.prompt
                 prompts.append(["" if drop else item.prompt, "" if drop else p_l])
             weights.append(float(getattr(item, "weight", 1.0)))
@@ -142,10 +143,6 @@ class TrainingData:
             self.cache.put_text(new)
             found.update(new)
         return Conditioning.cat([Conditioning.from_dict({k: v[None] for k, v in found[p].items()}) for p in prompts])
-
-
-def _latent_key(content_key: str, img) -> str:
-    return f"{content_key}|crop={tuple(img.crop_top_left)}|flip={int(getattr(img, 'flipped', False))}"
 
 
 def load_training_data(recipe, kind: str, backbone, output_dir: Path, accelerator=None) -> TrainingData:
