@@ -48,12 +48,12 @@ class RewardConfig:
 
     out: str = "runs/shapes-clip-reward"
     seed: int = 0
-    num_scenes: int = 12000
-    steps: int = 1500
+    num_scenes: int = 8000
+    steps: int = 800
     batch_size: int = 64
     lr: float = 1e-3
     num_negatives: int = 3
-    eval_per_task: int = 50
+    eval_per_task: int = 30
     threads: int = 1
 
 
