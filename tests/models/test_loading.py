@@ -1,0 +1,69 @@
+import json
+
+import pytest
+
+from diffalign.models import FAMILIES, SD3Backbone, SDBackbone, SDXLBackbone, detect_family, load_backbone
+
+EXPECTED = {"sd": SDBackbone, "sd-v": SDBackbone, "sdxl": SDXLBackbone, "sd3": SD3Backbone, "sd3-t5": SD3Backbone}
+
+
+def test_family_detected_from_model_index(tiny_folder, variant):
+    folder = tiny_folder(variant)
+    backbone = load_backbone(folder)
+    assert type(backbone) is EXPECTED[variant]
+    assert detect_family(folder) == backbone.family == variant.split("-")[0]
+    assert type(load_backbone(str(folder), family=backbone.family)) is EXPECTED[variant]
+
+
+def test_components_and_forward_process(tiny_folder, variant):
+    backbone = load_backbone(tiny_folder(variant))
+    assert backbone.denoiser is getattr(backbone.pipeline, backbone.denoiser_name)
+    assert backbone.vae is backbone.pipeline.vae and backbone.scheduler is backbone.pipeline.scheduler
+    expected = {"sd": "epsilon", "sd-v": "v_prediction", "sdxl": "epsilon", "sd3": "flow", "sd3-t5": "flow"}[variant]
+    assert backbone.forward_process.prediction_type == expected
+    assert backbone.trainable_parameters() == []
+    assert (backbone.pipeline.components.get("text_encoder_3") is not None) == (variant == "sd3-t5")
+
+
+def test_builds_are_deterministic(tmp_path, tiny_folder):
+    from diffalign import testing
+    from safetensors.torch import load_file
+
+    again = testing.make_tiny_sd(tmp_path / "sd")
+    a = load_file(tiny_folder("sd") / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(again / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_missing_folder_names_it(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(OSError, match="no-such-model"):
+        load_backbone(missing)
+    with pytest.raises(OSError, match="no-such-model"):
+        SDBackbone.from_pretrained(missing)
+
+
+def test_unreachable_hub_id_names_it(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network retries
+    with pytest.raises(OSError, match="diffalign-tests/definitely-not-a-model"):
+        load_backbone("diffalign-tests/definitely-not-a-model")
+
+
+def test_unknown_pipeline_and_family(tmp_path, tiny_folder):
+    folder = tmp_path / "flux"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ValueError, match="FluxPipeline"):
+        load_backbone(folder)
+    with pytest.raises(ValueError, match="unknown backbone family 'kandinsky'"):
+        load_backbone(tiny_folder("sd"), family="kandinsky")
+    assert set(FAMILIES) == {"sd", "sdxl", "sd3"}
+
+
+def test_task_variant_maps_to_family(tmp_path):
+    folder = tmp_path / "img2img"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLImg2ImgPipeline"}))
+    assert detect_family(folder) == "sdxl"
