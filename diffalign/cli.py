@@ -1,4 +1,4 @@
-"""The `diffalign` command: `train | sample | score | eval | data | rewrite | demo | bench`.
+"""The `diffalign` command: `train | score | data | demo | bench | shapes`.
 
 Each subcommand lives in the module that owns its work and exposes two functions:
 ``add_arguments(parser)`` and ``run(args) -> int``. The modules are imported only when
@@ -13,11 +13,8 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("diffalign.trainers.cli", "train a model from a recipe (YAML) with --key.sub=value overrides"),
-    "sample": ("diffalign.eval.sample_cli", "generate images from a model (optionally with a LoRA)"),
     "score": ("diffalign.rewards.cli", "score images with one or more reward models"),
-    "eval": ("diffalign.eval.cli", "run a text-to-image benchmark and write results.json and report.html"),
     "data": ("diffalign.data.cli", "build, label and inspect preference data"),
-    "rewrite": ("diffalign.text.cli", "rewrite prompts with a (trained) prompt rewriter"),
     "demo": ("diffalign.shapes.demo", "the whole pipeline on the bundled Shapes world, offline, on a CPU"),
     "bench": ("diffalign.trainers.bench", "measure training throughput and peak memory"),
     "shapes": ("diffalign.shapes.cli", "Shapes world tools: pretrain the base model and reward, render, evaluate"),

@@ -54,23 +54,34 @@ def load_base_pipeline(device: str = "cpu"):
 
 
 def make_preference_data(pipe, prompts, out_path: Path, *, oracle, seed: int, flip: bool = False,
-                         num_inference_steps: int = 20, guidance_scale: float = 5.0) -> dict:
-    """Sample a pair per prompt, label it with ``oracle``, write a Pick-a-Pic parquet; returns label counts."""
+                         images_per_prompt: int = 2, num_inference_steps: int = 20, guidance_scale: float = 5.0) -> dict:
+    """Sample ``images_per_prompt`` images per prompt, keep the pair the oracle rates best and worst
+    (two images: that pair), label it with ``oracle`` and write a Pick-a-Pic parquet; returns label counts.
+
+    With more than two images per prompt the pair is the oracle's best against its worst (as on-line DPO
+    recipes pick max/min reward samples); the label itself still comes from the noisy oracle.
+    """
     from diffalign.data.pickapic import write_pickapic_parquet
     from diffalign.eval.generate import generate
     from diffalign.shapes.oracle import to_jpeg_bytes
 
-    texts = [p.text for p in prompts]
-    seeds0 = [seed * 1_000_003 + 2 * i for i in range(len(prompts))]
-    seeds1 = [s + 1 for s in seeds0]
-    imgs = generate(pipe, texts + texts, seeds0 + seeds1, num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale, progress="sample pairs")
-    imgs0, imgs1 = imgs[: len(texts)], imgs[len(texts):]
-    labels = oracle.label_pairs(imgs0, imgs1, prompts)
-    if flip:
-        labels = [1.0 - lab for lab in labels]
-    rows = [{"caption": t, "jpg_0": to_jpeg_bytes(a), "jpg_1": to_jpeg_bytes(b), "label_0": lab}
-            for t, a, b, lab in zip(texts, imgs0, imgs1, labels)]
+    k = images_per_prompt
+    texts = [p.text for p in prompts for _ in range(k)]
+    seeds = [seed * 1_000_003 + i for i in range(len(texts))]
+    imgs = generate(pipe, texts, seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                    progress="sample pairs")
+    rows, labels = [], []
+    for i, prompt in enumerate(prompts):
+        group = imgs[i * k:(i + 1) * k]
+        if k > 2:
+            utilities = [oracle.utility(img, prompt) for img in group]
+            order = sorted(range(k), key=utilities.__getitem__)
+            group = [group[order[-1]], group[order[0]]] if i % 2 == 0 else [group[order[0]], group[order[-1]]]
+        label = oracle.prefer(group[0], group[1], prompt)
+        label = 1.0 - label if flip else label
+        labels.append(label)
+        rows.append({"caption": prompt.text, "jpg_0": to_jpeg_bytes(group[0]), "jpg_1": to_jpeg_bytes(group[1]),
+                     "label_0": label})
     write_pickapic_parquet(rows, out_path)
     return {"pairs": len(rows), "label_0=1": labels.count(1.0), "label_0=0": labels.count(0.0), "ties": labels.count(0.5)}
 
