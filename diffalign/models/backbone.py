@@ -13,6 +13,7 @@ import copy
 import inspect
 from collections.abc import Iterator
 from pathlib import Path
+from types import MethodType
 from typing import ClassVar
 
 import torch
@@ -219,7 +220,7 @@ class Backbone:
           switched on the bare module, so calls keep going through an FSDP wrapper (which gathers the
           shards); a DDP wrapper is bypassed, so reference calls never touch its gradient reducer.
         * Full fine-tune: the frozen copy made by :meth:`enable_full_finetune` (moved to the policy's
-          device if the trainer moved the policy).
+          device, and given the policy's accelerate mixed-precision forward, if ``prepare`` changed them).
         * Neither: the model itself. Nested uses are no-ops.
 
         Call it under ``torch.no_grad()`` unless gradients with respect to the inputs are wanted.
@@ -234,6 +235,7 @@ class Backbone:
             if self._reference_copy is not None:
                 if next(self._reference_copy.parameters()).device != self.device:
                     self._reference_copy.to(self.device)
+                self._match_policy_precision(raw)
                 self.denoiser = self._reference_copy
                 yield self
             elif self.is_lora:
@@ -249,6 +251,18 @@ class Backbone:
         finally:
             self.denoiser = policy
             self._in_reference = False
+
+    def _match_policy_precision(self, raw: torch.nn.Module) -> None:
+        """Give the frozen copy (made before ``accelerator.prepare``) the mixed-precision forward that
+        ``prepare`` put on the policy (autocast, outputs back to fp32), with accelerate's own helpers."""
+        ref = self._reference_copy
+        if "_original_forward" not in raw.__dict__ or "_original_forward" in ref.__dict__:
+            return
+        from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+
+        ref._original_forward = ref.forward
+        forward = get_mixed_precision_context_manager(native_amp=True)(type(ref).forward)
+        ref.forward = MethodType(convert_outputs_to_fp32(forward), ref)
 
     # ------------------------------------------------------------------ saving
     def save_trained(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:

@@ -172,3 +172,23 @@ def test_gradient_checkpointing(backbone, inputs):
     x_t, t, cond = inputs(backbone)
     backbone.predict(x_t, t, cond).mean().backward()
     assert all(p.grad is not None for p in backbone.trainable_parameters())
+
+
+@pytest.mark.parametrize("variant", ["sd"])
+def test_full_finetune_reference_follows_accelerate_mixed_precision(backbone, inputs):
+    """The frozen copy is made before ``accelerator.prepare``; it must compute in the policy's precision."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    x_t, t, cond = inputs(backbone)
+    backbone.enable_full_finetune()
+    try:
+        accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+        backbone.denoiser = accelerator.prepare(backbone.denoiser)
+        with torch.no_grad():
+            policy = backbone.predict(x_t, t, cond)
+            with backbone.reference():
+                ref = backbone.predict(x_t, t, cond)
+        torch.testing.assert_close(ref, policy)     # identical weights, identical precision
+    finally:
+        AcceleratorState._reset_state(True)
