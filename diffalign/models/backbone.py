@@ -293,7 +293,12 @@ class Backbone:
                 **{f"{self.denoiser_name}_lora_layers": layers,
                    f"{self.denoiser_name}_lora_adapter_metadata": metadata})
         else:
-            raw.save_pretrained(out_dir / self.denoiser_name, safe_serialization=True, state_dict=state_dict)
+            if state_dict is not None:  # a full copy built on the meta device, holding the gathered weights
+                with torch.device("meta"):
+                    full = type(raw).from_config(raw.config)
+                full.load_state_dict(state_dict, assign=True)
+                raw = full
+            raw.save_pretrained(out_dir / self.denoiser_name, safe_serialization=True)
         return out_dir
 
     def load_trained(self, path: str | Path) -> None:

@@ -16,7 +16,8 @@ class SDBackbone(Backbone):
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
-        """``prompt_embeds [B, 77, D]``: the text encoder's last hidden states, as the pipeline gives them."""
+        """``prompt_embeds [B, L, D]`` (``L`` = the tokenizer's max length, 77 for real models): the text
+        encoder's last hidden states, as the pipeline gives them."""
         embeds, _ = self.pipeline.encode_prompt(list(prompts), self.device, 1, False)
         return Conditioning(embeds)
 

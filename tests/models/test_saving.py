@@ -101,3 +101,39 @@ def test_load_trained_names_a_wrong_folder(tmp_path, tiny_folder):
     backbone = load_backbone(tiny_folder("sd"))
     with pytest.raises(FileNotFoundError, match="empty-run"):
         backbone.load_trained(tmp_path / "empty-run")
+
+
+@pytest.mark.parametrize("variant", ["sd"])
+@pytest.mark.parametrize("lora", [True, False])
+def test_save_from_a_gathered_state_dict(tmp_path, tiny_folder, backbone, inputs, perturb_lora, lora):
+    """Under FSDP the bare module holds shards; the trainer passes ``accelerator.get_state_dict``."""
+    x_t, t, cond = inputs(backbone)
+    if lora:
+        backbone.add_lora(rank=4)
+        perturb_lora(backbone)
+    else:
+        backbone.enable_full_finetune()
+        with torch.no_grad():
+            backbone.trainable_parameters()[0].add_(1.0)
+    gathered = {k: v.clone() for k, v in backbone.raw_denoiser.state_dict().items()}
+    with torch.no_grad():
+        policy = backbone.predict(x_t, t, cond)
+        for p in backbone.trainable_parameters():   # the live module no longer holds the weights
+            p.zero_()
+    backbone.save_trained(tmp_path / "out", state_dict=gathered)
+    fresh = load_backbone(tiny_folder("sd"))
+    fresh.load_trained(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.predict(x_t, t, cond), policy)
+
+
+def test_low_precision_weights_with_fp32_lora(tiny_folder, inputs):
+    backbone = load_backbone(tiny_folder("sd"), torch_dtype=torch.bfloat16)
+    assert backbone.dtype == torch.bfloat16 and backbone.raw_denoiser.dtype == torch.bfloat16
+    backbone.add_lora(rank=4)
+    assert all(p.dtype == torch.float32 for p in backbone.trainable_parameters())
+    x_t, t, cond = inputs(backbone)
+    out = backbone.predict(x_t.bfloat16(), t, cond)
+    assert out.shape == x_t.shape
+    out.float().square().mean().backward()
+    assert all(p.grad is not None for p in backbone.trainable_parameters())
