@@ -50,7 +50,8 @@ def _clip_text(cls, tokenizer, hidden: int = 32, projection: int | None = None):
     from transformers import CLIPTextConfig
 
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+                            num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=tokenizer.model_max_length,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, projection_dim=projection or hidden)
     return cls(config)

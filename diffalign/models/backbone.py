@@ -237,7 +237,12 @@ class Backbone:
                     self._reference_copy.to(self.device)
                 self._match_policy_precision(raw)
                 self.denoiser = self._reference_copy
-                yield self
+                ref_dtype = next(self._reference_copy.parameters()).dtype
+                autocast = (torch.autocast(self.device.type, dtype=ref_dtype)
+                            if ref_dtype != raw.dtype and "_original_forward" not in raw.__dict__
+                            else contextlib.nullcontext())
+                with autocast:  # a lower-precision copy (reference_dtype) takes the policy's inputs
+                    yield self
             elif self.is_lora:
                 if isinstance(policy, torch.nn.parallel.DistributedDataParallel):
                     self.denoiser = raw

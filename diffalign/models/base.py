@@ -8,10 +8,13 @@ what they need, whatever the family:
 * ``decode_latents(latents) -> images in [0, 1]``
 * ``predict(x_t, timesteps, cond) -> prediction``   (the denoiser; gradients flow)
 * ``reference()``                                   (context: predictions are the reference model's)
-* ``add_lora(...)`` / ``save_trained(dir)``         (peft LoRA in diffusers format, or full weights)
+* ``add_lora(...)`` / ``enable_full_finetune()``    (what trains: a peft LoRA, or every denoiser weight)
+* ``save_trained(dir)`` / ``load_trained(dir)``     (diffusers LoRA format, or a component folder)
+* SDXL only: ``time_ids(...)`` / ``with_time_ids(cond, ...)`` (size/crop micro-conditioning)
 
 Implementations live in :mod:`diffalign.models.sd` (SD1.x/2.x), :mod:`~diffalign.models.sdxl` and
-:mod:`~diffalign.models.sd3`; :func:`diffalign.models.load_backbone` picks one from a hub id or folder.
+:mod:`~diffalign.models.sd3`, sharing :class:`diffalign.models.backbone.Backbone`;
+:func:`diffalign.models.load_backbone` picks one from a hub id or folder.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ class Conditioning:
     time_ids: torch.Tensor | None = None
 
     def _map(self, fn) -> "Conditioning":
-        return Conditioning(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name)) for f in fields(self)})
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Conditioning(**{k: None if v is None else fn(v) for k, v in values.items()})
 
     def to(self, *args, **kwargs) -> "Conditioning":
         return self._map(lambda t: t.to(*args, **kwargs))

@@ -28,7 +28,8 @@ def detect_family(name_or_path: str | Path, revision: str | None = None) -> str:
     cls = config.get("_class_name") or ""
     if cls in _BY_PIPELINE:
         return _BY_PIPELINE[cls]
-    for name in sorted(_BY_PIPELINE, key=len, reverse=True):  # longest prefix: "StableDiffusionXL" before "StableDiffusion"
+    # task variants: the longest matching prefix ("StableDiffusionXL" before "StableDiffusion")
+    for name in sorted(_BY_PIPELINE, key=len, reverse=True):
         if cls.startswith(name.removesuffix("Pipeline")):
             return _BY_PIPELINE[name]
     raise ValueError(f"{name_or_path}: unsupported pipeline {cls!r}; supported: {sorted(_BY_PIPELINE)}")

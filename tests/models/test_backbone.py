@@ -192,3 +192,14 @@ def test_full_finetune_reference_follows_accelerate_mixed_precision(backbone, in
         torch.testing.assert_close(ref, policy)     # identical weights, identical precision
     finally:
         AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("variant", ["sd3"])
+def test_low_precision_reference_copy(backbone, inputs):
+    x_t, t, cond = inputs(backbone)
+    with torch.no_grad():
+        base = backbone.predict(x_t, t, cond)
+    backbone.enable_full_finetune(reference_dtype=torch.bfloat16)
+    with torch.no_grad(), backbone.reference():
+        ref = backbone.predict(x_t, t, cond)
+    torch.testing.assert_close(ref.float(), base, rtol=0.05, atol=0.05)
