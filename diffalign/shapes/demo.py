@@ -32,8 +32,9 @@ class DemoConfig:
 
     output_dir: str = "runs/shapes-demo"
     recipe: str | None = None          # None = the bundled pipelines/shapes-diffusion-dpo.yaml (or its packaged copy)
-    train_prompts: int = 240
-    eval_prompts_per_task: int = 16
+    train_prompts: int = 96
+    images_per_prompt: int = 4         # the pair is the oracle's best and worst of these
+    eval_prompts_per_task: int = 12
     eval_seeds_per_prompt: int = 2
     num_inference_steps: int = 20
     guidance_scale: float = 5.0
@@ -135,7 +136,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     train_prompts = [sample_prompt(rng, split="train") for _ in range(cfg.train_prompts)]
     data_path = out / "data" / "train.parquet"
     label_counts = make_preference_data(base, train_prompts, data_path, oracle=Oracle(noise=cfg.oracle_noise, seed=cfg.seed),
-                                        seed=cfg.seed, flip=cfg.flip_labels, num_inference_steps=cfg.num_inference_steps,
+                                        seed=cfg.seed, flip=cfg.flip_labels, images_per_prompt=cfg.images_per_prompt,
+                                        num_inference_steps=cfg.num_inference_steps,
                                         guidance_scale=cfg.guidance_scale)
 
     # 3. Diffusion-DPO with LoRA, through the normal recipe
