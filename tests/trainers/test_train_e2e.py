@@ -58,6 +58,7 @@ def test_full_finetune_final_loads_with_from_pretrained(tiny_models, pair_parque
     assert max(diffs) > 0
 
 
+@pytest.mark.slow
 def test_resume_latest_gives_the_same_weights(tiny_models, pair_parquet, tmp_path):
     from safetensors.torch import load_file
 
@@ -75,6 +76,7 @@ def test_resume_latest_gives_the_same_weights(tiny_models, pair_parquet, tmp_pat
     assert [r["loss"] for r in _metrics(resumed)] == pytest.approx([r["loss"] for r in _metrics(unbroken)], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_swapped_labels_move_the_margin_the_other_way(tiny_models, pair_parquet, swapped_parquet, tmp_path):
     """Train on pairs, and on the same pairs reversed: the implicit reward margin on the original pairs
     (measured with the trained LoRA against the base) has opposite signs."""
@@ -98,3 +100,16 @@ def test_bench_reports_cached_and_uncached(tiny_models, pair_parquet, capsys):
                  "--data.resolution=32", "--model.lora_rank=4", "--steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "uncached" in out and "cached" in out and "peak memory" in out
+
+
+@pytest.mark.parametrize("method,keys", [("mapo", {"margin", "implicit_acc"}),
+                                         ("kto", {"reward_desirable", "reward_undesirable", "kl_reference_point"}),
+                                         ("sft", {"model_mse"})])
+def test_other_methods_train_on_the_same_loop(method, keys, tiny_models, pair_parquet, tmp_path):
+    out = _train(tiny_models["sd"], pair_parquet, tmp_path / method, "--train.max_steps=3", f"--method.name={method}")
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert keys <= set(rows[0]) and all(math.isfinite(r["loss"]) for r in rows)
+    if method == "kto":  # policy == reference at step 1: every sample's loss is 1 - sigmoid(0)
+        assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-5)
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
