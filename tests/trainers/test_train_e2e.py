@@ -113,3 +113,21 @@ def test_other_methods_train_on_the_same_loop(method, keys, tiny_models, pair_pa
     if method == "kto":  # policy == reference at step 1: every sample's loss is 1 - sigmoid(0)
         assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-5)
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_nonfinite_losses_skip_steps_then_stop_with_a_clear_error(tiny_models, pair_parquet, tmp_path):
+    with pytest.raises(RuntimeError, match="non-finite losses in a row"):
+        _train(tiny_models["sd"], pair_parquet, tmp_path / "nan", "--train.max_steps=5", "--method.beta=.nan",
+               "--train.max_nonfinite_steps=2")
+    rows = _metrics(tmp_path / "nan")
+    assert [r["skipped"] for r in rows] == [True, True]
+    assert not (tmp_path / "nan" / "final").exists()
+
+
+def test_validation_images_are_written_at_intervals(tiny_models, pair_parquet, tmp_path):
+    out = _train(tiny_models["sd"], pair_parquet, tmp_path / "val", "--train.max_steps=2", "--train.validation_steps=2",
+                 "--train.validation_prompts=[a yellow disc, a red hat]", "--train.validation_num_inference_steps=2")
+    from PIL import Image
+
+    grid = Image.open(out / "validation" / "step-2.png")
+    assert grid.width > grid.height  # two images side by side
