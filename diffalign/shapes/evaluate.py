@@ -187,25 +187,9 @@ def relations(obj: Detection, ref: Detection) -> set[str]:
     Each axis offset is shrunk towards 0 by ``0.1·(box side of obj + box side of ref)``; a relation
     holds when the shrunk offset along its axis is over half the length of the raw centre offset.
     """
-    ca = np.array([(obj.bbox[0] + obj.bbox[2]) / 2, (obj.bbox[1] + obj.bbox[3]) / 2])
-    cb = np.array([(ref.bbox[0] + ref.bbox[2]) / 2, (ref.bbox[1] + ref.bbox[3]) / 2])
-    dims = np.array([obj.bbox[2] - obj.bbox[0] + ref.bbox[2] - ref.bbox[0],
-                     obj.bbox[3] - obj.bbox[1] + ref.bbox[3] - ref.bbox[1]], dtype=np.float64)
-    offset = ca - cb
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * dims, 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    out = set()
-    if dx < -0.5:
-        out.add("left of")
-    if dx > 0.5:
-        out.add("right of")
-    if dy < -0.5:
-        out.add("above")
-    if dy > 0.5:
-        out.add("below")
-    return out
+    from diffalign.eval.geneval import relative_position  # the one implementation of GenEval's rule
+
+    return relative_position(obj.bbox, ref.bbox, POSITION_THRESHOLD)
 
 
 def evaluate(image, prompt: ShapesPrompt | str, detections: list[Detection] | None = None) -> EvalResult:
