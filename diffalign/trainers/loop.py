@@ -173,13 +173,12 @@ def train_step(run: Run) -> dict:
 
 
 def _reduce_logs(acc: Accelerator, logs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Mean of each metric over micro-batches and processes."""
+    """Mean of each metric over micro-batches and processes (one gather for all of them)."""
     keys = sorted({k for d in logs for k in d})
-    out = {}
-    for k in keys:
-        vals = torch.stack([d[k].float().reshape(()) for d in logs if k in d]).mean().to(acc.device)
-        out[k] = float(acc.gather(vals.reshape(1)).mean())
-    return out
+    local = torch.stack([torch.stack([d[k].detach().float().reshape(()) for d in logs if k in d]).mean()
+                         for k in keys]).to(acc.device)
+    gathered = acc.gather(local[None]).reshape(-1, len(keys)).mean(0)
+    return {k: float(v) for k, v in zip(keys, gathered)}
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 
+from diffalign.core.likelihood import denoising_error
 from diffalign.models.base import Conditioning
 
 
@@ -63,8 +64,6 @@ class Method:
 
     def errors(self, batch: TrainBatch, *, reference: bool = False) -> torch.Tensor:
         """Per-row denoising errors ``[N]`` of the policy (or, without gradients, the reference)."""
-        from diffalign.core.likelihood import denoising_error
-
         if not reference:
             return denoising_error(self.backbone.predict(batch.x_t, batch.timesteps, batch.cond), batch.target)
         with torch.no_grad(), self.backbone.reference():
