@@ -122,12 +122,18 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all (a temp file in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -137,12 +143,12 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 def _save_png(image: Image.Image, path: Path) -> None:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_json(path: str | Path, data) -> None:
     """``data`` as indented JSON, written whole (temp file, then rename)."""
-    _atomic_write_bytes(Path(path), (json.dumps(data, indent=2) + "\n").encode())
+    atomic_write_bytes(Path(path), (json.dumps(data, indent=2) + "\n").encode())
 
 
 def default_resolution(pipe) -> tuple[int, int]:
@@ -199,7 +205,7 @@ def _write_metadata(out_dir: Path, prompt_index: int, item) -> None:
             raise ValueError(f"{path}: holds a different prompt than prompt {prompt_index} of this prompt set "
                              f"({item.text!r}); the folder belongs to another prompt set or order")
         return
-    _atomic_write_bytes(path, line.encode())
+    atomic_write_bytes(path, line.encode())
 
 
 def generate_folder(pipe, items: Sequence, out_dir: str | Path, *, indices: Sequence[int] | None = None,

@@ -22,6 +22,8 @@ Sets (prompt count; category; metadata; upstream and licence):
   ``yuvalkirstain/pickapic_v2_no_images`` (needs ``datasets``; no licence stated, download only).
 - ``shapes``: 6 tasks × ``n_per_task``; task; GenEval-format metadata.
   :func:`diffalign.shapes.grammar.prompt_set` (held-out split).
+- ``file``: your own prompts (``path=``): ``.txt``, one prompt per line; or ``.jsonl``, one object
+  per line with ``prompt`` and optional ``category`` (GenEval metadata lines work as they are).
 """
 
 from __future__ import annotations
@@ -348,6 +350,35 @@ def _shapes(path=None, cache_dir=None, verify=True, n_per_task: int = 50, seed: 
     return [PromptItem(p.text, p.task, p.metadata()) for p in prompt_set(split, n_per_task, seed=seed)]
 
 
+def load_prompt_file(path=None, cache_dir=None, verify=True) -> list[PromptItem]:
+    """Prompts of a local ``.txt`` (one per line) or ``.jsonl`` file (``prompt``, optional ``category``
+    or GenEval's ``tag``; the whole line is the metadata)."""
+    if path is None:
+        raise ValueError("the 'file' prompt set needs path= (a .txt or .jsonl file)")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such prompt file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        return [PromptItem(t) for t in _lines(text)]
+    if path.suffix != ".jsonl":
+        raise ValueError(f"{path}: a prompt file must be .txt or .jsonl; for a benchmark's own file name its set, "
+                         f"e.g. --prompts partiprompts:{path.name} (sets: {', '.join(LOADERS)})")
+    items = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt = row["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}, line {i}: expected a JSON object with a 'prompt' field "
+                             f"({type(e).__name__}: {e})") from e
+        category = row.get("category", row.get("tag"))
+        items.append(PromptItem(str(prompt), None if category is None else str(category), row))
+    return items
+
+
 LOADERS: dict[str, Callable[..., list[PromptItem]]] = {
     "geneval": _one_file("geneval", _geneval),
     "t2i-compbench": _t2i_compbench,
@@ -359,6 +390,7 @@ LOADERS: dict[str, Callable[..., list[PromptItem]]] = {
                                      lambda text, where: [PromptItem(t) for t in _lines(text)]),
     "pickapic-test": _pickapic,
     "shapes": _shapes,
+    "file": load_prompt_file,
 }
 PROMPT_SETS: tuple[str, ...] = tuple(LOADERS)
 

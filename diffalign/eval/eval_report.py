@@ -1,0 +1,263 @@
+"""``report.html`` of an evaluation run: summary, GenEval tasks, per-category tables, plots, image grids.
+
+Everything is embedded (images and matplotlib plots as data URIs), so the page is one file that
+opens anywhere. Sections: Summary, GenEval tasks (when scored, with the detector named and
+non-official detectors labelled), one table per breakdown, Score distributions (histograms),
+Win rates (paired runs: bars with 95 % intervals), Images (same seed side by side in paired runs).
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from diffalign.eval.grid import image_grid
+from diffalign.eval.report import figure_data_uri, html_table, jpeg_data_uri, png_data_uri, write_report
+from diffalign.eval.scoring import GENEVAL_METRIC, GeneratedImage
+
+THUMBNAIL = 256  # longest side of an image in a grid (smaller images are kept as they are, lossless)
+
+
+def _fmt_ci(value: float, ci: Sequence[float]) -> str:
+    return f"{value:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _fmt_rate(value: float, ci: Sequence[float]) -> str:
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def metric_label(name: str, results: dict) -> str:
+    """A metric's display name (GenEval correctness names its detector)."""
+    if name == GENEVAL_METRIC and results.get("geneval"):
+        g = results["geneval"]
+        return f"GenEval correct ({g['detector']})"
+    return name
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """One row per metric: each model's mean ± sem, and for paired runs the difference and win rate."""
+    models = results["models"]
+    cmp = results.get("comparison")
+    rows = []
+    for name in results["metrics"]:
+        row = {"metric": metric_label(name, results)}
+        for role, m in models.items():
+            s = m["summary"]["metrics"][name]
+            row[m["label"]] = f"{s['mean']:.4g} ± {s['sem']:.2g}"
+        if cmp:
+            c = cmp["metrics"][name]
+            row["difference (compare − model) [95% CI]"] = _fmt_ci(c["mean_diff"], c["diff_ci95"])
+            row["win rate of compare [95% CI]"] = _fmt_rate(c["win_rate"], c["win_rate_ci95"])
+        rows.append(row)
+    return rows
+
+
+def geneval_rows(results: dict) -> list[dict]:
+    """Per GenEval task: images and each model's share of correct images; then overall and prompts."""
+    models = {m["label"]: m["geneval"] for m in results["models"].values() if m.get("geneval")}
+    if not models:
+        return []
+    first = next(iter(models.values()))
+    rows = [{"task": t, "images": first["counts"][t], **{label: g["tasks"][t] for label, g in models.items()}}
+            for t in first["tasks"]]
+    rows.append({"task": "overall (mean of tasks)", "images": first["n_images"],
+                 **{label: g["overall"] for label, g in models.items()}})
+    rows.append({"task": "prompts with ≥1 correct image", "images": first["n_images"],
+                 **{label: g["correct_prompts"] for label, g in models.items()}})
+    return rows
+
+
+def breakdown_rows(results: dict, breakdown: str) -> list[dict]:
+    """Per group of ``breakdown``: images, each model's mean of each metric, and (paired) the
+    difference and win rate of compare."""
+    models = results["models"]
+    cmp = results.get("comparison")
+    groups = models["model"]["summary"]["by"].get(breakdown, {})
+    rows = []
+    for g, stats in groups.items():
+        row = {breakdown: g, "images": stats["n"]}
+        for name in results["metrics"]:
+            for m in models.values():
+                row[f"{name}: {m['label']}"] = m["summary"]["by"][breakdown][g][name]
+            if cmp:
+                c = cmp["by"][breakdown][g][name]
+                row[f"{name}: Δ"] = _fmt_ci(c["mean_diff"], c["diff_ci95"])
+                row[f"{name}: win"] = _fmt_rate(c["win_rate"], c["win_rate_ci95"])
+        rows.append(row)
+    return rows
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def histogram_figure(results: dict, scores: Mapping[str, Mapping[str, Sequence[float]]]):
+    """One histogram per metric, the models overlaid."""
+    plt = _plt()
+    names = results["metrics"]
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        values = [v for role in scores for v in scores[role][name]]
+        lo, hi = min(values), max(values)
+        bins = 2 if name == GENEVAL_METRIC else 20
+        for role, per_metric in scores.items():
+            ax.hist(per_metric[name], bins=bins, range=(lo, hi if hi > lo else lo + 1), alpha=0.55,
+                    label=results["models"][role]["label"])
+        ax.set(title=metric_label(name, results), xlabel="score", ylabel="images")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def win_rate_figure(results: dict, breakdown: str | None = None):
+    """Win rate of compare over model per metric (and per group of ``breakdown``), with 95 % intervals."""
+    import numpy as np
+
+    plt = _plt()
+    cmp = results["comparison"]
+    names = results["metrics"]
+    if breakdown is None:
+        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(names), 3))
+        rates = [cmp["metrics"][n]["win_rate"] for n in names]
+        cis = np.array([cmp["metrics"][n]["win_rate_ci95"] for n in names])
+        ax.bar(range(len(names)), rates, yerr=[np.array(rates) - cis[:, 0], cis[:, 1] - np.array(rates)],
+               capsize=4, color="tab:blue")
+        ax.set_xticks(range(len(names)), names, rotation=20)
+        ax.set(ylim=(0, 1), ylabel="win rate", title=f"{cmp['a_label']} over {cmp['b_label']}")
+        ax.axhline(0.5, ls="--", c="gray", lw=0.8)
+        fig.tight_layout()
+        return fig
+    groups = list(cmp["by"][breakdown])
+    fig, axes = plt.subplots(1, len(names), figsize=(max(4, 0.5 * len(groups) + 1.5) * len(names), 3.2),
+                             squeeze=False)
+    for ax, n in zip(axes[0], names):
+        rates = np.array([cmp["by"][breakdown][g][n]["win_rate"] for g in groups])
+        cis = np.array([cmp["by"][breakdown][g][n]["win_rate_ci95"] for g in groups])
+        ax.bar(range(len(groups)), rates, yerr=[rates - cis[:, 0], cis[:, 1] - rates], capsize=3, color="tab:orange")
+        ax.set_xticks(range(len(groups)), groups, rotation=35, ha="right", fontsize=8)
+        ax.set(ylim=(0, 1), title=f"{n} win rate by {breakdown}")
+        ax.axhline(0.5, ls="--", c="gray", lw=0.8)
+    fig.tight_layout()
+    return fig
+
+
+def grid_prompts(images: Sequence[GeneratedImage], n: int) -> list[int]:
+    """``n`` prompt indices spread over the categories (round robin, in first-seen order)."""
+    by_cat: dict[str | None, list[int]] = {}
+    for im in images:
+        lst = by_cat.setdefault(im.category, [])
+        if im.prompt_index not in lst:
+            lst.append(im.prompt_index)
+    out: list[int] = []
+    while len(out) < n and any(by_cat.values()):
+        for lst in by_cat.values():
+            if lst and len(out) < n:
+                out.append(lst.pop(0))
+    return out
+
+
+def _thumb(path: Path) -> Image.Image:
+    with Image.open(path) as f:
+        im = f.convert("RGB")
+    if max(im.size) > THUMBNAIL:
+        im.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS)
+    return im
+
+
+def prompt_grid(images: Mapping[str, Sequence[GeneratedImage]], prompt_index: int,
+                samples: int) -> tuple[Image.Image, int]:
+    """The grid of one prompt and its tile side. Several models: one row per seed, one column per
+    model (the same seed side by side); one model: its samples in one row."""
+    rows = [[im for im in ims if im.prompt_index == prompt_index][:samples] for ims in images.values()]
+    n = min(len(r) for r in rows)
+    if len(rows) == 1:
+        tiles = [_thumb(im.path) for im in rows[0]]
+        return image_grid(tiles, cols=len(tiles)), max(tiles[0].size)
+    tiles = [_thumb(row[k].path) for k in range(n) for row in rows]
+    return image_grid(tiles, cols=len(rows)), max(tiles[0].size)
+
+
+def _img_tag(grid: Image.Image, tile: int, alt: str) -> str:
+    """Small images (up to 128 px) stay lossless PNG, shown enlarged by a whole factor (crisp
+    pixels); larger ones are JPEG thumbnails at their size."""
+    if tile <= 128:
+        uri, width = png_data_uri(grid), grid.width * max(1, 128 // tile)
+    else:
+        uri, width = jpeg_data_uri(grid), grid.width
+    return f"<img class='grid' alt='{html.escape(alt)}' width={width} src='{uri}'>"
+
+
+def grids_html(images: Mapping[str, Sequence[GeneratedImage]], labels: Mapping[str, str], n_prompts: int,
+               samples: int) -> str:
+    """The Images section: a figure per prompt (grid + caption)."""
+    roles = list(images)
+    legend = (f"Each row is one seed; columns: {', '.join(html.escape(labels[r]) for r in roles)}."
+              if len(roles) > 1 else "Each prompt's samples in a row (one seed each).")
+    figures = []
+    for p in grid_prompts(images[roles[0]], n_prompts):
+        im0 = next(im for im in images[roles[0]] if im.prompt_index == p)
+        grid, tile = prompt_grid(images, p, samples)
+        cat = f" [{html.escape(im0.category)}]" if im0.category else ""
+        figures.append(f"<figure>{_img_tag(grid, tile, f'grid prompt {p}')}"
+                       f"<figcaption>#{p}{cat} {html.escape(im0.prompt)}</figcaption></figure>")
+    return f"<p>{legend}</p>" + "".join(figures)
+
+
+def write_eval_report(path: str | Path, results: dict, images: Mapping[str, Sequence[GeneratedImage]],
+                      scores: Mapping[str, Mapping[str, Sequence[float]]], *, grid_prompts: int = 12,
+                      grid_samples: int = 4) -> Path:
+    """Write the report of :func:`diffalign.eval.runner.run_eval`'s ``results`` (with the images and
+    per-image scores it computed them from)."""
+    plt = _plt()
+    models = results["models"]
+    gen = models["model"]["generation"].get("settings", {})
+    ps = results["prompt_set"]
+    intro = [f"Prompt set <b>{html.escape(str(ps['name']))}</b>: {ps['n_prompts']} prompts"
+             + (f" (at most {ps['limit']} per category)" if ps.get("limit") else "")
+             + f", {ps['images_per_prompt']} images per prompt."]
+    if gen:
+        intro.append(f"Sampling: {html.escape(str(gen.get('scheduler')))}, {gen.get('num_inference_steps')} steps, "
+                     f"guidance {gen.get('guidance_scale')}, {gen.get('height')}×{gen.get('width')}, "
+                     f"{html.escape(str(gen.get('dtype')))}; {html.escape(str(gen.get('seed_rule')))} "
+                     f"(base seed {gen.get('base_seed')}).")
+    for role, m in models.items():
+        intro.append(f"{role}: <b>{html.escape(m['label'])}</b>")
+    if results.get("comparison"):
+        intro.append(html.escape(f"Paired comparison: {results['comparison']['what']}."))
+    if results.get("geneval") and not results["geneval"]["official"]:
+        intro.append(f"<b>GenEval scored with a non-official detector ({html.escape(results['geneval']['detector'])})"
+                     ": not comparable with published GenEval numbers.</b>")
+    sections = [("Summary", "".join(f"<p>{t}</p>" for t in intro) + html_table(summary_rows(results)))]
+    rows = geneval_rows(results)
+    if rows:
+        g = results["geneval"]
+        note = "" if g["official"] else ("<p>Detector not GenEval's official Mask2Former: these numbers are not "
+                                         "comparable with published GenEval scores.</p>")
+        sections.append((f"GenEval tasks (detector: {g['detector']})", note + html_table(rows)))
+    for b in models["model"]["summary"]["by"]:
+        sections.append((f"By {b}", html_table(breakdown_rows(results, b), floatfmt="{:.4g}")))
+    fig = histogram_figure(results, scores)
+    plots = f"<img class='plot' alt='score histograms' src='{figure_data_uri(fig)}'>"
+    plt.close(fig)
+    sections.append(("Score distributions", plots))
+    if results.get("comparison"):
+        fig = win_rate_figure(results)
+        bars = f"<img class='plot' alt='win rates' src='{figure_data_uri(fig)}'>"
+        plt.close(fig)
+        for b in results["comparison"]["by"]:
+            fig = win_rate_figure(results, b)
+            bars += f"<br><img class='plot' alt='win rates by {html.escape(b)}' src='{figure_data_uri(fig)}'>"
+            plt.close(fig)
+        sections.append(("Win rates", bars))
+    labels = {role: models[role]["label"] for role in images}
+    sections.append(("Images", grids_html(images, labels, grid_prompts, grid_samples)))
+    title = "diffalign eval: " + " vs ".join(m["label"] for m in models.values())
+    return write_report(path, title, sections)
