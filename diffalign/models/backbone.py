@@ -124,6 +124,19 @@ class Backbone:
         raise NotImplementedError
 
     @torch.no_grad()
+    def negative_conditioning(self, n: int, negative_prompt: str | None = None) -> Conditioning:
+        """The classifier-free-guidance negative for ``n`` samples, as the pipeline builds it.
+
+        ``encode_prompt`` of ``negative_prompt`` (``""`` when None), except where the pipeline zeroes an
+        absent negative prompt (SDXL's ``force_zeros_for_empty_prompt``): then zeros shaped like it.
+        """
+        cond = self.encode_prompt([negative_prompt or ""] * n)
+        if negative_prompt is None and self.pipeline.config.get("force_zeros_for_empty_prompt", False):
+            cond = Conditioning(torch.zeros_like(cond.prompt_embeds),
+                                None if cond.pooled is None else torch.zeros_like(cond.pooled))
+        return cond
+
+    @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
                       chunk_size: int = 8) -> torch.Tensor:
         """Latents ``[B, C, H/f, W/f]`` of images ``[B, 3, H, W]`` in [-1, 1], as the pipeline scales them:
@@ -142,15 +155,19 @@ class Backbone:
             out.append((z - shift) * cfg.scaling_factor)
         return torch.cat(out)
 
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor, *, chunk_size: int = 8) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` in [0, 1] (fp32) from latents ``[B, C, h, w]``."""
+    def decode_latents(self, latents: torch.Tensor, *, chunk_size: int = 8, grad: bool = False) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] (fp32) from latents ``[B, C, h, w]``.
+
+        ``grad=True`` keeps the graph from the latents to the images (reward backprop); by default the
+        VAE runs under ``no_grad``.
+        """
         cfg = self.vae.config
         shift = cfg.get("shift_factor") or 0.0
         out = []
-        for chunk in latents.split(chunk_size):
-            z = chunk.to(self.vae.device, self.vae.dtype) / cfg.scaling_factor + shift
-            out.append((self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1))
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            for chunk in latents.split(chunk_size):
+                z = chunk.to(self.vae.device, self.vae.dtype) / cfg.scaling_factor + shift
+                out.append((self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1))
         return torch.cat(out)
 
     # ------------------------------------------------------------------ denoiser

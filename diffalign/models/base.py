@@ -5,7 +5,8 @@ what they need, whatever the family:
 
 * ``encode_prompt(prompts) -> Conditioning``        (text encoders, no grad)
 * ``encode_images(pixels) -> latents``              (VAE, scaled/shifted as the pipeline does)
-* ``decode_latents(latents) -> images in [0, 1]``
+* ``decode_latents(latents) -> images in [0, 1]``     (``grad=True`` for reward backprop)
+* ``negative_conditioning(n)``                     (the pipeline's CFG negative: "" or zeros)
 * ``predict(x_t, timesteps, cond) -> prediction``   (the denoiser; gradients flow)
 * ``reference()``                                   (context: predictions are the reference model's)
 * ``add_lora(...)`` / ``enable_full_finetune()``    (what trains: a peft LoRA, or every denoiser weight)

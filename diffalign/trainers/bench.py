@@ -4,6 +4,10 @@ Runs the recipe's method for a few optimizer steps twice over the same examples:
 empty latent/text cache (VAE and text encoders run), then cached (they do not). Reports pairs/s
 (examples/s for single-sample methods) for each pass and the peak memory (CUDA allocator peak on a
 GPU, peak resident set size on a CPU).
+
+`diffalign bench RECIPE.yaml --sampling`: rollout throughput of the on-line methods instead:
+trajectories/s of :func:`diffalign.core.sampling.sample_trajectory` (every latent and per-step
+log-prob recorded, CFG included) on the recipe's model at ``data.resolution``, and the peak memory.
 """
 
 from __future__ import annotations
@@ -22,9 +26,17 @@ ACCEPTS_OVERRIDES = True  # the dispatcher collects --section.key=value into arg
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML (see pipelines/)")
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per pass")
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per pass (--sampling: sampling calls)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before each timed pass")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    sampling = parser.add_argument_group("sampling mode")
+    sampling.add_argument("--sampling", action="store_true",
+                          help="time sampling with per-step log-probs (trajectories/s) instead of training")
+    sampling.add_argument("--num-steps", type=int, default=20, help="sampler steps per trajectory")
+    sampling.add_argument("--batch-size", type=int, default=4, help="trajectories per sampling call")
+    sampling.add_argument("--eta", type=float, default=None,
+                          help="DDIM eta / flow noise level (default: 1.0 DDIM, 0.7 flow)")
+    sampling.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance weight")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -77,10 +89,78 @@ def bench(recipe, steps: int = 5, warmup: int = 1) -> dict:
         }
 
 
+def bench_sampling(recipe, batches: int = 5, warmup: int = 1, num_steps: int = 20, batch_size: int = 4,
+                   eta: float | None = None, guidance_scale: float = 5.0) -> dict:
+    """Time ``batches`` calls of ``sample_trajectory`` (``batch_size`` trajectories of ``num_steps``
+    steps each) on the recipe's model; returns trajectories/s and peak memory as a dict."""
+    from diffalign.core.sampling import make_sampler, sample_trajectory
+    from diffalign.models import load_backbone
+    from diffalign.trainers.loop import resolve_pretrained
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(recipe.train.mixed_precision, torch.float32)
+    dtype = dtype if device.type == "cuda" else torch.float32
+    backbone = load_backbone(resolve_pretrained(recipe.model.pretrained), family=recipe.model.family,
+                             revision=recipe.model.revision, variant=recipe.model.variant,
+                             torch_dtype=None if dtype == torch.float32 else dtype)
+    backbone.to(device)
+    sampler = make_sampler(backbone, num_steps, eta=eta)
+    prompts = ["a photo of a red cat and a blue dog"] * batch_size
+    cond = backbone.encode_prompt(prompts)
+    generator = torch.Generator(device).manual_seed(recipe.train.seed)
+    size = recipe.data.resolution
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def one_batch():
+        return sample_trajectory(backbone, sampler, cond, guidance_scale=guidance_scale, generator=generator,
+                                 height=size, width=size)
+
+    for _ in range(warmup):
+        one_batch()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        traj = one_batch()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    if not torch.isfinite(traj.log_probs).all():
+        raise RuntimeError("sampling produced non-finite log-probs")
+    return {
+        "mode": "sampling",
+        "model": recipe.model.pretrained,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "resolution": size,
+        "sampler": sampler.kind,
+        "eta": sampler.eta,
+        "num_steps": num_steps,
+        "guidance_scale": guidance_scale,
+        "batch_size": batch_size,
+        "batches": batches,
+        "trajectories_per_s": batches * batch_size / elapsed,
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     from diffalign.trainers.config import load_recipe
 
     recipe = load_recipe(None if args.recipe == "-" else args.recipe, list(args.overrides))
+    if args.sampling:
+        result = bench_sampling(recipe, batches=args.steps, warmup=args.warmup, num_steps=args.num_steps,
+                                batch_size=args.batch_size, eta=args.eta, guidance_scale=args.guidance_scale)
+        print(f"sampling with log-probs on {result['model']} ({result['device']}, {result['dtype']}, "
+              f"{result['resolution']}px): {result['sampler']} eta {result['eta']}, {result['num_steps']} steps, "
+              f"CFG {result['guidance_scale']}, batch {result['batch_size']}")
+        print(f"  {result['trajectories_per_s']:.2f} trajectories/s")
+        print(f"  peak memory: {result['peak_memory_mb']:.0f} MB")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return 0
     result = bench(recipe, steps=args.steps, warmup=args.warmup)
     unit = "pairs/s" if recipe.method["name"] in {"diffusion-dpo", "mapo"} else "examples/s"
     print(f"method {result['method']} on {result['model']} ({result['device']}, {result['resolution']}px, "
