@@ -130,6 +130,13 @@ def _imagereward(**kw) -> RewardModel:
     return ImageReward.from_pretrained(**kw)
 
 
+@register_reward("mps")
+def _mps(**kw) -> RewardModel:
+    from diffalign.rewards.mps import MPS
+
+    return MPS.from_pretrained(**kw)
+
+
 @register_reward("jpeg-incompressibility")
 def _jpeg_incompressibility(**kw) -> RewardModel:
     from diffalign.rewards.jpeg import JpegReward
