@@ -40,7 +40,9 @@ def list_rewards() -> list[str]:
 
 def card_dirs() -> list[Path]:
     """Where cards are looked up: ``$DIFFALIGN_REWARD_CARDS``, the checkout's ``reward_models/``,
-    then ``diffalign/rewards/cards/`` (the copy a wheel installs)."""
+    then ``diffalign/rewards/cards/``. In git that is a symlink to ``reward_models/``; a wheel build
+    (package data ``rewards/cards/*.yaml``) copies the files it points to, so an installed wheel
+    has its own cards."""
     dirs = [Path(p) for p in os.environ.get(CARD_ENV, "").split(os.pathsep) if p]
     here = Path(__file__).resolve().parent
     return dirs + [here.parents[1] / "reward_models", here / "cards"]

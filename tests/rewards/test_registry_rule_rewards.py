@@ -98,3 +98,18 @@ def test_win_rate_reward_and_pairwise_preferences():
         return (inc.score(a, prompts) > inc.score(b, prompts)).float()
 
     assert torch.allclose(win_rates_pairwise(images, ["p"] * 4, 4, prefer), win_rates(sizes, 4))
+
+
+def test_cards_are_package_data():
+    """``diffalign/rewards/cards`` (what a wheel installs) holds every card of ``reward_models/``."""
+    import tomllib
+    from pathlib import Path
+
+    import diffalign.rewards
+
+    root = Path(__file__).resolve().parents[2]
+    cards = Path(diffalign.rewards.__file__).parent / "cards"
+    expected = {p.name for p in (root / "reward_models").glob("*.yaml")}
+    assert expected and {p.name for p in cards.glob("*.yaml")} == expected
+    package_data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "rewards/cards/*.yaml" in package_data["diffalign"]
