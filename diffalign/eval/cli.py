@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", help="a LoRA for --model (diffusers format: a run's final/ folder, file or hub id)")
     g.add_argument("--finetuned", help="a fine-tuned denoiser folder (unet/ or transformer/) for --model")
     g.add_argument("--images", help="score this folder of images (GenEval layout) instead of generating")
-    g.add_argument("--compare-model", help="a second model, same prompts and seeds (default: --model)")
+    g.add_argument("--compare-model", help="a second model on the same prompts and seeds (default: --model); the "
+                   "report gives its difference and win rate over --model")
     g.add_argument("--compare-lora", help="a LoRA for the second model")
     g.add_argument("--compare-finetuned", help="a fine-tuned denoiser folder for the second model")
     g.add_argument("--compare-images", help="a folder of the second model's images (GenEval layout)")
@@ -129,6 +130,7 @@ def format_summary(results: dict) -> str:
     if results.get("geneval") and not results["geneval"]["official"]:
         lines.append(f"GenEval detector: {results['geneval']['detector']}: not comparable with published GenEval "
                      "numbers")
+    lines += [f"note: {n}" for n in results.get("notes", [])]
     width = max(len(metric_label(n, results)) for n in results["metrics"]) + 2 if results["metrics"] else 10
     head = f"{'metric':<{width}}{'model':>10}"
     if cmp:

@@ -30,10 +30,9 @@ def _fmt_rate(value: float, ci: Sequence[float]) -> str:
 
 
 def metric_label(name: str, results: dict) -> str:
-    """A metric's display name (GenEval correctness names its detector)."""
+    """A metric's display name (GenEval correctness says when its detector is not the official one)."""
     if name == GENEVAL_METRIC and results.get("geneval"):
-        g = results["geneval"]
-        return f"GenEval correct ({g['detector']})"
+        return "GenEval correct" + ("" if results["geneval"]["official"] else " (non-official)")
     return name
 
 
@@ -235,6 +234,7 @@ def write_eval_report(path: str | Path, results: dict, images: Mapping[str, Sequ
     if results.get("geneval") and not results["geneval"]["official"]:
         intro.append(f"<b>GenEval scored with a non-official detector ({html.escape(results['geneval']['detector'])})"
                      ": not comparable with published GenEval numbers.</b>")
+    intro += [html.escape(n) for n in results.get("notes", [])]
     sections = [("Summary", "".join(f"<p>{t}</p>" for t in intro) + html_table(summary_rows(results)))]
     rows = geneval_rows(results)
     if rows:
@@ -244,11 +244,12 @@ def write_eval_report(path: str | Path, results: dict, images: Mapping[str, Sequ
         sections.append((f"GenEval tasks (detector: {g['detector']})", note + html_table(rows)))
     for b in models["model"]["summary"]["by"]:
         sections.append((f"By {b}", html_table(breakdown_rows(results, b), floatfmt="{:.4g}")))
-    fig = histogram_figure(results, scores)
-    plots = f"<img class='plot' alt='score histograms' src='{figure_data_uri(fig)}'>"
-    plt.close(fig)
-    sections.append(("Score distributions", plots))
-    if results.get("comparison"):
+    if results["metrics"]:
+        fig = histogram_figure(results, scores)
+        plots = f"<img class='plot' alt='score histograms' src='{figure_data_uri(fig)}'>"
+        plt.close(fig)
+        sections.append(("Score distributions", plots))
+    if results.get("comparison") and results["metrics"]:
         fig = win_rate_figure(results)
         bars = f"<img class='plot' alt='win rates' src='{figure_data_uri(fig)}'>"
         plt.close(fig)

@@ -91,12 +91,20 @@ def _load_rewards(cfg: EvalConfig) -> dict:
     return rewards
 
 
-def _detector_spec(cfg: EvalConfig, images: list[GeneratedImage]) -> str | None:
+def _detector_spec(cfg: EvalConfig, images: list[GeneratedImage], notes: list[str]) -> str | None:
     spec = cfg.scoring.geneval_detector
-    if spec == "none" or not has_geneval_metadata(images):
+    if spec == "none":
+        return None
+    if not has_geneval_metadata(images):
+        if spec != "auto":
+            notes.append(f"GenEval protocol not run: the prompts carry no GenEval metadata (detector {spec!r} unused)")
         return None
     if spec == "auto":
-        return "shapes" if cfg.prompts.name == "shapes" else None
+        if cfg.prompts.name == "shapes":
+            return "shapes"
+        notes.append("GenEval protocol not run: no detector set (scoring.geneval_detector, e.g. "
+                     "transformers:PekingU/rtdetr_r50vd_coco_o365)")
+        return None
     return spec
 
 
@@ -145,7 +153,8 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
               for role, ims in images.items()}
     del rewards
     geneval: dict[str, dict] = {}
-    detector_spec = _detector_spec(cfg, images["model"])
+    notes: list[str] = []
+    detector_spec = _detector_spec(cfg, images["model"], notes)
     if detector_spec is not None:
         from diffalign.eval.geneval import geneval_score
 
@@ -184,6 +193,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
         results["geneval"] = {"detector": first["detector"], "official": first["official"],
                               "note": None if first["official"] else
                               "non-official detector: not comparable with published GenEval scores"}
+    results["notes"] = notes
     results["seconds"] = time.time() - t0
     _write_scores(out / "scores.jsonl", images, scores, specs)
     write_json(out / "results.json", results)

@@ -220,3 +220,36 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
         eval_config_from_dict({"model": {"pretrained": "m"}, "generation": {"seed": "x"}})
     with pytest.raises(ValueError, match="unknown eval recipe section"):
         eval_config_from_dict({"model": {"pretrained": "m"}, "train": {}})
+
+
+def test_geneval_prompts_without_detector_generate_and_say_so(tiny_sd, tmp_path, capsys):
+    bench = REPO.parent / "shared" / "benchmarks"
+    if not bench.is_dir():
+        pytest.fail(f"benchmark copies not found at {bench}")
+    out = tmp_path / "ge"
+    assert main(["eval", "--model", str(tiny_sd), "--prompts", f"geneval:{bench}", "--limit", "1",
+                 "--images-per-prompt", "1", "--steps", "1", "--device", "cpu", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "note: GenEval protocol not run: no detector set" in printed
+    lines = [json.loads(line) for line in (bench / "geneval_evaluation_metadata.jsonl").read_text().splitlines()]
+    ims = read_folder(out / "model")
+    assert sorted({im.category for im in ims}) == sorted({line["tag"] for line in lines}) and len(ims) == 6
+    for im in ims:  # GenEval's own metadata line, in the folder of its line number
+        assert json.loads((im.path.parents[1] / "metadata.jsonl").read_text()) == lines[im.prompt_index]
+        assert im.path.parents[1].name == f"{im.prompt_index:05d}"
+    res = json.loads((out / "results.json").read_text())
+    assert res["metrics"] == [] and "geneval" not in res and res["notes"]
+    imgs = report_images((out / "report.html").read_text())
+    assert len(imgs["grid"]) == 6 and "plot" not in imgs
+
+
+def test_detector_choice():
+    from diffalign.eval.geneval import ShapesDetector
+    from diffalign.eval.scoring import build_detector
+
+    detector, colors = build_detector("shapes")
+    assert isinstance(detector, ShapesDetector) and colors is None
+    with pytest.raises(ValueError, match="unknown GenEval detector 'yolo'"):
+        build_detector("yolo")
+    with pytest.raises(OSError, match="neither a local folder nor downloadable"):
+        build_detector(f"transformers:{REPO / 'no-such-detector'}")
