@@ -1,4 +1,5 @@
-"""`diffalign data`: inspect preference data, convert JSONL pairs to Pick-a-Pic parquet."""
+"""`diffalign data`: inspect preference data, convert JSONL pairs to Pick-a-Pic parquet, label images
+with reward models into pairs or ranked lists (:mod:`diffalign.data.label`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("output", help="parquet file to write (atomically)")
     c.add_argument("--image-root", default=None)
     c.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    lab = sub.add_parser("label", help="score N images per prompt with rewards -> Pick-a-Pic pairs or ranked lists")
+    lab.add_argument("images", help="GenEval-layout folder (NNNNN/samples/*.png + NNNNN/metadata.jsonl), a flat "
+                     "folder of images (with --prompts), or a parquet file")
+    lab.add_argument("--prompts", default=None, help="flat folder: .csv (file_name, prompt), .json mapping, or .txt")
+    lab.add_argument("--reward", required=True, help="reward name(s), comma-separated; scores are normalised per "
+                     "reward and averaged")
+    lab.add_argument("--out", required=True, help="pairs: a .parquet file; ranked lists: .jsonl or .parquet")
+    lab.add_argument("--format", dest="output", choices=["pairs", "ranked"], default="pairs")
+    lab.add_argument("--pairs", choices=["best-worst", "all"], default="best-worst",
+                     help="one pair per prompt (best vs worst) or every pair of its images")
+    lab.add_argument("--min-margin", type=float, default=0.0,
+                     help="drop pairs (ranked: lists) whose combined-score margin is below this")
+    lab.add_argument("--normalize", choices=["dataset", "card", "none"], default="dataset",
+                     help="per-reward normalisation before averaging: z-score over all images, the card's "
+                     "mean/std, or none")
+    lab.add_argument("--combine-weight", action="append", default=[], metavar="NAME=W",
+                     help="weight of one reward in the average (default 1); repeatable")
+    lab.add_argument("--reward-weights", action="append", default=[], metavar="NAME=PATH",
+                     help="local weights (file, folder or hub id) for one reward; repeatable")
+    lab.add_argument("--batch-size", type=int, default=16)
+    lab.add_argument("--device", default="cpu")
 
 
 def _format(path: str, fmt: str) -> str:
@@ -72,8 +94,47 @@ def convert(src: str | Path, dst: str | Path, *, image_root: str | None = None, 
     return stats
 
 
+def _pairs_of(options: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for opt in options:
+        name, sep, value = opt.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"{flag} expects NAME=VALUE, got {opt!r}")
+        out[name] = value
+    return out
+
+
+def label_command(args: argparse.Namespace):
+    """``diffalign data label``: load the rewards, then :func:`diffalign.data.label.label`."""
+    from diffalign.data.label import label as run_label
+    from diffalign.rewards.registry import list_rewards, load_reward
+
+    names = [n.strip() for n in args.reward.split(",") if n.strip()]
+    unknown = [n for n in names if n.lower() not in list_rewards() and not Path(n).is_dir()]
+    if not names or unknown:
+        raise ValueError(f"unknown reward(s) {unknown}; registered: {', '.join(list_rewards())}")
+    local = _pairs_of(args.reward_weights, "--reward-weights")
+    try:
+        mix = {k: float(v) for k, v in _pairs_of(args.combine_weight, "--combine-weight").items()}
+    except ValueError as e:
+        raise ValueError(f"--combine-weight: {e}") from None
+    stray = sorted(set(mix) - set(names))
+    if stray:
+        raise ValueError(f"--combine-weight names reward(s) {stray} not given in --reward")
+    rewards = {}
+    for n in names:
+        kw = {"batch_size": args.batch_size, **({"weights": local[n]} if n in local else {})}
+        rewards[n] = load_reward(n, **kw).to(args.device)
+    return run_label(args.images, rewards, args.out, prompts=args.prompts, output=args.output, pairs=args.pairs,
+                     min_margin=args.min_margin, weights=mix, normalize=args.normalize, batch_size=args.batch_size)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.data_command == "label":
+            stats = label_command(args)
+            print(f"wrote {args.out}: {stats}")
+            return 0
         if args.data_command == "inspect":
             stats = inspect(args.path, args.format, split=args.split, limit=args.limit, image_root=args.image_root)
             if args.json:
