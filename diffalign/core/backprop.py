@@ -3,13 +3,13 @@
 The same transitions as :mod:`diffalign.core.sampling` (:func:`~diffalign.core.sampling.denoise_step`,
 one code path for the DDIM and flow updates), run with autograd on::
 
-    AlignProp / DRaFT (full chain)   x_0 ──step 0──▶ x_1 ──▶ … ──step T−1──▶ x_T,  ∇_θ r(D(x_T)) through every step
-    DRaFT-K (truncated)              steps 0 … T−K−1 under no_grad (x_{T−K} is a constant);
-                                     the last K steps carry gradients:  x_{i+1} = μ_θ(x_i) + s_i z_i
-    ReFL (one-step x̂0)               draw j ∈ [lo, hi]; steps 0 … j−1 under no_grad; then one denoiser call
-                                     with gradients at x_j:  x̂0 = (x_j − √(1−ᾱ_t) ε̂_θ) / √ᾱ_t   (DDPM ε)
-                                                            x̂0 = √ᾱ_t x_j − √(1−ᾱ_t) v̂_θ      (DDPM v)
-                                                            x̂0 = x_j − σ_j v̂_θ                (flow)
+    AlignProp / DRaFT (full chain)  x_0 ─step 0─▶ x_1 ─▶ … ─step T−1─▶ x_T;  ∇_θ r(D(x_T)) through every step
+    DRaFT-K (truncated)             steps 0 … T−K−1 under no_grad (x_{T−K} is a constant); the last K
+                                    steps carry gradients:  x_{i+1} = μ_θ(x_i) + s_i z_i
+    ReFL (one-step x̂0)              draw j ∈ [lo, hi]; steps 0 … j−1 under no_grad; one denoiser call
+                                    with gradients at x_j:  x̂0 = (x_j − √(1−ᾱ_t) ε̂_θ) / √ᾱ_t   (DDPM ε)
+                                                           x̂0 = √ᾱ_t x_j − √(1−ᾱ_t) v̂_θ      (DDPM v)
+                                                           x̂0 = x_j − σ_j v̂_θ                (flow)
 
 Each grad-carrying denoiser call can be wrapped in ``torch.utils.checkpoint`` (activations of one
 step recomputed in backward: memory stays one step's activations plus the latents of the chain),
@@ -30,8 +30,8 @@ import torch
 
 from diffalign.core.sampling import (
     Sampler,
-    draw_step_noise,
     denoise_step,
+    draw_step_noise,
     initial_latents,
     prepare_guidance,
     step_prediction,
@@ -134,8 +134,9 @@ def refl_x0(backbone, sampler: Sampler, cond: Conditioning, *, uncond: Condition
 
     Args:
         step: the step ``j``; if None it is drawn uniformly from ``step_range`` (inclusive, default
-            :func:`refl_step_range`) with ``torch.randint`` (the ``generator`` if it is a single CPU
-            generator, else the global RNG), one ``j`` for the whole batch as in ReFL.
+            :func:`refl_step_range`), one ``j`` for the whole batch as in ReFL, with the global torch
+            RNG (seeded by ``accelerate.utils.set_seed``); ``generator`` serves the noise only, so
+            ``x_t`` is where :func:`~diffalign.core.sampling.sample_trajectory` is after ``j`` steps.
         guidance_scale: ReFL samples without CFG (1.0); CFG is available.
         other arguments: as in :func:`sample_with_grad`.
     Returns:
@@ -147,8 +148,7 @@ def refl_x0(backbone, sampler: Sampler, cond: Conditioning, *, uncond: Condition
         lo, hi = step_range if step_range is not None else refl_step_range(T)
         if not 0 <= lo <= hi < T:
             raise ValueError(f"step_range must satisfy 0 <= lo <= hi < {T}, got {(lo, hi)}")
-        rng = generator if isinstance(generator, torch.Generator) and generator.device.type == "cpu" else None
-        step = int(torch.randint(lo, hi + 1, (1,), generator=rng))
+        step = int(torch.randint(lo, hi + 1, (1,)))
     if not 0 <= step < T:
         raise ValueError(f"step must be in [0, {T}), got {step}")
     uncond = prepare_guidance(backbone, cond, uncond, guidance_scale)

@@ -1,8 +1,9 @@
 """Stochastic samplers that record a trajectory with per-step transition log-probs.
 
 On-line methods (DDPO, Flow-GRPO, D3PO, SPO, SePPO) treat sampling as a policy: each denoising step
-is a Gaussian transition ``p_θ(x_{i+1} | x_i, c) = N(μ_θ(x_i, t_i, c), s_i² I)``. Step ``i`` goes from
-``x_i`` (``x_0`` is the initial noise) to ``x_{i+1}``; ``x_T`` is the sample. The two families::
+is a Gaussian transition ``p_θ(x_{i+1} | x_i, c) = N(μ_θ(x_i, t_i, c), s_i² I)``. Indices count
+sampler steps: step ``i`` goes from ``x_i`` to ``x_{i+1}``, ``x_0`` is the initial noise (not DDPM's
+clean x0, which is written x̂0 here) and ``x_T`` the sample. The two families::
 
     DDIM with η (SD1.x/2.x, SDXL; ε or v prediction; ddpo-pytorch's ddim_step_with_logprob)
         t = timesteps[i],  t' = t − T_train // T  (ᾱ_{t'} = final_alpha_cumprod when t' < 0)
@@ -244,7 +245,7 @@ class DDIMSampler(Sampler):
         self.stds = self._eta * variance**0.5                                    # [T] s_i
 
     @classmethod
-    def from_scheduler(cls, scheduler, **kwargs) -> "DDIMSampler":
+    def from_scheduler(cls, scheduler, **kwargs) -> DDIMSampler:
         return cls(dict(scheduler.config), **kwargs)
 
     @property
@@ -317,7 +318,7 @@ class FlowSDESampler(Sampler):
         self.stds = self.g * (-self.dt) ** 0.5                                    # [T] s_i
 
     @classmethod
-    def from_scheduler(cls, scheduler, **kwargs) -> "FlowSDESampler":
+    def from_scheduler(cls, scheduler, **kwargs) -> FlowSDESampler:
         return cls(dict(scheduler.config), **kwargs)
 
     @property
@@ -439,7 +440,7 @@ class Trajectory:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
-    def __getitem__(self, index) -> "Trajectory":
+    def __getitem__(self, index) -> Trajectory:
         """The trajectories selected along the batch (an int keeps the batch dim)."""
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
@@ -447,7 +448,7 @@ class Trajectory:
                                    cond=self.cond[index], uncond=None if self.uncond is None else self.uncond[index])
 
     @staticmethod
-    def cat(items: Sequence["Trajectory"]) -> "Trajectory":
+    def cat(items: Sequence[Trajectory]) -> Trajectory:
         """Concatenate along the batch (same sampler and guidance)."""
         first = items[0]
         return dataclasses.replace(first, latents=torch.cat([t.latents for t in items]),
@@ -571,19 +572,20 @@ class TransitionLogProbs:
 
 
 def _step_matrix(steps, batch_size: int, num_steps: int) -> torch.Tensor:
-    if steps is None:
-        steps = slice(None)
-    if isinstance(steps, int):
-        steps = [steps]
-    if isinstance(steps, slice):
-        steps = list(range(num_steps))[steps]
-    idx = torch.as_tensor(steps, dtype=torch.long).cpu()
-    if idx.ndim == 1 and not (torch.is_tensor(steps) and idx.shape[0] == batch_size):
-        idx = idx.unsqueeze(0).expand(batch_size, -1)   # the same steps for every sample
-    elif idx.ndim == 1:
-        idx = idx.unsqueeze(1)                          # one step per sample
+    """``[b, K]`` step indices: ints, slices, lists and ranges are shared by every trajectory; a tensor
+    is per trajectory (``[b]`` or ``[b, K]``)."""
+    if torch.is_tensor(steps):
+        idx = steps.detach().cpu().long()
+        idx = idx.unsqueeze(1) if idx.ndim == 1 else idx
+    else:
+        if steps is None:
+            steps = slice(None)
+        if isinstance(steps, slice):
+            steps = range(num_steps)[steps]
+        shared = torch.as_tensor([steps] if isinstance(steps, int) else list(steps), dtype=torch.long)
+        idx = shared.unsqueeze(0).expand(batch_size, -1)
     if idx.ndim != 2 or idx.shape[0] != batch_size:
-        raise ValueError(f"steps must give one row of step indices per trajectory ({batch_size}); got {tuple(idx.shape)}")
+        raise ValueError(f"per-trajectory steps must be [b] or [b, K] with b = {batch_size}, got {tuple(idx.shape)}")
     idx = torch.where(idx < 0, idx + num_steps, idx)
     if idx.numel() and (idx.min() < 0 or idx.max() >= num_steps):
         raise IndexError(f"step indices must be in [0, {num_steps}), got {idx.min().item()}..{idx.max().item()}")
@@ -600,9 +602,9 @@ def transition_log_probs(backbone, traj: Trajectory,
 
     Args:
         traj: the trajectories to rescore (select a minibatch with ``traj[idx]``).
-        steps: which transitions: an int, a slice or a list of step indices (the same for every
-            trajectory), a LongTensor ``[b]`` (one step per trajectory, e.g. DDPO's per-sample
-            shuffle) or ``[b, K]``; None = all ``T`` steps.
+        steps: which transitions. An int, a slice, a list or a range of step indices: the same for
+            every trajectory. A LongTensor: per trajectory, ``[b]`` (one step each, e.g. DDPO's
+            per-sample shuffle) or ``[b, K]``. None: all ``T`` steps.
     Returns:
         :class:`TransitionLogProbs` with ``log_prob [b, K]``. Column ``k`` costs one batched denoiser
         call over the ``b`` trajectories (two halves with CFG). For the stored log-prob to be
