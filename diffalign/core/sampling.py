@@ -447,6 +447,12 @@ class Trajectory:
         return dataclasses.replace(self, latents=self.latents[index], log_probs=self.log_probs[index],
                                    cond=self.cond[index], uncond=None if self.uncond is None else self.uncond[index])
 
+    def to(self, device: torch.device | str) -> Trajectory:
+        """A copy with every tensor on ``device`` (e.g. park a rollout buffer on the CPU)."""
+        uncond = None if self.uncond is None else self.uncond.to(device)
+        return dataclasses.replace(self, latents=self.latents.to(device), log_probs=self.log_probs.to(device),
+                                   cond=self.cond.to(device), uncond=uncond)
+
     @staticmethod
     def cat(items: Sequence[Trajectory]) -> Trajectory:
         """Concatenate along the batch (same sampler and guidance)."""

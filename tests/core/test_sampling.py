@@ -296,6 +296,8 @@ def test_shared_initial_noise_and_trajectory_batching(load):
     both = Trajectory.cat([traj[1], traj[0]])
     assert torch.equal(both.latents, traj.latents.flip(0)) and torch.equal(both.log_probs, traj.log_probs.flip(0))
     assert len(both) == 2 and both.uncond is not None and both.eta == 0.7
+    parked = both.to("cpu")
+    assert torch.equal(transition_log_probs(backbone, parked).log_prob, both.log_probs)
 
 
 def test_sampler_config_round_trips_through_json(load):
