@@ -56,16 +56,6 @@ def visual_quality(image, analysis: Analysis | None = None) -> float:
     return (clean + uncluttered + sized) / 3
 
 
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion (``successes`` may be fractional: ties count ½)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 class Oracle:
     """Preference labeller over (image, prompt) pairs; deterministic for a given ``seed``.
 
@@ -123,15 +113,24 @@ class Oracle:
             raise ValueError(f"{len(images_0)} and {len(images_1)} images for {len(prompts)} prompts")
         return [self.prefer(a, b, p) for a, b, p in zip(images_0, images_1, prompts)]
 
-    def win_rate(self, images_a: Sequence, images_b: Sequence, prompts: Sequence) -> tuple[float, float, float]:
-        """``(rate, ci_low, ci_high)``: how often ``a`` beats ``b`` on noise-free utility (ties count
-        ½; no temperature, no noise), with a 95% Wilson interval."""
+    def win_rate(self, images_a: Sequence, images_b: Sequence, prompts: Sequence, *, n_boot: int = 2000,
+                 seed: int = 0) -> tuple[float, float, float]:
+        """``(rate, ci_low, ci_high)``: how often ``a`` beats ``b`` on noise-free utility (no temperature,
+        no noise; utilities closer than ``tie_margin`` tie and count ½).
+
+        The 95% interval is :func:`~diffalign.eval.compare.paired_comparison`'s bootstrap, resampling
+        prompts, so several seeds of one prompt move together and ties (which vary less than a coin
+        flip) are accounted for as they are.
+        """
+        from diffalign.eval.compare import paired_comparison
+
         if not len(images_a) == len(images_b) == len(prompts):
             raise ValueError(f"{len(images_a)} and {len(images_b)} images for {len(prompts)} prompts")
-        wins = 0.0
-        for a, b, p in zip(images_a, images_b, prompts):
-            d = self.utility(a, p) - self.utility(b, p)
-            wins += 0.5 if abs(d) < self.tie_margin else float(d > 0)
-        n = len(prompts)
-        lo, hi = wilson_interval(wins, n)
-        return (wins / n if n else 0.5), lo, hi
+        if not prompts:
+            raise ValueError("no images to compare")
+        diffs = [self.utility(a, p) - self.utility(b, p) for a, b, p in zip(images_a, images_b, prompts)]
+        diffs = [0.0 if abs(d) < self.tie_margin else d for d in diffs]
+        groups = [p if isinstance(p, str) else p.text for p in prompts]
+        res = paired_comparison(diffs, [0.0] * len(diffs), groups=groups, n_boot=n_boot, seed=seed)
+        lo, hi = res["win_rate_ci95"]
+        return res["win_rate"], lo, hi

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from diffalign.shapes.grammar import parse_prompt, prompt_set, scene_for_prompt
-from diffalign.shapes.oracle import Oracle, to_jpeg_bytes, visual_quality, wilson_interval
+from diffalign.shapes.oracle import Oracle, to_jpeg_bytes, visual_quality
 from diffalign.shapes.scene import Scene, ShapeObject, render
 
 BG = (230, 230, 230)
@@ -47,7 +47,7 @@ def test_noise_free_oracle_prefers_correct_images(pairs):
     assert o.label_pairs(good, bad, prompts) == [1.0] * len(prompts)
     assert o.label_pairs(bad, good, prompts) == [0.0] * len(prompts)
     rate, lo, hi = o.win_rate(good, bad, prompts)
-    assert rate == 1.0 and 0.8 < lo < 1.0 and hi == 1.0
+    assert rate == lo == hi == 1.0  # every resample is all wins
     assert o.win_rate(good, good, prompts)[0] == 0.5  # all ties
 
 
@@ -106,12 +106,24 @@ def test_quality_rewards_crisp_clean_sizeable_objects():
     assert o.prefer(crisp, crisp.filter(ImageFilter.GaussianBlur(1.0)), TEXT) == 1.0  # fidelity equal, quality decides
 
 
-def test_win_rate_interval_and_jpeg_bytes():
-    lo, hi = wilson_interval(30, 40)
-    assert lo < 0.75 < hi and abs(lo - 0.5980) < 1e-3 and abs(hi - 0.8579) < 1e-3
-    assert wilson_interval(0, 10)[0] == 0.0
+def test_win_rate_counts_ties_half_and_resamples_prompts(pairs):
+    prompts, good, bad = pairs
+    o = Oracle(noise=0.0)
+    # 20 prompts: a wins on 10, ties on 6 (same image), loses on 4 → (10 + 3) / 20
+    a = good[:10] + good[10:16] + bad[16:]
+    b = bad[:10] + good[10:16] + good[16:]
+    rate, lo, hi = o.win_rate(a, b, prompts)
+    assert rate == pytest.approx(0.65)
+    assert 0.4 < lo < 0.65 < hi < 0.9
+    # each image twice under its prompt (two "seeds" with the same outcome): prompts are resampled, not
+    # images, so the interval stays as wide instead of shrinking by √2
+    rate_2, lo_2, hi_2 = o.win_rate(a + a, b + b, prompts + prompts)
+    assert rate_2 == pytest.approx(0.65) and (hi_2 - lo_2) > 0.85 * (hi - lo)
     with pytest.raises(ValueError):
         Oracle().win_rate([1], [], [])
+
+
+def test_jpeg_bytes():
     img = render(Scene(RIGHT, BG))
     data = to_jpeg_bytes(img, quality=90)
     assert data[:2] == b"\xff\xd8"
