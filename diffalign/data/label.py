@@ -13,8 +13,9 @@ Input (``IMAGES``), read with the readers of ``diffalign score`` and ``diffalign
   ``caption``.
 
 Images with the same prompt text form a group. Each reward scores every image; each reward's
-scores are normalised over the whole input (z-score, ``normalize="dataset"``; or the card's fixed
-mean/std, ``"card"``; or left raw, ``"none"``) and averaged with optional weights
+scores are normalised over the whole input (z-score with the sample standard deviation,
+``normalize="dataset"``; or the card's fixed mean/std, ``"card"``; or left raw, ``"none"``) and
+averaged with optional weights
 (:func:`diffalign.rewards.combine.weighted_sum` divided by the sum of the weights). The combined
 score ``s`` ranks each group.
 
@@ -23,7 +24,8 @@ Pairs (``output="pairs"``, a Pick-a-Pic v2 parquet read by :func:`diffalign.data
 ``label_1 = 0``. ``pairs="best-worst"`` makes one pair per prompt, the highest against the lowest
 ``s``; ``pairs="all"`` makes every pair of a group. The minimum-margin filter (as FiFA filters
 pairs by reward margin) drops a pair when ``s_winner − s_loser < min_margin``, in the units of the
-normalised score (standard deviations for ``"dataset"``); exact ties are always dropped.
+combined score (for ``"dataset"``: an average of z-scores, so 1.0 is one standard deviation of a
+single reward); exact ties are always dropped.
 
 Ranked lists (``output="ranked"``, for RankDPO), one record per prompt with at least two images:
 

@@ -268,14 +268,17 @@ class MPS(RewardModel):
                         cross_heads: int = 16, cross_dim_head: int = 64, cross_ff_mult: int = 4, **kw) -> MPS:
         """``weights``: the MPS state dict (a file, a folder holding ``filename``, or a hub id; default
         imscore's ``RE-N-Y/mpsv1``). ``clip``: hub id or folder with the CLIP ``config.json``,
-        tokenizer and ``preprocessor_config.json`` (default: ``weights`` if it is such a folder, else
-        the laion CLIP-H repository). ``cross_*``: the cross module's shape (defaults: MPS's)."""
+        tokenizer and image-processor config (default: the local folder of ``weights`` if it holds
+        them, else the laion CLIP-H repository). ``cross_*``: the cross module's shape (defaults: MPS's)."""
         from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
         path = resolve_file(weights, filename, HUB_ID if weights is None else None, what="MPS")
         if clip is None:  # a local folder that also holds the CLIP files, else laion CLIP-H
             local = weights is not None and os.path.exists(str(weights))
-            clip = path.parent if local and (path.parent / "preprocessor_config.json").is_file() else CLIP_ID
+            processor_files = ("preprocessor_config.json", "processor_config.json")
+            has_clip = (path.parent / "config.json").is_file() and any((path.parent / f).is_file()
+                                                                         for f in processor_files)
+            clip = path.parent if local and has_clip else CLIP_ID
         config = _from_pretrained(CLIPConfig, clip, "MPS (CLIP config)", "config.json")
         tokenizer = _from_pretrained(AutoTokenizer, clip, "MPS (CLIP tokenizer)", "tokenizer files")
         processor = _from_pretrained(CLIPImageProcessor, clip, "MPS (CLIP image processor)", "preprocessor_config.json")

@@ -194,6 +194,12 @@ def test_mps_imscore_prefix_and_pickled_state_dicts(tiny_hf_clip, mps_file, tmp_
     # a folder holding model.safetensors (imscore's name and "mps." prefix)
     got = load_reward("mps", weights=str(tmp_path), clip=str(tiny_hf_clip), **CROSS_KW).score(images, PROMPTS[:2])
     assert torch.allclose(got, expected, atol=1e-6)
+    # a folder that also holds the CLIP config, tokenizer and processor: ``clip`` defaults to it
+    for f in tiny_hf_clip.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    got = load_reward("mps", weights=str(tmp_path), **CROSS_KW).score(images, PROMPTS[:2])
+    assert torch.allclose(got, expected, atol=1e-6)
     torch.save(sd, tmp_path / "state_dict.pth")
     with pytest.raises(ValueError, match="allow_pickle=True"):
         load_mps(tmp_path / "state_dict.pth", tiny_hf_clip)
