@@ -62,7 +62,7 @@ from torch import nn
 
 from diffalign.rewards.base import Images, Mode, RewardModel
 from diffalign.rewards.hf_clip import PICKSCORE_PROCESSOR_ID, _from_pretrained
-from diffalign.rewards.loading import load_state_dict_file, load_strict, resolve_file
+from diffalign.rewards.loading import MissingWeightsError, load_state_dict_file, load_strict, resolve_file
 from diffalign.rewards.preprocess import ImageTransform, from_hf_processor
 
 HUB_ID = "RE-N-Y/mpsv1"               # imscore's safetensors conversion (keys under "mps.")
@@ -279,9 +279,14 @@ class MPS(RewardModel):
             has_clip = (path.parent / "config.json").is_file() and any((path.parent / f).is_file()
                                                                          for f in processor_files)
             clip = path.parent if local and has_clip else CLIP_ID
-        config = _from_pretrained(CLIPConfig, clip, "MPS (CLIP config)", "config.json")
-        tokenizer = _from_pretrained(AutoTokenizer, clip, "MPS (CLIP tokenizer)", "tokenizer files")
-        processor = _from_pretrained(CLIPImageProcessor, clip, "MPS (CLIP image processor)", "preprocessor_config.json")
+        try:
+            config = _from_pretrained(CLIPConfig, clip, "MPS (CLIP config)", "config.json")
+            tokenizer = _from_pretrained(AutoTokenizer, clip, "MPS (CLIP tokenizer)", "tokenizer files")
+            processor = _from_pretrained(CLIPImageProcessor, clip, "MPS (CLIP image processor)",
+                                         "preprocessor_config.json")
+        except MissingWeightsError as e:
+            raise MissingWeightsError(f"{e} For MPS these CLIP files (of {CLIP_ID}) are passed as clip='DIR'; "
+                                      "weights= is the MPS state dict.") from e
         sd = read_checkpoint(path, allow_pickle=allow_pickle)
         reward = cls(CLIPModel(config), CrossModel(config.projection_dim, cross_layers, cross_dim_head, cross_heads,
                                                    cross_ff_mult),

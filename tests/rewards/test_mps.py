@@ -210,8 +210,10 @@ def test_mps_imscore_prefix_and_pickled_state_dicts(tiny_hf_clip, mps_file, tmp_
         load_mps(tmp_path / "model_object.pth", tiny_hf_clip, allow_pickle=True)
 
 
-def test_mps_missing_weights_names_the_file(tmp_path):
+def test_mps_missing_files_are_named(tmp_path, mps_file):
     from diffalign.rewards import MissingWeightsError
 
     with pytest.raises(MissingWeightsError, match="model.safetensors"):
         load_reward("mps", weights=str(tmp_path))
+    with pytest.raises(MissingWeightsError, match="clip='DIR'"):
+        load_reward("mps", weights=str(mps_file), clip=str(tmp_path / "no_clip_here"))
