@@ -1,7 +1,8 @@
 """`diffalign demo`: the whole pipeline on the bundled Shapes world, offline, on a CPU.
 
-1. sample two images per training prompt from the bundled base model;
-2. label each pair with the oracle annotator (Pick-a-Pic v2 schema: ``jpg_0, jpg_1, label_0, caption``);
+1. sample candidate images for each training prompt from the bundled base model;
+2. pair each prompt's best and worst candidate and label the pair with the (noisy) oracle annotator
+   (Pick-a-Pic v2 schema: ``jpg_0, jpg_1, label_0, caption``);
 3. train Diffusion-DPO with LoRA through the normal recipe (``pipelines/shapes-diffusion-dpo.yaml``);
 4. evaluate base and aligned on held-out prompts with the same seeds: ShapesEval per task, the
    oracle's win rate of aligned over base (95% CI), the learned reward's mean;
@@ -32,8 +33,9 @@ class DemoConfig:
 
     output_dir: str = "runs/shapes-demo"
     recipe: str | None = None          # None = the bundled pipelines/shapes-diffusion-dpo.yaml (or its packaged copy)
-    train_prompts: int = 96
+    train_prompts: int = 400
     images_per_prompt: int = 4         # the pair is the oracle's best and worst of these
+    sample_steps: int = 20             # sampler steps for the training candidates
     eval_prompts_per_task: int = 12
     eval_seeds_per_prompt: int = 2
     num_inference_steps: int = 20
@@ -54,58 +56,88 @@ def load_base_pipeline(device: str = "cpu"):
     return pipe.to(device)
 
 
-def make_preference_data(pipe, prompts, out_path: Path, *, oracle, seed: int, flip: bool = False,
-                         images_per_prompt: int = 2, num_inference_steps: int = 20, guidance_scale: float = 5.0) -> dict:
-    """Sample ``images_per_prompt`` images per prompt, keep the pair the oracle rates best and worst
-    (two images: that pair), label it with ``oracle`` and write a Pick-a-Pic parquet; returns label counts.
+@dataclass
+class Candidates:
+    """``images_per_prompt`` base-model samples for each training prompt, with their noise-free utilities.
 
-    With more than two images per prompt the pair is the oracle's best against its worst (as on-line DPO
-    recipes pick max/min reward samples); the label itself still comes from the noisy oracle.
+    ``images[i]`` and ``utilities[i]`` hold prompt ``prompts[i]``'s samples. Sampled once, they give
+    the labelled pairs of a run and of its flipped-label control, and the data of every offline method.
     """
-    from diffalign.data.pickapic import write_pickapic_parquet
+
+    prompts: list
+    images: list[list]
+    utilities: list[list[float]]
+
+
+def sample_candidates(pipe, prompts, *, images_per_prompt: int, seed: int, num_inference_steps: int = 20,
+                      guidance_scale: float = 5.0, progress: str | None = "sample candidates") -> Candidates:
+    """Sample ``images_per_prompt`` images per prompt (seed ``seed·1000003 + index``) and score them with
+    the noise-free oracle."""
     from diffalign.eval.generate import generate
-    from diffalign.shapes.oracle import to_jpeg_bytes
+    from diffalign.shapes.oracle import Oracle
 
     k = images_per_prompt
     texts = [p.text for p in prompts for _ in range(k)]
     seeds = [seed * 1_000_003 + i for i in range(len(texts))]
     imgs = generate(pipe, texts, seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                    progress="sample pairs")
-    rows, labels = [], []
-    for i, prompt in enumerate(prompts):
-        group = imgs[i * k:(i + 1) * k]
-        if k > 2:
-            utilities = [oracle.utility(img, prompt) for img in group]
-            order = sorted(range(k), key=utilities.__getitem__)
-            group = [group[order[-1]], group[order[0]]] if i % 2 == 0 else [group[order[0]], group[order[-1]]]
-        label = oracle.prefer(group[0], group[1], prompt)
-        label = 1.0 - label if flip else label
-        labels.append(label)
-        rows.append({"caption": prompt.text, "jpg_0": to_jpeg_bytes(group[0]), "jpg_1": to_jpeg_bytes(group[1]),
-                     "label_0": label})
+                    progress=progress)
+    judge = Oracle(noise=0.0)
+    groups = [imgs[i * k:(i + 1) * k] for i in range(len(prompts))]
+    return Candidates(list(prompts), groups, [[judge.utility(im, p) for im in g] for g, p in zip(groups, prompts)])
+
+
+def preference_rows(candidates: Candidates, oracle, *, flip: bool = False) -> list[dict]:
+    """One Pick-a-Pic row per prompt: its best and worst candidate (by noise-free utility, as on-line DPO
+    recipes pair max/min reward samples), in alternating order, labelled by ``oracle`` (noise, ties).
+
+    ``flip`` reverses every label (the control run). Rows: ``caption, jpg_0, jpg_1, label_0``.
+    """
+    from diffalign.shapes.oracle import to_jpeg_bytes
+
+    rows = []
+    for i, (prompt, group, utils) in enumerate(zip(candidates.prompts, candidates.images, candidates.utilities)):
+        order = sorted(range(len(group)), key=utils.__getitem__)
+        a, b = (order[-1], order[0]) if i % 2 == 0 else (order[0], order[-1])
+        label = oracle.label_from_utilities(utils[a], utils[b])
+        rows.append({"caption": prompt.text, "jpg_0": to_jpeg_bytes(group[a]), "jpg_1": to_jpeg_bytes(group[b]),
+                     "label_0": 1.0 - label if flip else label})
+    return rows
+
+
+def write_preference_data(rows: list[dict], out_path: Path) -> dict:
+    """Write ``rows`` as a Pick-a-Pic v2 parquet; returns the label counts."""
+    from diffalign.data.pickapic import write_pickapic_parquet
+
     write_pickapic_parquet(rows, out_path)
+    labels = [r["label_0"] for r in rows]
     return {"pairs": len(rows), "label_0=1": labels.count(1.0), "label_0=0": labels.count(0.0), "ties": labels.count(0.5)}
 
 
-def evaluate_pair_of_models(base_pipe, aligned_pipe, prompts, seeds_per_prompt: int, *, num_inference_steps: int,
-                            guidance_scale: float, seed: int = 1234) -> dict:
-    """Same prompts, same seeds, two models: ShapesEval per task, oracle win rate, learned reward."""
-    from diffalign.eval.generate import generate
+def heldout_eval_set(n_per_task: int, seeds_per_prompt: int, seed: int = 1) -> tuple[list, list[int]]:
+    """The held-out evaluation set: ``(prompts, seeds)`` with each prompt repeated ``seeds_per_prompt`` times
+    and a fixed seed per image (``1234 + index``), the same for every model compared."""
+    from diffalign.shapes.grammar import prompt_set
+
+    prompts = [p for p in prompt_set("heldout", n_per_task=n_per_task, seed=seed) for _ in range(seeds_per_prompt)]
+    return prompts, [1234 + i for i in range(len(prompts))]
+
+
+def compare_images(base_imgs, aligned_imgs, prompts) -> dict:
+    """ShapesEval per task of both, the oracle's win rate of aligned over base (paired bootstrap CI over
+    prompts), the mean oracle utility of both, and the learned reward's mean where available."""
     from diffalign.shapes.evaluate import shapes_eval
     from diffalign.shapes.oracle import Oracle
 
-    expanded = [p for p in prompts for _ in range(seeds_per_prompt)]
-    seeds = [seed + i for i in range(len(expanded))]
-    texts = [p.text for p in expanded]
-    kw = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-    base_imgs = generate(base_pipe, texts, seeds, progress="eval base", **kw)
-    aligned_imgs = generate(aligned_pipe, texts, seeds, progress="eval aligned", **kw)
-    rate, lo, hi = Oracle(noise=0.0).win_rate(aligned_imgs, base_imgs, expanded)
+    judge = Oracle(noise=0.0)
+    rate, lo, hi = judge.win_rate(aligned_imgs, base_imgs, prompts)
     out = {
-        "n_images": len(expanded),
-        "shapes_eval": {"base": shapes_eval(base_imgs, expanded), "aligned": shapes_eval(aligned_imgs, expanded)},
+        "n_images": len(prompts),
+        "shapes_eval": {"base": shapes_eval(base_imgs, prompts), "aligned": shapes_eval(aligned_imgs, prompts)},
         "oracle_win_rate": {"aligned_over_base": rate, "ci95": [lo, hi]},
+        "oracle_utility": {"base": float(sum(judge.utility(im, p) for im, p in zip(base_imgs, prompts)) / len(prompts)),
+                           "aligned": float(sum(judge.utility(im, p) for im, p in zip(aligned_imgs, prompts)) / len(prompts))},
     }
+    texts = [p.text for p in prompts]
     try:
         from diffalign.rewards import load_reward
 
@@ -116,11 +148,11 @@ def evaluate_pair_of_models(base_pipe, aligned_pipe, prompts, seeds_per_prompt: 
         }
     except (ImportError, KeyError, FileNotFoundError, ValueError) as e:  # reward not available in this build
         out["learned_reward"] = {"error": str(e)}
-    return out, base_imgs, aligned_imgs
+    return out
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from diffalign.shapes.grammar import prompt_set, sample_prompt
+    from diffalign.shapes.grammar import sample_prompt
     from diffalign.shapes.oracle import Oracle
     from diffalign.trainers.config import load_recipe
     from diffalign.trainers.loop import train
@@ -134,11 +166,11 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # 1–2. preference pairs from the base model, labelled by the oracle
     train_prompts = [sample_prompt(rng, split="train") for _ in range(cfg.train_prompts)]
+    candidates = sample_candidates(base, train_prompts, images_per_prompt=cfg.images_per_prompt, seed=cfg.seed,
+                                   num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
     data_path = out / "data" / "train.parquet"
-    label_counts = make_preference_data(base, train_prompts, data_path, oracle=Oracle(noise=cfg.oracle_noise, seed=cfg.seed),
-                                        seed=cfg.seed, flip=cfg.flip_labels, images_per_prompt=cfg.images_per_prompt,
-                                        num_inference_steps=cfg.num_inference_steps,
-                                        guidance_scale=cfg.guidance_scale)
+    rows = preference_rows(candidates, Oracle(noise=cfg.oracle_noise, seed=cfg.seed), flip=cfg.flip_labels)
+    label_counts = write_preference_data(rows, data_path)
 
     # 3. Diffusion-DPO with LoRA, through the normal recipe
     recipe = load_recipe(cfg.recipe or RECIPE, [
@@ -146,25 +178,30 @@ def run_demo(cfg: DemoConfig) -> dict:
     run_dir = train(recipe)
 
     # 4. base vs aligned on held-out prompts, same seeds
+    from diffalign.eval.generate import generate
+
     aligned = load_base_pipeline()
     aligned.load_lora_weights(run_dir / "final")
-    eval_prompts = prompt_set("heldout", n_per_task=cfg.eval_prompts_per_task, seed=cfg.seed + 1)
-    results, base_imgs, aligned_imgs = evaluate_pair_of_models(
-        base, aligned, eval_prompts, cfg.eval_seeds_per_prompt,
-        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale)
+    eval_prompts, eval_seeds = heldout_eval_set(cfg.eval_prompts_per_task, cfg.eval_seeds_per_prompt, seed=cfg.seed + 1)
+    texts = [p.text for p in eval_prompts]
+    kw = {"num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale}
+    base_imgs = generate(base, texts, eval_seeds, progress="eval base", **kw)
+    aligned_imgs = generate(aligned, texts, eval_seeds, progress="eval aligned", **kw)
+    results = compare_images(base_imgs, aligned_imgs, eval_prompts)
     results.update({"config": asdict(cfg), "labels": label_counts, "seconds": time.time() - t_start,
                     "train_run": str(run_dir)})
 
     # 5. outputs
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_demo_report(out / "report.html", results, base_imgs, aligned_imgs,
-                      [p.text for p in eval_prompts for _ in range(cfg.eval_seeds_per_prompt)], run_dir / "metrics.jsonl")
+    write_demo_report(out / "report.html", results, base_imgs, aligned_imgs, texts, run_dir / "metrics.jsonl")
     return results
 
 
 def summary_rows(results: dict) -> list[dict]:
     se = results["shapes_eval"]
     rows = [{"metric": f"ShapesEval {k}", "base": se["base"][k], "aligned": se["aligned"][k]} for k in se["base"]]
+    if "oracle_utility" in results:
+        rows.append({"metric": "oracle utility (mean)", **results["oracle_utility"]})
     lr = results.get("learned_reward", {})
     if "base" in lr:
         rows.append({"metric": "learned reward (shapes-clip)", "base": lr["base"], "aligned": lr["aligned"]})
@@ -210,17 +247,23 @@ def write_demo_report(path: Path, results: dict, base_imgs, aligned_imgs, captio
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output-dir", default=DemoConfig.output_dir)
-    parser.add_argument("--train-prompts", type=int, default=DemoConfig.train_prompts)
-    parser.add_argument("--eval-prompts-per-task", type=int, default=DemoConfig.eval_prompts_per_task)
+    d = DemoConfig
+    parser.add_argument("--output-dir", default=d.output_dir)
+    parser.add_argument("--train-prompts", type=int, default=d.train_prompts, help="training prompts (one pair each)")
+    parser.add_argument("--images-per-prompt", type=int, default=d.images_per_prompt,
+                        help="candidates per training prompt; the pair is the oracle's best and worst")
+    parser.add_argument("--sample-steps", type=int, default=d.sample_steps, help="sampler steps for the candidates")
+    parser.add_argument("--eval-prompts-per-task", type=int, default=d.eval_prompts_per_task)
+    parser.add_argument("--eval-steps", type=int, default=d.num_inference_steps, help="sampler steps for evaluation")
     parser.add_argument("--flip-labels", action="store_true", help="control run: train on reversed preferences")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(output_dir=args.output_dir, train_prompts=args.train_prompts,
-                     eval_prompts_per_task=args.eval_prompts_per_task, flip_labels=args.flip_labels, seed=args.seed,
-                     overrides=list(args.overrides))
+                     images_per_prompt=args.images_per_prompt, sample_steps=args.sample_steps,
+                     eval_prompts_per_task=args.eval_prompts_per_task, num_inference_steps=args.eval_steps,
+                     flip_labels=args.flip_labels, seed=args.seed, overrides=list(args.overrides))
     results = run_demo(cfg)
     print()
     print(f"{'metric':<34}{'base':>8}{'aligned':>9}")

@@ -1,0 +1,48 @@
+"""`diffalign demo` end to end at a toy size: the files and the table a user sees."""
+
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from diffalign.cli import main
+from diffalign.shapes.demo import Candidates, preference_rows
+from diffalign.shapes.grammar import parse_prompt
+from diffalign.shapes.oracle import Oracle, to_jpeg_bytes
+
+
+def test_preference_rows_pair_best_with_worst_and_flip_reverses_labels():
+    p = parse_prompt("a photo of a red circle")
+    imgs = {n: Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i, n in enumerate("abcdef")}
+    cands = Candidates([p, p], [[imgs["a"], imgs["b"], imgs["c"]], [imgs["d"], imgs["e"], imgs["f"]]],
+                       [[0.2, 0.9, 0.5], [0.7, 0.1, 0.4]])
+    oracle = Oracle(noise=0.0, temperature=0.0)
+    rows = preference_rows(cands, oracle)
+    # prompt 0: best b (0.9) first, worst a (0.2) second; prompt 1 alternates: worst e (0.1) first, best d second
+    jpg = {to_jpeg_bytes(im): n for n, im in imgs.items()}
+    assert [(jpg[r["jpg_0"]], jpg[r["jpg_1"]], r["label_0"]) for r in rows] == [("b", "a", 1.0), ("e", "d", 0.0)]
+    flipped = preference_rows(cands, oracle, flip=True)
+    assert [r["label_0"] for r in flipped] == [0.0, 1.0]
+
+
+@pytest.mark.slow
+def test_demo_writes_results_report_and_table(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--output-dir", str(out), "--train-prompts", "6", "--eval-prompts-per-task", "1",
+               "--images-per-prompt", "2", "--sample-steps", "2", "--eval-steps", "2",
+               "--train.max_steps=3", "--train.batch_size=2", "--train.lr_warmup_steps=0"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["labels"]["pairs"] == 6
+    assert results["n_images"] == 6 * 2  # 6 tasks × 1 prompt × 2 seeds
+    assert set(results["shapes_eval"]["base"]) >= {"overall", "counting", "position"}
+    lo, hi = results["oracle_win_rate"]["ci95"]
+    assert 0.0 <= lo <= results["oracle_win_rate"]["aligned_over_base"] <= hi <= 1.0
+    html = (out / "report.html").read_text()
+    assert html.count("<img") >= 1 + 2 * 12  # the training plot and each base/aligned pair
+    assert "training curves" in html
+    table = capsys.readouterr().out
+    assert re.search(r"ShapesEval overall\s+\d\.\d{3}\s+\d\.\d{3}", table)
+    assert "oracle win rate aligned over base" in table
+    assert (out / "train" / "final" / "pytorch_lora_weights.safetensors").exists()
