@@ -16,7 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from diffalign.eval.config import EvalConfig
 
 ACCEPTS_OVERRIDES = True  # the dispatcher collects --section.key=value into args.overrides
 
@@ -33,6 +36,7 @@ FLAGS: dict[str, tuple[str, str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The recipe argument and the flags (recipe fields also come as ``--section.key=value``)."""
     parser.add_argument("recipe", nargs="?", default=None, help="eval recipe YAML (pipelines/eval-*.yaml); optional")
     g = parser.add_argument_group("models")
     g.add_argument("--model", help="hub id, diffusers folder or bundled:NAME of the model to evaluate")
@@ -88,7 +92,7 @@ def flag_fields(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
-def build_config(args: argparse.Namespace):
+def build_config(args: argparse.Namespace) -> EvalConfig:
     """The :class:`~diffalign.eval.config.EvalConfig` of a command line: recipe, overrides, then flags."""
     import yaml
 
@@ -154,6 +158,7 @@ def format_summary(results: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the evaluation, print its summary; 2 on bad input."""
     from diffalign.eval.runner import run_eval
 
     try:

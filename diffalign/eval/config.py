@@ -52,6 +52,7 @@ class ModelSpec:
 
     @property
     def is_set(self) -> bool:
+        """Whether this spec names a model or a folder of images."""
         return bool(self.pretrained or self.lora or self.finetuned or self.images)
 
     def label(self) -> str:
@@ -190,6 +191,7 @@ class EvalConfig:
         return c
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as nested dicts (what ``OUT/config.yaml`` holds)."""
         return dataclasses.asdict(self)
 
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from diffalign.eval.grid import image_grid
 from diffalign.eval.report import figure_data_uri, html_table, jpeg_data_uri, png_data_uri, write_report
 from diffalign.eval.scoring import GENEVAL_METRIC, GeneratedImage
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 THUMBNAIL = 256  # longest side of an image in a grid (smaller images are kept as they are, lossless)
 
@@ -98,7 +102,7 @@ def _plt():
     return plt
 
 
-def histogram_figure(results: dict, scores: Mapping[str, Mapping[str, Sequence[float]]]):
+def histogram_figure(results: dict, scores: Mapping[str, Mapping[str, Sequence[float]]]) -> Figure:
     """One histogram per metric, the models overlaid."""
     plt = _plt()
     names = results["metrics"]
@@ -116,7 +120,7 @@ def histogram_figure(results: dict, scores: Mapping[str, Mapping[str, Sequence[f
     return fig
 
 
-def win_rate_figure(results: dict, breakdown: str | None = None):
+def win_rate_figure(results: dict, breakdown: str | None = None) -> Figure:
     """Win rate of compare over model per metric (and per group of ``breakdown``), with 95 % intervals."""
     import numpy as np
 

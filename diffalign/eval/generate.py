@@ -15,10 +15,14 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 def generate(
@@ -293,7 +297,8 @@ def resolve_device(device: str | None) -> str:
 
 def load_eval_pipeline(pretrained: str, *, lora: str | None = None, finetuned: str | None = None,
                        family: str | None = None, scheduler: str | None = None, dtype: str | None = None,
-                       variant: str | None = None, revision: str | None = None, device: str | None = "auto"):
+                       variant: str | None = None, revision: str | None = None,
+                       device: str | None = "auto") -> DiffusionPipeline:
     """A diffusers pipeline to sample from: ``pretrained`` (hub id, folder, or ``bundled:NAME``),
     optionally with a LoRA (``pipe.load_lora_weights``: a folder such as a run's ``final/``, a
     ``.safetensors`` file or a hub id) or a fine-tuned denoiser (a folder holding ``unet/`` or

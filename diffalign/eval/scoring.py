@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -37,6 +38,7 @@ class GeneratedImage:
 
     @property
     def key(self) -> tuple[int, int]:
+        """``(prompt_index, sample_index)``: the same for the same prompt and seed in any run."""
         return self.prompt_index, self.sample_index
 
     def group(self, breakdown: str) -> str | None:
@@ -143,7 +145,7 @@ def geneval_records(images: Sequence[GeneratedImage], detector, color_classifier
     return records
 
 
-def build_detector(spec: str, *, color_weights: str | None = None, device: str = "cpu"):
+def build_detector(spec: str, *, color_weights: str | None = None, device: str = "cpu") -> tuple[Any, Any]:
     """``(detector, color_classifier)`` for a ``scoring.geneval_detector`` value other than
     ``auto``/``none``: ``shapes`` or ``transformers:<hub id or folder>`` (with GenEval's CLIP
     colour classifier, ``color_weights`` or the ``openai`` weights)."""
