@@ -33,7 +33,12 @@ CHECKPOINT_PREFIX = "step-"
 
 @dataclass
 class Run:
-    """Everything ``train`` needs, built by ``setup``."""
+    """Everything ``train`` needs, built by ``setup``.
+
+    On-line trainers (e.g. :mod:`diffalign.trainers.backprop`) build a ``Run`` with their own method
+    object in ``method`` and their prompt source in ``data``; only the offline :func:`train_step`
+    reads those two.
+    """
 
     recipe: Recipe
     accelerator: Accelerator
@@ -47,15 +52,21 @@ class Run:
 
 
 def setup(recipe: Recipe, accelerator: Accelerator | None = None) -> Run:
-    from diffusers.optimization import get_scheduler
+    accelerator, backbone = setup_backbone(recipe, accelerator)
+    method = build_method(recipe.method, backbone)
+    output_dir = Path(recipe.train.output_dir)
+    data = load_training_data(recipe, method.data_kind, backbone, output_dir, accelerator)
+    optimizer, lr_scheduler = setup_optimizer(recipe, accelerator, backbone)
+    return Run(recipe, accelerator, backbone, method, data, optimizer, lr_scheduler, output_dir)
 
+
+def setup_backbone(recipe: Recipe, accelerator: Accelerator | None = None) -> tuple[Accelerator, object]:
+    """The accelerator (seeded) and the backbone on its device, with a LoRA or full fine-tuning enabled."""
     from diffalign.models import load_backbone
 
     cfg = recipe.train
     accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
-    output_dir = Path(cfg.output_dir)
-
     backbone = load_backbone(resolve_pretrained(recipe.model.pretrained), family=recipe.model.family,
                              revision=recipe.model.revision, variant=recipe.model.variant)
     backbone.to(accelerator.device)
@@ -66,10 +77,15 @@ def setup(recipe: Recipe, accelerator: Accelerator | None = None) -> Run:
         backbone.enable_full_finetune()
     if recipe.model.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
-    method = build_method(recipe.method, backbone)
+    return accelerator, backbone
 
-    data = load_training_data(recipe, method.data_kind, backbone, output_dir, accelerator)
 
+def setup_optimizer(recipe: Recipe, accelerator: Accelerator, backbone) -> tuple[torch.optim.Optimizer, object]:
+    """AdamW (or 8-bit AdamW) on the trainable weights and the lr schedule; prepares the denoiser and
+    optimizer with accelerate and registers the trainable-weights-only checkpoint hooks."""
+    from diffusers.optimization import get_scheduler
+
+    cfg = recipe.train
     params = [p for p in backbone.trainable_parameters()]
     optimizer_cls = torch.optim.AdamW
     if cfg.use_8bit_adam:
@@ -86,7 +102,7 @@ def setup(recipe: Recipe, accelerator: Accelerator | None = None) -> Run:
     backbone.denoiser, optimizer = accelerator.prepare(backbone.denoiser, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
     _register_checkpoint_hooks(accelerator, backbone)
-    return Run(recipe, accelerator, backbone, method, data, optimizer, lr_scheduler, output_dir)
+    return optimizer, lr_scheduler
 
 
 def resolve_pretrained(name: str) -> str:
@@ -102,9 +118,14 @@ def resolve_pretrained(name: str) -> str:
     return str(path)
 
 
-def train(recipe: Recipe) -> Path:
-    """Run a recipe to the end; returns the run directory (with ``final/``)."""
-    run = setup(recipe)
+def train(recipe: Recipe, *, setup_fn=setup) -> Path:
+    """Run a recipe to the end; returns the run directory (with ``final/``).
+
+    ``setup_fn(recipe) -> Run`` defaults to the offline methods' :func:`setup`; an on-line trainer
+    passes its own (its ``Run.data.batch(...)`` gives what its ``Run.method.loss(...)`` takes) and
+    keeps the rest: config.yaml, metrics.jsonl, progress, non-finite skipping, checkpoints, resume.
+    """
+    run = setup_fn(recipe)
     cfg, acc = recipe.train, run.accelerator
     if acc.is_main_process:
         run.output_dir.mkdir(parents=True, exist_ok=True)
