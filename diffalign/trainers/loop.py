@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from diffalign.trainers import build_method
 from diffalign.trainers.config import Recipe
 from diffalign.trainers.data import TrainingData, load_training_data
-from diffalign.trainers.method import Method
+from diffalign.trainers.method import Method, StepOutput
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -167,16 +168,31 @@ def train_step(run: Run) -> dict:
     A non-finite loss on any process skips the update (gradients dropped) and is reported.
     """
     cfg, acc = run.recipe.train, run.accelerator
+
+    def micro_loss(micro: int):
+        return run.method.loss(run.data.batch(run.global_step, micro, acc.process_index, acc.num_processes))
+
+    return optimizer_step(run, [lambda m=m: micro_loss(m) for m in range(cfg.gradient_accumulation_steps)])
+
+
+def optimizer_step(run, micro_losses: Sequence[Callable[[], StepOutput]]) -> dict:
+    """Accumulate the gradients of ``micro_losses`` (each a call giving one micro-batch's
+    :class:`StepOutput`; the mean is taken), then clip and step; returns the metrics row.
+
+    Gradients are synchronised across processes on the last micro-batch only. A non-finite loss on
+    any process skips the update (gradients dropped) and is reported.
+    """
+    cfg, acc = run.recipe.train, run.accelerator
     t0 = time.perf_counter()
     logs: list[dict[str, torch.Tensor]] = []
     finite = True
-    for micro in range(cfg.gradient_accumulation_steps):
-        batch = run.data.batch(run.global_step, micro, acc.process_index, acc.num_processes)
-        last = micro == cfg.gradient_accumulation_steps - 1
+    n = len(micro_losses)
+    for micro, compute in enumerate(micro_losses):
+        last = micro == n - 1
         with contextlib.nullcontext() if last else acc.no_sync(run.backbone.denoiser):
-            out = run.method.loss(batch)
+            out = compute()
             finite &= bool(torch.isfinite(out.loss.detach()))
-            acc.backward(out.loss / cfg.gradient_accumulation_steps)
+            acc.backward(out.loss / n)
         logs.append({"loss": out.loss.detach(), **out.metrics})
 
     finite = bool(acc.gather(torch.tensor([float(finite)], device=acc.device)).min() > 0)
@@ -236,9 +252,10 @@ def _register_checkpoint_hooks(acc: Accelerator, backbone) -> None:
     acc.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(run: Run) -> Path:
+def save_checkpoint(run: Run, write_extra: Callable[[Path], None] | None = None) -> Path:
     """``checkpoints/step-N/``: accelerate state (optimizer, scheduler, RNG, trainable weights), the
-    trainer state, and the weights in diffusers format (``load_lora_weights`` loads the folder)."""
+    trainer state, and the weights in diffusers format (``load_lora_weights`` loads the folder).
+    ``write_extra(folder)`` adds a trainer's own state (main process, before the atomic rename)."""
     acc = run.accelerator
     final = run.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{run.global_step}"
     tmp = final.with_name(f".tmp-{final.name}")
@@ -249,6 +266,8 @@ def save_checkpoint(run: Run) -> Path:
     if acc.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"global_step": run.global_step}))
         run.backbone.save_trained(tmp)
+        if write_extra is not None:
+            write_extra(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -274,16 +293,17 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def _maybe_resume(run: Run) -> None:
+def _maybe_resume(run: Run) -> Path | None:
+    """Load ``train.resume`` (``latest`` or a folder) into the run; returns the checkpoint used."""
     resume = run.recipe.train.resume
     if not resume:
-        return
+        return None
     if resume == "latest":
         found = list_checkpoints(run.output_dir)
         if not found:
             if run.accelerator.is_main_process:
                 print(f"--resume latest: no checkpoint in {run.output_dir / 'checkpoints'}, starting from scratch")
-            return
+            return None
         ckpt = found[-1]
     else:
         ckpt = Path(resume)
@@ -297,6 +317,7 @@ def _maybe_resume(run: Run) -> None:
         metrics.write_text("".join(line + "\n" for line in kept))
     if run.accelerator.is_main_process:
         print(f"resumed from {ckpt} at step {run.global_step}")
+    return ckpt
 
 
 # ---------------------------------------------------------------- validation
