@@ -172,3 +172,10 @@ def _shapes_clip(**kw) -> RewardModel:
     from diffalign.rewards.shapes import ShapesCLIP
 
     return ShapesCLIP.from_pretrained(**kw)
+
+
+@register_reward("brightness")
+def _brightness(**kw) -> RewardModel:
+    from diffalign.rewards.image_stats import BrightnessReward
+
+    return BrightnessReward(**kw)

@@ -1,5 +1,7 @@
 """Thin trainers on one shared accelerate loop: one small module per method."""
 
+from pathlib import Path
+
 from diffalign.trainers.dpo import DiffusionDPO, DiffusionDPOConfig
 from diffalign.trainers.kto import DiffusionKTO, DiffusionKTOConfig
 from diffalign.trainers.mapo import MaPO, MaPOConfig
@@ -7,6 +9,19 @@ from diffalign.trainers.method import Method, StepOutput, TrainBatch
 from diffalign.trainers.sft import SFT, SFTConfig
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (DiffusionDPO, MaPO, DiffusionKTO, SFT)}
+
+
+# Methods with their own trainer on the shared loop: method name -> module with ``train(recipe) -> Path``.
+TRAINERS: dict[str, str] = {name: "diffalign.trainers.backprop" for name in ("alignprop", "draft", "draft-lv", "refl")}
+
+
+def run_recipe(recipe) -> Path:
+    """Train ``recipe`` with its method's trainer (the offline loop unless :data:`TRAINERS` names
+    another); returns the run directory."""
+    import importlib
+
+    module = TRAINERS.get(recipe.method.get("name", ""), "diffalign.trainers.loop")
+    return importlib.import_module(module).train(recipe)
 
 
 def build_method(spec: dict, backbone) -> Method:
@@ -23,5 +38,5 @@ def build_method(spec: dict, backbone) -> Method:
     return cls(config, backbone)
 
 
-__all__ = ["METHODS", "build_method", "Method", "StepOutput", "TrainBatch", "DiffusionDPO", "DiffusionDPOConfig",
-           "MaPO", "MaPOConfig", "DiffusionKTO", "DiffusionKTOConfig", "SFT", "SFTConfig"]
+__all__ = ["METHODS", "TRAINERS", "build_method", "run_recipe", "Method", "StepOutput", "TrainBatch", "DiffusionDPO",
+           "DiffusionDPOConfig", "MaPO", "MaPOConfig", "DiffusionKTO", "DiffusionKTOConfig", "SFT", "SFTConfig"]

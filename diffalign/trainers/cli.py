@@ -13,13 +13,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffalign.trainers import run_recipe
     from diffalign.trainers.config import load_recipe
-    from diffalign.trainers.loop import train
 
     overrides = list(getattr(args, "overrides", []))
     if args.resume:
         overrides.append(f"train.resume={args.resume}")
     recipe = load_recipe(None if args.recipe == "-" else args.recipe, overrides)
-    out = train(recipe)
+    out = run_recipe(recipe)
     print(f"done: {out}")
     return 0
