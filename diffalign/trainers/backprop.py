@@ -83,7 +83,7 @@ class RewardBackpropConfig:
     reward_kwargs: dict[str, Any] = field(default_factory=dict)
     reward_sign: float = 1.0
     loss_scale: float = 1.0
-    prompts: str = "drawbench"
+    prompts: str | list[str] = "drawbench"
     prompt_options: dict[str, Any] = field(default_factory=dict)
     num_steps: int = 50
     eta: float = 1.0
@@ -256,8 +256,8 @@ def load_prompts(spec: str | list[str], options: dict[str, Any] | None = None) -
 
 @dataclass
 class ShapesPretrainData:
-    """Pre-training batches from the Shapes renderer: train-split captions, one rendered scene each,
-    VAE-encoded (posterior mode) and noised by the backbone's forward process. ``batch`` is a pure
+    """Pre-training batches from the Shapes renderer: train-split captions, one rendered scene each
+    (drawn at the world's 64 px, resized to ``image_size`` if that differs), VAE-encoded (posterior mode) and noised by the backbone's forward process. ``batch`` is a pure
     function of the run position, like :class:`~diffalign.trainers.data.TrainingData`'s."""
 
     backbone: Any
@@ -267,6 +267,8 @@ class ShapesPretrainData:
     image_size: int
 
     def batch(self, step: int, micro: int, process: int, num_processes: int) -> TrainBatch:
+        from PIL import Image
+
         from diffalign.rewards.base import to_tensor
         from diffalign.shapes.grammar import sample_prompt, scene_for_prompt
         from diffalign.shapes.scene import render
@@ -278,7 +280,10 @@ class ShapesPretrainData:
             rng = random.Random(_stable_seed(self.seed, "shapes-pretrain", pos))
             prompt = sample_prompt(rng, split="train")
             prompts.append(prompt.text)
-            images.append(render(scene_for_prompt(prompt, rng, image_size=self.image_size)))
+            image = render(scene_for_prompt(prompt, rng))                        # the world's own size (64)
+            if image.size != (self.image_size, self.image_size):
+                image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+            images.append(image)
             gens.append(torch.Generator().manual_seed(_stable_seed(self.seed, "shapes-noise", pos)))
         bb, device = self.backbone, self.backbone.device
         latents = bb.encode_images(to_tensor(images) * 2 - 1).float().to(device)
