@@ -200,6 +200,49 @@ def test_truncation_draws_and_draft_lv_copies(tiny_models):
     assert (images[2:4] - images[:2]).abs().max() > 1e-4  # the copies are re-noised, not the sample again
 
 
+# ------------------------------------------------------------------------------------ recipes, bench
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _backprop_recipes() -> list[str]:
+    """Training recipes (not ``eval-*``) whose method is a reward-backprop one."""
+    return [p.name for p in sorted((REPO / "pipelines").glob("*.yaml"))
+            if not p.name.startswith("eval-") and load_recipe(p).method.get("name") in METHODS]
+
+
+def test_every_backprop_recipe_has_valid_options_a_registered_reward_and_prompts():
+    from diffalign.eval.cli import prompts_fields
+    from diffalign.rewards import list_rewards
+
+    assert {"shapes-draft.yaml", "shapes-refl.yaml", "sd15-alignprop.yaml", "sd15-draft-lv.yaml", "sdxl-draft.yaml",
+            "sd15-refl.yaml"} <= set(_backprop_recipes())
+    for name in _backprop_recipes():
+        spec = dict(load_recipe(REPO / "pipelines" / name).method)
+        config = METHODS[spec.pop("name")].config_class(**spec)
+        rewards = config.reward if isinstance(config.reward, dict) else {config.reward: 1.0}
+        assert set(rewards) <= set(list_rewards()), name
+        prompts_fields(config.prompts)
+
+
+@pytest.mark.parametrize("recipe", ["shapes-draft.yaml", "shapes-refl.yaml"])
+def test_shapes_recipes_train_on_the_bundled_model(recipe, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", str(REPO / "pipelines" / recipe), "--method.num_steps=3", "--train.max_steps=1",
+                 "--train.batch_size=2", f"--train.output_dir={out}", "--train.checkpointing_steps=0"]) == 0
+    row = _metrics(out)[0]
+    assert 0 < row["reward"] < 1 and row["grad_norm"] > 0
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_bench_reports_training_steps_per_second(tmp_path):
+    result = tmp_path / "bench.json"
+    assert main(["bench", str(REPO / "pipelines" / "shapes-draft.yaml"), "--steps", "1", "--warmup", "0",
+                 "--method.num_steps=2", "--train.batch_size=2", "--json", str(result)]) == 0
+    r = json.loads(result.read_text())
+    assert r["method"] == "draft" and r["steps_per_s"] > 0 and r["prompts_per_s"] == pytest.approx(2 * r["steps_per_s"])
+    assert r["prompts_per_step"] == 2 and r["peak_memory_mb"] > 0
+
+
 # ------------------------------------------------------------------------------------ prompts
 def test_prompt_data_is_a_function_of_the_run_position(tmp_path):
     data = PromptData(list("abcdefg"), batch_size=2, gradient_accumulation_steps=2, seed=0)
