@@ -36,6 +36,10 @@ module follows the paper's description; every choice the paper leaves open is li
 5. **Winners** (``winners``): ``data`` takes the preferred image of each pair of the recipe's data
    section (Pick-a-Pic ``label_0``, JSONL ``chosen``); ``shapes-render`` renders a ground-truth
    scene for each prompt of ``prompts`` (the Shapes world's winning images).
+6. **Representation**: a reference sample is decoded to an image and encoded again by the VAE
+   (posterior mode), exactly as the winning images are, so the pair differs in content and not in
+   where its latents come from (raw sampler latents vs encoder latents: without this round trip
+   the policy learns that difference, whichever images win).
 
 The initial model is the LoRA disabled (or the frozen copy of a full fine-tune); a snapshot is put
 in place by copying the trainable weights in and back out (LoRA: a few MB; full fine-tuning keeps
@@ -222,7 +226,8 @@ class SePPO(OnlineMethod):
                     h, wd = w.latents.shape[-2] * f, w.latents.shape[-1] * f
                     traj = sample_trajectory(bb, self.sampler, w.cond, guidance_scale=cfg.guidance_scale, generator=g,
                                              height=h, width=wd)
-                    loser = traj.final.to(w.latents)
+                    # the reference sample as an image, encoded like the winners (module docstring, 6.)
+                    loser = bb.encode_images(bb.decode_latents(traj.final) * 2 - 1).to(w.latents)
                     fp = bb.forward_process
                     x_t = torch.cat([w.x_t, fp.add_noise(loser, w.noise, w.timesteps)])
                     target = torch.cat([w.target, fp.target(loser, w.noise, w.timesteps)])
