@@ -2,10 +2,13 @@
 
 from pathlib import Path
 
+from diffalign.trainers.d3po import D3PO, D3POConfig
+from diffalign.trainers.ddpo import DDPO, GRPO, DDPOConfig, FlowGRPO, FlowGRPOConfig, GRPOConfig, PrefGRPO, PrefGRPOConfig
 from diffalign.trainers.dpo import DiffusionDPO, DiffusionDPOConfig
 from diffalign.trainers.kto import DiffusionKTO, DiffusionKTOConfig
 from diffalign.trainers.mapo import MaPO, MaPOConfig
 from diffalign.trainers.method import Method, StepOutput, TrainBatch
+from diffalign.trainers.seppo import SePPO, SePPOConfig
 from diffalign.trainers.sft import SFT, SFTConfig
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (DiffusionDPO, MaPO, DiffusionKTO, SFT)}
@@ -13,6 +16,11 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (DiffusionDPO, MaPO, Diff
 
 # Methods with their own trainer on the shared loop: method name -> module with ``train(recipe) -> Path``.
 TRAINERS: dict[str, str] = {name: "diffalign.trainers.backprop" for name in ("alignprop", "draft", "draft-lv", "refl")}
+
+# On-line methods (rollouts with per-step log-probs, then updates on the stored transitions).
+ONLINE_METHODS = (DDPO, GRPO, FlowGRPO, PrefGRPO, D3PO, SePPO)
+METHODS.update({m.name: m for m in ONLINE_METHODS})
+TRAINERS.update({m.name: "diffalign.trainers.online" for m in ONLINE_METHODS})
 
 
 def run_recipe(recipe) -> Path:
@@ -40,3 +48,5 @@ def build_method(spec: dict, backbone) -> Method:
 
 __all__ = ["METHODS", "TRAINERS", "build_method", "run_recipe", "Method", "StepOutput", "TrainBatch", "DiffusionDPO",
            "DiffusionDPOConfig", "MaPO", "MaPOConfig", "DiffusionKTO", "DiffusionKTOConfig", "SFT", "SFTConfig"]
+__all__ += ["ONLINE_METHODS", "DDPO", "DDPOConfig", "GRPO", "GRPOConfig", "FlowGRPO", "FlowGRPOConfig", "PrefGRPO",
+            "PrefGRPOConfig", "D3PO", "D3POConfig", "SePPO", "SePPOConfig"]
