@@ -32,7 +32,6 @@ Recipe (``diffalign train pipelines/shapes-draft.yaml``)::
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -44,12 +43,17 @@ from diffalign.core.backprop import predict_x0, refl_step_range, refl_x0, sample
 from diffalign.core.sampling import make_sampler, uses_cfg
 from diffalign.models.base import Conditioning
 from diffalign.trainers.config import Recipe
+from diffalign.trainers.data import _stable_seed
 from diffalign.trainers.method import Method, StepOutput, TrainBatch
 
 
-def _stable_seed(*parts) -> int:
-    h = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+def run_positions(step: int, micro: int, process: int, num_processes: int, batch_size: int,
+                  gradient_accumulation_steps: int) -> list[int]:
+    """Run positions of the examples of one micro-batch of one process, as the offline loop counts
+    them: 2 processes with half the accumulation see the positions one process sees."""
+    per_step = batch_size * gradient_accumulation_steps * num_processes
+    start = step * per_step + (micro * num_processes + process) * batch_size
+    return list(range(start, start + batch_size))
 
 
 # ---------------------------------------------------------------------------------------- configs
@@ -69,8 +73,8 @@ class RewardBackpropConfig:
         prompts: the training prompts: a prompt set of :data:`diffalign.eval.prompts.PROMPT_SETS`
             (``drawbench``, ``hpdv2``, ``shapes``, ...), ``NAME:PATH`` (a local copy), or a
             ``.txt``/``.jsonl`` file of prompts.
-        prompt_options: keyword arguments of the set's loader (``shapes``: ``split``,
-            ``n_per_task``, ``seed``).
+        prompt_options: keyword arguments of the set's loader (``shapes``: ``split``, default
+            ``train`` here, ``n_per_task``, ``seed``).
         num_steps: sampler steps ``T``.
         eta: DDIM η (DDPM-type models) or the flow SDE's noise level (SD3).
         guidance_scale: classifier-free guidance weight (CFG runs when > 1).
@@ -219,13 +223,8 @@ class PromptData:
     seed: int
     _perm: dict = field(default_factory=dict)
 
-    def positions(self, step: int, micro: int, process: int, num_processes: int) -> list[int]:
-        """Run positions of the prompts of one micro-batch of one process (as the offline loop's)."""
-        per_step = self.batch_size * self.gradient_accumulation_steps * num_processes
-        start = step * per_step + (micro * num_processes + process) * self.batch_size
-        return list(range(start, start + self.batch_size))
-
     def prompt_at(self, position: int) -> str:
+        """The prompt at a run position (epoch ``position // len(prompts)``, seeded shuffle)."""
         epoch, i = divmod(position, len(self.prompts))
         if epoch not in self._perm:
             g = torch.Generator().manual_seed(_stable_seed(self.seed, "prompt-epoch", epoch))
@@ -233,7 +232,9 @@ class PromptData:
         return self.prompts[self._perm[epoch][i]]
 
     def batch(self, step: int, micro: int, process: int, num_processes: int) -> PromptBatch:
-        positions = self.positions(step, micro, process, num_processes)
+        """The ``batch_size`` prompts of one micro-batch of one process."""
+        positions = run_positions(step, micro, process, num_processes, self.batch_size,
+                                  self.gradient_accumulation_steps)
         return PromptBatch([self.prompt_at(p) for p in positions], step, micro, process, num_processes,
                            _stable_seed(self.seed, "backprop", positions[0]))
 
@@ -247,8 +248,10 @@ def load_prompts(spec: str | list[str], options: dict[str, Any] | None = None) -
         from diffalign.eval.cli import prompts_fields
         from diffalign.eval.prompts import load_prompt_set
 
-        where = prompts_fields(spec)
-        prompts = [item.text for item in load_prompt_set(where["name"], path=where["path"], **(options or {}))]
+        where, options = prompts_fields(spec), dict(options or {})
+        if where["name"] == "shapes":
+            options.setdefault("split", "train")  # never the held-out combinations unless asked
+        prompts = [item.text for item in load_prompt_set(where["name"], path=where["path"], **options)]
     if not prompts:
         raise ValueError(f"method.prompts {spec!r}: no prompts")
     return prompts
@@ -257,8 +260,9 @@ def load_prompts(spec: str | list[str], options: dict[str, Any] | None = None) -
 @dataclass
 class ShapesPretrainData:
     """Pre-training batches from the Shapes renderer: train-split captions, one rendered scene each
-    (drawn at the world's 64 px, resized to ``image_size`` if that differs), VAE-encoded (posterior mode) and noised by the backbone's forward process. ``batch`` is a pure
-    function of the run position, like :class:`~diffalign.trainers.data.TrainingData`'s."""
+    (drawn at the world's 64 px, resized to ``image_size`` if that differs), VAE-encoded (posterior
+    mode) and noised by the backbone's forward process. ``batch`` is a pure function of the run
+    position, like :class:`~diffalign.trainers.data.TrainingData`'s."""
 
     backbone: Any
     batch_size: int
@@ -267,16 +271,16 @@ class ShapesPretrainData:
     image_size: int
 
     def batch(self, step: int, micro: int, process: int, num_processes: int) -> TrainBatch:
+        """``batch_size`` rendered, encoded and noised examples (latents ``[B, C, h, w]``)."""
         from PIL import Image
 
         from diffalign.rewards.base import to_tensor
         from diffalign.shapes.grammar import sample_prompt, scene_for_prompt
         from diffalign.shapes.scene import render
 
-        per_step = self.batch_size * self.gradient_accumulation_steps * num_processes
-        start = step * per_step + (micro * num_processes + process) * self.batch_size
         prompts, images, gens = [], [], []
-        for pos in range(start, start + self.batch_size):
+        for pos in run_positions(step, micro, process, num_processes, self.batch_size,
+                                 self.gradient_accumulation_steps):
             rng = random.Random(_stable_seed(self.seed, "shapes-pretrain", pos))
             prompt = sample_prompt(rng, split="train")
             prompts.append(prompt.text)
@@ -337,9 +341,13 @@ class RewardBackprop(Method):
         return -self.config.loss_scale * rewards
 
     def extra_loss(self, batch: PromptBatch) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """A scalar term added to the reward loss (ReFL's regulariser) and its metrics; none here."""
         return None, {}
 
     def loss(self, batch: PromptBatch) -> StepOutput:
+        """The scalar loss of one micro-batch: ``mean_N reward_loss(sign · r(images, prompts))`` plus
+        :meth:`extra_loss`. Metrics: ``reward`` (the raw reward's mean over the ``N`` images, before
+        the sign), ``reward_loss`` and the method's own."""
         images, prompts, metrics = self.images(batch)
         raw = self.reward.score(images, prompts)                              # [N]
         reward_loss = self.reward_loss(self.config.reward_sign * raw).mean()
@@ -354,6 +362,9 @@ class RewardBackprop(Method):
 
 
 class AlignProp(RewardBackprop):
+    """AlignProp (:class:`AlignPropConfig`): the whole chain, or the last ``T − k`` steps with a
+    random ``k`` drawn once per trajectory."""
+
     name = "alignprop"
     config_class = AlignPropConfig
 
@@ -387,6 +398,8 @@ class AlignProp(RewardBackprop):
 
 
 class DRaFT(RewardBackprop):
+    """DRaFT-K (:class:`DRaFTConfig`): gradients through the last ``k`` steps."""
+
     name = "draft"
     config_class = DRaFTConfig
 
@@ -400,6 +413,8 @@ class DRaFT(RewardBackprop):
 
 
 class DRaFTLV(RewardBackprop):
+    """DRaFT-LV (:class:`DRaFTLVConfig`): DRaFT-1 plus ``n`` re-noised one-step copies per prompt."""
+
     name = "draft-lv"
     config_class = DRaFTLVConfig
 
@@ -429,6 +444,10 @@ class DRaFTLV(RewardBackprop):
 
 
 class ReFL(RewardBackprop):
+    """ReFL (:class:`ReFLConfig`): the reward on a one-step x̂0 from a random late step, plus
+    ``pretrain_weight`` × the denoising loss on a batch of ``pretrain_data`` (anything with
+    ``batch(step, micro, process, num_processes) -> TrainBatch``)."""
+
     name = "refl"
     config_class = ReFLConfig
 
