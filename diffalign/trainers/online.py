@@ -172,6 +172,7 @@ class OnlineMethod:
     config_class: ClassVar[type]
     loop: ClassVar[str] = "online"   # diffalign.trainers.online runs these methods
     units_per_sample: ClassVar[int] = 1  # trajectories per unit (2 for D3PO's pairs)
+    trains_on_steps: ClassVar[bool] = True  # needs stochastic sampler steps (SePPO does not)
 
     def __init__(self, config: RolloutConfig, backbone):
         if not 0 < config.timestep_fraction <= 1:
@@ -182,6 +183,8 @@ class OnlineMethod:
         self.backbone = backbone
         self.sampler: Sampler = make_sampler(backbone, config.num_steps, eta=config.eta,
                                              reduction=config.reduction)
+        if self.trains_on_steps:
+            trainable_steps(self.sampler)  # fail now, not after the first rollout
 
     # ---- per epoch
     def rollout(self, run: OnlineRun, epoch: int) -> Rollout:

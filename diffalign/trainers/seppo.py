@@ -175,6 +175,7 @@ class SePPO(OnlineMethod):
 
     name = "seppo"
     config_class = SePPOConfig
+    trains_on_steps = False
 
     def __init__(self, config: SePPOConfig, backbone):
         if config.reference_selection not in REFERENCE_SELECTIONS:
