@@ -243,6 +243,26 @@ def test_bench_reports_training_steps_per_second(tmp_path):
     assert r["prompts_per_step"] == 2 and r["peak_memory_mb"] > 0
 
 
+def test_brightness_reward_is_the_mean_luma_with_pixel_gradients():
+    from diffalign.rewards import load_reward
+    from diffalign.rewards.base import to_pil
+
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    exact = load_reward("brightness").score(x, ["a"] * 3)
+    pil_luma = torch.tensor([float(torch.tensor(list(im.convert("L").getdata()), dtype=torch.float).mean()) / 255
+                             for im in to_pil(x)])
+    torch.testing.assert_close(exact, pil_luma, rtol=0, atol=2 / 255)  # PIL's "L" rounds each pixel
+    diff = load_reward("brightness", mode="differentiable")
+    xg = x.clone().requires_grad_(True)
+    diff.score(xg, ["a"] * 3).sum().backward()
+    torch.testing.assert_close(xg.grad[0, :, 0, 0], torch.tensor([0.299, 0.587, 0.114]) / 64)
+    target = load_reward("brightness", target=0.25).score(x, ["a"] * 3)
+    torch.testing.assert_close(target, -(exact - 0.25).abs())
+    with pytest.raises(ValueError, match="target"):
+        load_reward("brightness", target=2.0)
+    assert load_reward("brightness").card.name == "brightness"
+
+
 # ------------------------------------------------------------------------------------ prompts
 def test_prompt_data_is_a_function_of_the_run_position(tmp_path):
     data = PromptData(list("abcdefg"), batch_size=2, gradient_accumulation_steps=2, seed=0)
@@ -297,13 +317,12 @@ def test_two_processes_match_one_with_double_accumulation(tiny_models, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
     common = _args(tiny_models["sd"], "OUT", "draft", "--method.k=null", "--train.max_steps=3",
                    "--train.checkpointing_steps=0")
-    runs = {}
-    for name, launcher, accum in (("one", [], 2), ("two", ["-m", "torch.distributed.run", "--nproc_per_node=2",
-                                                             "--master_port=29531"], 1)):
-        out = tmp_path / name
-        args = [a.replace("OUT", str(out)) for a in common] + [f"--train.gradient_accumulation_steps={accum}"]
-        subprocess.run([sys.executable, *launcher, "-m", "diffalign.cli", *args], check=True, env=env)
-        runs[name] = _metrics(out)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([a.replace("OUT", str(one)) for a in common] + ["--train.gradient_accumulation_steps=2"]) == 0
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                    "-m", "diffalign.cli", *[a.replace("OUT", str(two)) for a in common],
+                    "--train.gradient_accumulation_steps=1"], check=True, env=env)
+    runs = {"one": _metrics(one), "two": _metrics(two)}
     for key in ("loss", "reward", "grad_norm"):
         assert [r[key] for r in runs["two"]] == pytest.approx([r[key] for r in runs["one"]], rel=1e-4, abs=1e-6)
     assert runs["one"][-1]["reward"] != pytest.approx(runs["one"][0]["reward"], abs=1e-6)  # it trained
@@ -322,10 +341,17 @@ def test_draft_raises_the_heldout_reward_and_the_sign_flipped_control_lowers_it(
     difference must exclude 0: above it for the run, below it for the negated-reward control."""
     from diffalign.eval.compare import paired_comparison
     from diffalign.eval.generate import generate
+    from diffusers import StableDiffusionPipeline
+
     from diffalign.rewards import load_reward
-    from diffalign.shapes.demo import load_base_pipeline
     from diffalign.shapes.grammar import prompt_set
+    from diffalign.shapes.model import base_model_path
     from diffalign.trainers import run_recipe
+
+    def load_base_pipeline():
+        pipe = StableDiffusionPipeline.from_pretrained(base_model_path())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     prompts = [p.text for p in prompt_set("heldout", EFFICACY_PER_TASK, seed=1)]
     seeds = list(range(len(prompts)))
