@@ -1,4 +1,4 @@
-"""`diffalign shapes pretrain | pretrain-reward | render`: the Shapes world's own tools."""
+"""`diffalign shapes pretrain | pretrain-reward | render | candidates`: the Shapes world's own tools."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("tool", choices=["pretrain", "pretrain-reward", "render"],
+    parser.add_argument("tool", choices=["pretrain", "pretrain-reward", "render", "candidates"],
                         help="pretrain: the bundled base model; pretrain-reward: the bundled learned reward; "
-                             "render: ground-truth images for prompts of the grammar")
+                             "render: ground-truth images for prompts of the grammar; candidates: base-model "
+                             "samples per training prompt with their oracle utilities (the efficacy tests' data)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the tool's own arguments (--help for them)")
 
 
@@ -17,6 +18,8 @@ def run(args: argparse.Namespace) -> int:
         from diffalign.shapes.pretrain import main
     elif args.tool == "pretrain-reward":
         from diffalign.shapes.pretrain_reward import main
+    elif args.tool == "candidates":
+        main = candidates_main
     else:
         main = render_main
     return main(args.args)
@@ -44,4 +47,29 @@ def render_main(argv: list[str] | None = None) -> int:
         render(scene_for_prompt(prompt, rng)).save(out / f"{i:05d}.png")
     (out / "prompts.txt").write_text("".join(p.text + "\n" for p in prompts))
     print(f"wrote {len(prompts)} images and prompts.txt to {out}")
+    return 0
+
+
+def candidates_main(argv: list[str] | None = None) -> int:
+    """Sample candidates from the bundled base model as the demo does and save each prompt's best and worst."""
+    import random
+
+    from diffalign.shapes.demo import DemoConfig, load_base_pipeline, sample_candidates
+    from diffalign.shapes.grammar import sample_prompt
+
+    d = DemoConfig
+    p = argparse.ArgumentParser(prog="diffalign shapes candidates")
+    p.add_argument("--out", required=True, help="parquet file to write")
+    p.add_argument("--train-prompts", type=int, default=d.train_prompts)
+    p.add_argument("--images-per-prompt", type=int, default=d.images_per_prompt)
+    p.add_argument("--sample-steps", type=int, default=d.sample_steps)
+    p.add_argument("--keep-all", action="store_true", help="keep every candidate, not only the best and worst")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    rng = random.Random(a.seed)
+    prompts = [sample_prompt(rng, split="train") for _ in range(a.train_prompts)]
+    cands = sample_candidates(load_base_pipeline(), prompts, images_per_prompt=a.images_per_prompt, seed=a.seed,
+                              num_inference_steps=a.sample_steps, guidance_scale=d.guidance_scale)
+    path = (cands if a.keep_all else cands.extremes()).save(a.out)
+    print(f"wrote {len(prompts)} prompts' candidates to {path}")
     return 0

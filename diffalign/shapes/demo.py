@@ -68,6 +68,55 @@ class Candidates:
     images: list[list]
     utilities: list[list[float]]
 
+    def extremes(self) -> Candidates:
+        """Each prompt's best and worst candidate only (all that :func:`preference_rows` uses)."""
+        images, utilities = [], []
+        for group, utils in zip(self.images, self.utilities):
+            order = sorted(range(len(group)), key=utils.__getitem__)
+            keep = [order[-1], order[0]] if len(order) > 1 else order
+            images.append([group[i] for i in keep])
+            utilities.append([utils[i] for i in keep])
+        return Candidates(list(self.prompts), images, utilities)
+
+    def save(self, path: str | Path) -> Path:
+        """Write a parquet (``caption``, ``jpg``: list of PNG bytes, ``utility``: list of floats), atomically."""
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        def png(im) -> bytes:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            return buf.getvalue()
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = pa.table({"caption": [p.text for p in self.prompts],
+                          "jpg": [[png(im) for im in g] for g in self.images],
+                          "utility": self.utilities})
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Candidates:
+        """Read what :meth:`save` wrote."""
+        import io
+
+        import pyarrow.parquet as pq
+        from PIL import Image
+
+        from diffalign.shapes.grammar import parse_prompt
+
+        t = pq.read_table(path).to_pydict()
+        missing = {"caption", "jpg", "utility"} - set(t)
+        if missing:
+            raise ValueError(f"{path}: not a Shapes candidates file (missing column(s) {sorted(missing)})")
+        images = [[Image.open(io.BytesIO(b)).convert("RGB") for b in g] for g in t["jpg"]]
+        return cls([parse_prompt(c) for c in t["caption"]], images, [list(map(float, u)) for u in t["utility"]])
+
 
 def sample_candidates(pipe, prompts, *, images_per_prompt: int, seed: int, num_inference_steps: int = 20,
                       guidance_scale: float = 5.0, progress: str | None = "sample candidates") -> Candidates:

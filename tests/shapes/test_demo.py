@@ -46,3 +46,18 @@ def test_demo_writes_results_report_and_table(tmp_path, capsys):
     assert re.search(r"ShapesEval overall\s+\d\.\d{3}\s+\d\.\d{3}", table)
     assert "oracle win rate aligned over base" in table
     assert (out / "train" / "final" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_candidates_keep_best_and_worst_and_round_trip(tmp_path):
+    p = parse_prompt("a photo of a red circle")
+    imgs = [Image.new("RGB", (8, 8), (50 * i, 0, 0)) for i in range(3)]
+    cands = Candidates([p], [imgs], [[0.1, 0.9, 0.5]])
+    back = Candidates.load(cands.extremes().save(tmp_path / "c.parquet"))
+    assert back.prompts == [p] and back.utilities == [[0.9, 0.1]]
+    assert [im.getpixel((0, 0)) for im in back.images[0]] == [(50, 0, 0), (0, 0, 0)]  # lossless PNG
+    with pytest.raises(ValueError, match="not a Shapes candidates file"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"caption": ["x"]}), tmp_path / "bad.parquet")
+        Candidates.load(tmp_path / "bad.parquet")
