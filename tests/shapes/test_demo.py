@@ -1,14 +1,22 @@
 """`diffalign demo` end to end at a toy size: the files and the table a user sees."""
 
 import json
+import random
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from diffalign.cli import main
-from diffalign.shapes.demo import Candidates, preference_rows
-from diffalign.shapes.grammar import parse_prompt
+from diffalign.shapes.demo import (
+    Candidates,
+    load_base_pipeline,
+    preference_rows,
+    sample_candidates,
+)
+from diffalign.shapes.grammar import parse_prompt, sample_prompt
 from diffalign.shapes.oracle import Oracle, to_jpeg_bytes
 
 
@@ -61,3 +69,21 @@ def test_candidates_keep_best_and_worst_and_round_trip(tmp_path):
 
         pq.write_table(pa.table({"caption": ["x"]}), tmp_path / "bad.parquet")
         Candidates.load(tmp_path / "bad.parquet")
+
+
+CANDIDATES = Path(__file__).resolve().parents[2] / "datasets" / "shapes-candidates" / "candidates.parquet"
+
+
+def test_bundled_candidates_are_the_base_models_samples():
+    """The first 4 prompts (one sampling batch of 16) drawn again as the demo draws them: same prompts, same
+    best and worst images, same utilities."""
+    bundled = Candidates.load(CANDIDATES)
+    assert len(bundled.prompts) == 400 and all(len(g) == 2 for g in bundled.images)
+    rng = random.Random(0)
+    prompts = [sample_prompt(rng, split="train") for _ in range(4)]
+    assert [p.text for p in prompts] == [p.text for p in bundled.prompts[:4]]
+    fresh = sample_candidates(load_base_pipeline(), prompts, images_per_prompt=4, seed=0, progress=None).extremes()
+    for got, want in zip(fresh.images, bundled.images[:4]):
+        for a, b in zip(got, want):
+            assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 2
+    assert np.allclose(fresh.utilities, bundled.utilities[:4], atol=0.02)
