@@ -12,6 +12,12 @@ log-prob recorded, CFG included) on the recipe's model at ``data.resolution``, a
 For a reward-backprop recipe (AlignProp, DRaFT-K, DRaFT-LV, ReFL) `diffalign bench RECIPE.yaml`
 times whole training steps instead: sampling with gradients, VAE decoding, the differentiable
 reward and the backward pass; it reports optimizer steps/s, prompts/s and the peak memory.
+
+For an on-line recipe (DDPO, GRPO, Flow-GRPO, Pref-GRPO, D3PO, SePPO) `diffalign bench RECIPE.yaml`
+times the method's two phases separately: one rollout (sampling with log-probs, rewards or labels,
+advantages; trajectories/s) and ``--steps`` optimizer steps of its updates on the stored transitions
+(steps/s, each step ``train.batch_size × gradient_accumulation_steps`` units at the trained denoising
+steps), and the peak memory.
 """
 
 from __future__ import annotations
@@ -136,6 +142,74 @@ def bench_backprop(recipe, steps: int = 5, warmup: int = 1) -> dict:
         }
 
 
+def bench_online(recipe, steps: int = 5, warmup: int = 1) -> dict:
+    """Time one rollout of an on-line recipe, then ``steps`` optimizer steps on it (after ``warmup``
+    untimed ones; further rollouts are sampled, untimed, when one has fewer steps); returns
+    trajectories/s, optimizer steps/s and peak memory as a dict."""
+    from diffalign.trainers.online import epoch_plans, online_step, run_rollout, setup
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe.train.output_dir = tmp
+        recipe.data.cache_dir = f"{tmp}/cache"  # SePPO's winners, when they come from the data section
+        recipe.train.max_steps = max(recipe.train.max_steps, steps + warmup)
+        run = setup(recipe)
+        cfg, device = run.method.config, run.accelerator.device
+
+        def sync():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync()
+        t0 = time.perf_counter()
+        rollout = run_rollout(run)
+        sync()
+        rollout_seconds = time.perf_counter() - t0
+        trajectories = len(rollout.traj) if rollout.traj is not None else len(rollout.prompts)
+
+        def optimizer_steps():  # the rollout's steps, then those of fresh rollouts (their sampling untimed)
+            nonlocal rollout
+            while True:
+                for plan in epoch_plans(run, rollout):
+                    for micros in plan:
+                        yield lambda micros=micros, rollout=rollout: online_step(run, rollout, micros)
+                run.method.end_epoch(run, run.epoch)
+                run.epoch += 1
+                rollout = run_rollout(run)
+
+        pending = optimizer_steps()
+        for _ in range(warmup):
+            next(pending)()
+        step_seconds, rows = 0.0, []
+        for _ in range(steps):
+            step = next(pending)  # may sample a new rollout: not timed
+            sync()
+            t0 = time.perf_counter()
+            rows.append(step())
+            sync()
+            step_seconds += time.perf_counter() - t0
+        if any(r["skipped"] for r in rows):
+            raise RuntimeError("a timed step had a non-finite loss")
+        return {
+            "mode": "online",
+            "method": recipe.method["name"],
+            "model": recipe.model.pretrained,
+            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "resolution": cfg.resolution,
+            "num_steps": cfg.num_steps,
+            "guidance_scale": cfg.guidance_scale,
+            "rollout_trajectories": trajectories,
+            "rollout_seconds": rollout_seconds,
+            "trajectories_per_s": trajectories / rollout_seconds,
+            "units_per_step": recipe.train.batch_size * recipe.train.gradient_accumulation_steps,
+            "steps": steps,
+            "steps_per_s": steps / step_seconds,
+            "peak_memory_mb": peak_memory_mb(device),
+            "mixed_precision": recipe.train.mixed_precision,
+        }
+
+
 def bench_sampling(recipe, batches: int = 5, warmup: int = 1, num_steps: int = 20, batch_size: int = 4,
                    eta: float | None = None, guidance_scale: float = 5.0) -> dict:
     """Time ``batches`` calls of ``sample_trajectory`` (``batch_size`` trajectories of ``num_steps``
@@ -192,40 +266,47 @@ def bench_sampling(recipe, batches: int = 5, warmup: int = 1, num_steps: int = 2
     }
 
 
+def summary(result: dict) -> list[str]:
+    """The printed lines of a result of any mode."""
+    r = result
+    if r.get("mode") == "sampling":
+        head = (f"sampling with log-probs on {r['model']} ({r['device']}, {r['dtype']}, {r['resolution']}px): "
+                f"{r['sampler']} eta {r['eta']}, {r['num_steps']} steps, CFG {r['guidance_scale']}, batch {r['batch_size']}")
+        return [head, f"  {r['trajectories_per_s']:.2f} trajectories/s"]
+    if r.get("mode") == "online":
+        rollout = (f"  rollout: {r['rollout_trajectories']} trajectories in {r['rollout_seconds']:.1f} s "
+                   f"({r['trajectories_per_s']:.2f} trajectories/s, rewards and labels included)")
+        return [f"method {r['method']} on {r['model']} ({r['device']}, {r['num_steps']} sampler steps, CFG {r['guidance_scale']})",
+                rollout,
+                f"  updates: {r['steps_per_s']:.3f} optimizer steps/s ({r['units_per_step']} units per step)"]
+    if "prompts_per_s" in r:  # reward backprop
+        head = (f"method {r['method']} on {r['model']} ({r['device']}, {r['num_steps']} sampler steps, "
+                f"CFG {r['guidance_scale']}, {r['prompts_per_step']} prompts per step)")
+        return [head,
+                f"  {r['steps_per_s']:.3f} steps/s ({r['prompts_per_s']:.2f} prompts/s)"]
+    unit = "pairs/s" if r["method"] in {"diffusion-dpo", "mapo"} else "examples/s"
+    return [f"method {r['method']} on {r['model']} ({r['device']}, {r['resolution']}px, {r['batch_per_step']} per step)",
+            f"  uncached (VAE + text encoders run): {r['pairs_per_s_uncached']:.2f} {unit}",
+            f"  cached   (latents from the cache):  {r['pairs_per_s_cached']:.2f} {unit}"]
+
+
 def run(args: argparse.Namespace) -> int:
+    from diffalign.trainers import ONLINE_METHODS
+    from diffalign.trainers.backprop import METHODS as BACKPROP_METHODS
     from diffalign.trainers.config import load_recipe
 
     recipe = load_recipe(None if args.recipe == "-" else args.recipe, list(args.overrides))
+    name = recipe.method.get("name")
     if args.sampling:
         result = bench_sampling(recipe, batches=args.steps, warmup=args.warmup, num_steps=args.num_steps,
                                 batch_size=args.batch_size, eta=args.eta, guidance_scale=args.guidance_scale)
-        print(f"sampling with log-probs on {result['model']} ({result['device']}, {result['dtype']}, "
-              f"{result['resolution']}px): {result['sampler']} eta {result['eta']}, {result['num_steps']} steps, "
-              f"CFG {result['guidance_scale']}, batch {result['batch_size']}")
-        print(f"  {result['trajectories_per_s']:.2f} trajectories/s")
-        print(f"  peak memory: {result['peak_memory_mb']:.0f} MB")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-        return 0
-    from diffalign.trainers.backprop import METHODS as BACKPROP_METHODS
-
-    if recipe.method["name"] in BACKPROP_METHODS:
+    elif name in {m.name for m in ONLINE_METHODS}:
+        result = bench_online(recipe, steps=args.steps, warmup=args.warmup)
+    elif name in BACKPROP_METHODS:
         result = bench_backprop(recipe, steps=args.steps, warmup=args.warmup)
-        print(f"method {result['method']} on {result['model']} ({result['device']}, {result['num_steps']} sampler "
-              f"steps, CFG {result['guidance_scale']}, {result['prompts_per_step']} prompts per step)")
-        print(f"  {result['steps_per_s']:.3f} steps/s ({result['prompts_per_s']:.2f} prompts/s)")
-        print(f"  peak memory: {result['peak_memory_mb']:.0f} MB")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-        return 0
-    result = bench(recipe, steps=args.steps, warmup=args.warmup)
-    unit = "pairs/s" if recipe.method["name"] in {"diffusion-dpo", "mapo"} else "examples/s"
-    print(f"method {result['method']} on {result['model']} ({result['device']}, {result['resolution']}px, "
-          f"{result['batch_per_step']} per step)")
-    print(f"  uncached (VAE + text encoders run): {result['pairs_per_s_uncached']:.2f} {unit}")
-    print(f"  cached   (latents from the cache):  {result['pairs_per_s_cached']:.2f} {unit}")
+    else:
+        result = bench(recipe, steps=args.steps, warmup=args.warmup)
+    print("\n".join(summary(result)))
     print(f"  peak memory: {result['peak_memory_mb']:.0f} MB")
     if args.json:
         with open(args.json, "w") as f:

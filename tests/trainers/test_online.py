@@ -337,3 +337,60 @@ def test_bad_options_are_clear_errors(tiny_models, tmp_path):
     with pytest.raises(ValueError, match="deterministic"):
         main(_args(tiny_models["sd"], tmp_path / "r", "ddpo", "--method.reward=brightness", "--method.eta=0.0",
                    "--train.max_steps=1"))
+
+
+# ------------------------------------------------------------------ recipes, bench
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _online_recipes() -> dict[str, object]:
+    from diffalign.trainers import ONLINE_METHODS
+    from diffalign.trainers.config import load_recipe
+
+    names = {m.name for m in ONLINE_METHODS}
+    recipes = {p.name: load_recipe(p) for p in sorted((REPO / "pipelines").glob("*.yaml")) if not p.name.startswith("eval-")}
+    return {name: r for name, r in recipes.items() if r.method.get("name") in names}
+
+
+def test_every_online_method_has_a_recipe_with_valid_options():
+    from diffalign.eval.cli import prompts_fields
+    from diffalign.rewards import list_rewards
+    from diffalign.trainers import METHODS, ONLINE_METHODS
+
+    recipes = _online_recipes()
+    assert {m.name for m in ONLINE_METHODS} <= {r.method["name"] for r in recipes.values()}
+    assert {"shapes-grpo.yaml", "shapes-d3po.yaml", "shapes-seppo.yaml"} <= set(recipes)
+    for name, recipe in recipes.items():
+        spec = dict(recipe.method)
+        config = METHODS[spec.pop("name")].config_class(**spec)
+        reward = getattr(config, "reward", None)
+        if reward:
+            assert set(reward if isinstance(reward, dict) else {reward: 1}) <= set(list_rewards()), name
+        if getattr(config, "winners", None) != "data":
+            prompts_fields(config.prompts)
+        else:
+            assert recipe.data.source, f"{name}: SePPO's winners come from the data section"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["shapes-grpo.yaml", "shapes-d3po.yaml", "shapes-seppo.yaml"])
+def test_shapes_online_recipes_train_on_the_bundled_model(recipe, tmp_path):
+    out = tmp_path / "run"
+    small = {"shapes-grpo.yaml": ["--method.images_per_prompt=2", "--train.batch_size=4"],
+             "shapes-d3po.yaml": ["--method.prompts_per_epoch=2", "--train.batch_size=2"],
+             "shapes-seppo.yaml": ["--method.steps_per_epoch=1", "--train.batch_size=2"]}[recipe]
+    assert main(["train", str(REPO / "pipelines" / recipe), "--method.num_steps=3", "--train.max_steps=1",
+                 f"--train.output_dir={out}", "--train.checkpointing_steps=0", *small]) == 0
+    row = _metrics(out)[0]
+    assert math.isfinite(row["loss"]) and row["grad_norm"] > 0
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_bench_times_rollouts_and_updates_of_an_online_recipe(tiny_models, tmp_path):
+    result = tmp_path / "bench.json"
+    args = _args(tiny_models["sd"], tmp_path / "unused", "grpo", *GRPO)
+    assert main(["bench", *args[1:], "--steps", "3", "--warmup", "1", "--json", str(result)]) == 0
+    r = json.loads(result.read_text())
+    assert r["mode"] == "online" and r["method"] == "grpo"
+    assert r["rollout_trajectories"] == 4 and r["trajectories_per_s"] > 0
+    assert r["steps"] == 3 and r["steps_per_s"] > 0 and r["units_per_step"] == 2 and r["peak_memory_mb"] > 0
