@@ -132,3 +132,28 @@ def make_tiny_sd3(path: str | Path, with_t5: bool = False, seed: int = 0) -> Pat
                                     text_encoder_3=t5, tokenizer_3=_t5_tokenizer() if with_t5 else None)
     pipe.save_pretrained(path)
     return path
+
+
+def make_tiny_wan(path: str | Path, seed: int = 0, flow_shift: float = 3.0) -> Path:
+    """A tiny Wan 2.1-architecture text-to-video pipeline: causal 3-D VAE (4× time, 8× space, 4 latent
+    channels with non-trivial ``latents_mean``/``latents_std``), a 2-layer ``WanTransformer3DModel``
+    (patch 1×2×2), a tiny UMT5 encoder, and UniPC on flow sigmas as the released Wan 2.1 models ship.
+    Clips of 17×32×32 give latents ``[4, 5, 4, 4]``."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.05, 0.0],
+                           latents_std=[1.5, 0.8, 1.2, 1.0])
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                        in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    t5 = UMT5EncoderModel(UMT5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=4,
+                                     relative_attention_num_buckets=8, decoder_start_token_id=0))
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift)
+    pipe = WanPipeline(tokenizer=_t5_tokenizer(), text_encoder=t5, vae=vae, scheduler=sched, transformer=transformer)
+    pipe.save_pretrained(path)
+    return path

@@ -203,13 +203,22 @@ class FlowMatchingForward(ForwardProcess):
 def forward_process_from_scheduler(scheduler, timestep_sampling: TimestepSampling | None = None) -> ForwardProcess:
     """Build the forward process matching a diffusers scheduler's config.
 
-    ``FlowMatch*`` schedulers give :class:`FlowMatchingForward` (logit-normal by default);
+    ``FlowMatch*`` schedulers, and multistep schedulers on flow sigmas (``use_flow_sigmas`` /
+    ``flow_prediction``, e.g. Wan's UniPC with ``flow_shift``), give :class:`FlowMatchingForward`
+    (logit-normal by default);
     schedulers with ``alphas_cumprod`` give :class:`DDPMForward` (uniform by default).
     """
     config = scheduler.config
     if "FlowMatch" in type(scheduler).__name__:
         return FlowMatchingForward(
             shift=float(config.get("shift", 1.0)),
+            timestep_sampling=timestep_sampling or "logit_normal",
+            num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+        )
+    if config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
+        # multistep solvers run on flow sigmas (Wan's UniPC): the same rectified flow, shifted by flow_shift
+        return FlowMatchingForward(
+            shift=float(config.get("flow_shift", 1.0)),
             timestep_sampling=timestep_sampling or "logit_normal",
             num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
         )

@@ -8,13 +8,14 @@ from diffalign.models.backbone import Backbone
 from diffalign.models.sd import SDBackbone
 from diffalign.models.sd3 import SD3Backbone
 from diffalign.models.sdxl import SDXLBackbone
+from diffalign.models.video import WanBackbone
 
-FAMILIES: dict[str, type[Backbone]] = {b.family: b for b in (SDBackbone, SDXLBackbone, SD3Backbone)}
+FAMILIES: dict[str, type[Backbone]] = {b.family: b for b in (SDBackbone, SDXLBackbone, SD3Backbone, WanBackbone)}
 _BY_PIPELINE = {b.pipeline_class_name: b.family for b in FAMILIES.values()}
 
 
 def detect_family(name_or_path: str | Path, revision: str | None = None) -> str:
-    """``"sd"``, ``"sdxl"`` or ``"sd3"`` from ``model_index.json``'s ``_class_name`` (local folder or hub).
+    """``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"wan"`` from ``model_index.json``'s ``_class_name`` (folder or hub).
 
     Task variants (``StableDiffusionXLImg2ImgPipeline``, ...) map to their family.
     """
@@ -38,8 +39,8 @@ def detect_family(name_or_path: str | Path, revision: str | None = None) -> str:
 def load_backbone(name_or_path: str | Path, family: str | None = None, **kwargs) -> Backbone:
     """A backbone from a hub id or a local diffusers folder, as a user types it.
 
-    ``family`` (``"sd"``, ``"sdxl"``, ``"sd3"``) is detected unless given; ``kwargs`` (``torch_dtype``,
-    ``variant``, ``revision``, pipeline components) go to :meth:`Backbone.from_pretrained`.
+    ``family`` (``"sd"``, ``"sdxl"``, ``"sd3"``, ``"wan"``) is detected unless given; ``kwargs``
+    (``torch_dtype``, ``variant``, ``revision``, pipeline components) go to :meth:`Backbone.from_pretrained`.
     """
     if family is None:
         family = detect_family(name_or_path, kwargs.get("revision"))
