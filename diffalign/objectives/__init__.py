@@ -5,9 +5,13 @@ from diffalign.objectives.preference import (
     PreferenceOutput,
     dpo_loss,
     kto_loss,
+    log1mexp,
     mapo_loss,
     mapo_odds,
+    orpo_loss,
     sft_loss,
+    simpo_loss,
 )
 
-__all__ = ["DPO_LOSS_TYPES", "PreferenceOutput", "dpo_loss", "kto_loss", "mapo_loss", "mapo_odds", "sft_loss"]
+__all__ = ["DPO_LOSS_TYPES", "PreferenceOutput", "dpo_loss", "kto_loss", "mapo_loss", "mapo_odds", "sft_loss", "simpo_loss",
+           "orpo_loss", "log1mexp"]

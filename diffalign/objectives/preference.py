@@ -105,6 +105,52 @@ def kto_loss(
     return losses, kl_reference_point
 
 
+def simpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> PreferenceOutput:
+    """SimPO (Meng et al., 2024): reference-free, on *length-normalised* log-likelihoods ``[B]``
+    (the text side passes mean per-token log-probs).
+
+    ``z = β·(ℓw − ℓl) − γ``; loss ``−(1−ε)·log σ(z) − ε·log σ(−z)``. Rewards are ``β·ℓ``. (TRL's
+    ``CPOTrainer(loss_type="simpo")`` with ``simpo_gamma = γ`` computes the same ``z``.)
+    """
+    z = beta * (policy_chosen - policy_rejected) - gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    return PreferenceOutput(losses=losses, logits=z, chosen_rewards=(beta * policy_chosen).detach(),
+                            rejected_rewards=(beta * policy_rejected).detach())
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 − exp(x))`` for ``x < 0``, stable on both sides of ``−ln 2`` (clamped just below 0)."""
+    x = x.clamp_max(-1e-7)
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    *,
+    beta: float = 0.1,
+) -> PreferenceOutput:
+    """ORPO (Hong et al., 2024): reference-free, on *mean per-token* log-likelihoods ``[B]`` (≤ 0).
+
+    ``log odds(y) = ℓ − log(1 − e^ℓ)``; ``z = log odds(y_w) − log odds(y_l)``; per pair
+    ``−ℓw − β·log σ(z)`` (the NLL of the chosen sample plus λ = β times the odds-ratio term).
+    Rewards are ``β·log odds``.
+    """
+    odds_w = policy_chosen - log1mexp(policy_chosen)
+    odds_l = policy_rejected - log1mexp(policy_rejected)
+    z = odds_w - odds_l
+    losses = -policy_chosen - beta * F.logsigmoid(z)
+    return PreferenceOutput(losses=losses, logits=z, chosen_rewards=(beta * odds_w).detach(),
+                            rejected_rewards=(beta * odds_l).detach())
+
+
 def mapo_odds(error: torch.Tensor, snr_value: float = 0.5) -> torch.Tensor:
     """MaPO's decreasing transform of a per-sample error: ``f(L) = sL / (exp(sL) − 1)`` (``f(0) = 1``)."""
     x = snr_value * error

@@ -1,0 +1,165 @@
+"""A causal LM as the shared training loop's "backbone": policy, reference, LoRA, saving.
+
+The loop (:mod:`diffalign.trainers.loop`) trains ``backbone.denoiser`` (here: the language model;
+the name is the loop's), steps ``trainable_parameters()`` and writes ``save_trained(dir)``.
+
+* LoRA (peft): the reference is the same model with the adapters disabled, as TRL does when no
+  ``ref_model`` is given. ``save_trained`` writes a peft adapter folder (``adapter_config.json`` +
+  ``adapter_model.safetensors``) that ``PeftModel.from_pretrained(base, dir)`` loads, plus the tokenizer.
+* Full fine-tune: a frozen copy is the reference; ``save_trained`` writes a ``from_pretrained`` folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from diffalign.text.logprobs import SequenceLogProbs, TokenBatch, sequence_logprobs
+
+
+def load_tokenizer(name_or_path: str | Path, *, revision: str | None = None, trust_remote_code: bool = False):
+    """``AutoTokenizer`` with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise ValueError(f"{name_or_path}: the tokenizer has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+class CausalLM:
+    """A ``transformers`` causal LM and its tokenizer.
+
+    Args:
+        model: an ``AutoModelForCausalLM`` (or a peft model around one).
+        tokenizer: its tokenizer (a pad token is required; :func:`load_tokenizer` sets one).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer):
+        self.denoiser = model
+        self.tokenizer = tokenizer
+        self._reference_model: torch.nn.Module | None = None
+        self._lora = False
+
+    # ---- loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, adapter: str | Path | None = None,
+                        revision: str | None = None, torch_dtype: torch.dtype | None = None,
+                        trust_remote_code: bool = False) -> CausalLM:
+        """A hub id or local folder. A folder holding a peft adapter (``adapter_config.json``) loads its
+        base model (``base_model_name_or_path``) with the adapter; ``adapter`` adds one explicitly.
+        The adapter is loaded for inference (merge it or train a new one on top)."""
+        from transformers import AutoModelForCausalLM
+
+        if adapter is None and is_adapter_folder(name_or_path):
+            adapter, name_or_path = name_or_path, _adapter_base(name_or_path)
+        tok_source = adapter if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file() \
+            else name_or_path
+        tokenizer = load_tokenizer(tok_source, revision=revision, trust_remote_code=trust_remote_code)
+        kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), revision=revision,
+                                                     trust_remote_code=trust_remote_code, **kwargs)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        return cls(model, tokenizer)
+
+    # ---- what trains
+    @property
+    def raw_model(self) -> torch.nn.Module:
+        """The model without a DDP/accelerate wrapper."""
+        from accelerate.utils import extract_model_from_parallel
+
+        return extract_model_from_parallel(self.denoiser)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.raw_model.parameters()).device
+
+    def to(self, device) -> CausalLM:
+        self.denoiser.to(device)
+        if self._reference_model is not None:
+            self._reference_model.to(device)
+        return self
+
+    def add_lora(self, rank: int = 8, alpha: float | None = None, target_modules: list[str] | str | None = None,
+                 dropout: float = 0.0) -> None:
+        """Wrap the model in a peft LoRA (all linear layers but the output head unless
+        ``target_modules`` names some); only the adapters train."""
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                            target_modules=target_modules or "all-linear", task_type="CAUSAL_LM")
+        self.denoiser = get_peft_model(self.denoiser, config)
+        self._lora = True
+
+    def enable_full_finetune(self) -> None:
+        """Every weight trains; a frozen copy is kept as the reference."""
+        self._reference_model = copy.deepcopy(self.raw_model).eval().requires_grad_(False)
+        self.raw_model.requires_grad_(True)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.raw_model.gradient_checkpointing_enable()
+        if self._lora:
+            self.raw_model.enable_input_require_grads()
+
+    def disable_dropout(self) -> None:
+        """Set every dropout probability to 0 (TRL's ``disable_dropout``: the policy and the
+        reference then see the same network)."""
+        for m in self.raw_model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.raw_model.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[torch.nn.Module]:
+        """Context giving the reference model: adapters disabled (LoRA) or the frozen copy."""
+        if self._lora:
+            with self.raw_model.disable_adapter():
+                yield self.denoiser
+        elif self._reference_model is not None:
+            yield self._reference_model
+        else:
+            raise RuntimeError("no reference: call add_lora() or enable_full_finetune() first")
+
+    # ---- log-probs
+    def logprobs(self, batch: TokenBatch, *, reference: bool = False) -> SequenceLogProbs:
+        """Completion log-probs ``[N]`` of the policy (gradients on) or the reference (no grad)."""
+        batch = batch.to(self.device)
+        if not reference:
+            return sequence_logprobs(self.denoiser, batch)
+        with torch.no_grad(), self.reference() as ref:
+            return sequence_logprobs(ref, batch)
+
+    # ---- saving
+    def save_trained(self, out_dir: str | Path) -> Path:
+        """The adapter (LoRA: peft format, safetensors) or the whole model, plus the tokenizer."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.raw_model.save_pretrained(str(out_dir), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(out_dir))
+        return out_dir
+
+
+def _adapter_base(folder: str | Path) -> str:
+    import json
+
+    cfg = json.loads((Path(folder) / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{folder}/adapter_config.json names no base_model_name_or_path; pass the base model "
+                         f"and adapter={folder}")
+    return base

@@ -1,0 +1,121 @@
+import json
+import math
+
+import pytest
+import torch
+
+from diffalign.text.data import load_examples
+from diffalign.text.methods import build_text_method
+from diffalign.text.model import CausalLM
+from diffalign.text.trainer import TextData, train
+from diffalign.trainers.config import recipe_from_dict
+
+PAIRS = [
+    {"prompt": "a photo of", "chosen": " a red circle", "rejected": " a blue square"},
+    {"prompt": [{"role": "user", "content": "rewrite a circle"}],
+     "chosen": [{"role": "assistant", "content": "a red circle"}],
+     "rejected": [{"role": "assistant", "content": "two squares"}]},
+    {"prompt": "a photo of two", "chosen": " green triangles", "rejected": " big squares and a circle"},
+    {"prompt": "a photo of a", "chosen": " small circle", "rejected": " yellow square"},
+]
+
+
+@pytest.fixture()
+def pairs_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    return path
+
+
+def _recipe(model_dir, data, out, method, **train):
+    return recipe_from_dict({
+        "model": {"pretrained": str(model_dir), "lora_rank": 4},
+        "data": {"source": str(data), "format": "trl"},
+        "method": method,
+        "train": {"output_dir": str(out), "max_steps": 2, "batch_size": 2, "learning_rate": 1e-3,
+                  "checkpointing_steps": 0, **train},
+    })
+
+
+def test_dpo_loss_is_ln2_at_initialisation_with_gradient(tiny_lm_dir, pairs_file):
+    lm = CausalLM.from_pretrained(tiny_lm_dir)
+    lm.add_lora(rank=4)
+    method = build_text_method({"name": "text-dpo", "beta": 0.1}, lm)
+    data = TextData.build(load_examples(str(pairs_file), "pairs"), "pairs", lm.tokenizer, max_length=64,
+                          batch_size=4, gradient_accumulation_steps=1, seed=0)
+    out = method.loss(data.collate([0, 1, 2, 3]))
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert out.metrics["implicit_acc"].item() == 0.5
+    out.loss.backward()
+    grads = [p.grad.abs().sum().item() for p in lm.trainable_parameters() if p.grad is not None]
+    assert grads and sum(grads) > 0
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "text-sft"},
+    {"name": "text-dpo", "loss_type": ["sigmoid", "sft"]},
+    {"name": "text-dpo", "loss_type": "ipo"},
+    {"name": "text-dpo", "loss_type": "hinge"},
+    {"name": "text-dpo", "loss_type": "robust", "label_smoothing": 0.1},
+    {"name": "text-kto"},
+    {"name": "text-simpo"},
+    {"name": "text-orpo"},
+])
+def test_each_method_trains_on_the_shared_loop(tiny_lm_dir, pairs_file, tmp_path, method):
+    run = train(_recipe(tiny_lm_dir, pairs_file, tmp_path / "run", method))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in rows)
+    assert (run / "config.yaml").is_file() and (run / "final" / "adapter_config.json").is_file()
+
+
+def test_dpo_raises_preference_and_lora_reloads_with_peft(tiny_lm_dir, pairs_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = train(_recipe(tiny_lm_dir, pairs_file, tmp_path / "run", {"name": "text-dpo", "beta": 0.5},
+                        max_steps=15, batch_size=4))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["reward_margin"] > rows[0]["reward_margin"] and rows[-1]["implicit_acc"] == 1.0
+    # plain peft loads the saved adapter; the merged model gives the trained log-probs
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    peft_model = PeftModel.from_pretrained(base, run / "final").eval()
+    lm = CausalLM.from_pretrained(run / "final")  # adapter folder: base + adapter, merged
+    data = TextData.build(load_examples(str(pairs_file), "pairs"), "pairs", lm.tokenizer, max_length=64,
+                          batch_size=4, gradient_accumulation_steps=1, seed=0)
+    tokens = data.collate([0, 1, 2, 3]).tokens
+    with torch.no_grad():
+        merged = lm.logprobs(tokens).sum
+        via_peft = CausalLM(peft_model, lm.tokenizer).logprobs(tokens).sum
+        plain = CausalLM(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), lm.tokenizer).logprobs(tokens).sum
+    torch.testing.assert_close(merged, via_peft, atol=1e-4, rtol=1e-4)
+    w, l = merged.chunk(2)
+    pw, pl = plain.chunk(2)
+    assert ((w - l) - (pw - pl) > 0).all()  # the trained adapter prefers every chosen completion more
+
+
+def test_resume_latest_equals_unbroken_run(tiny_lm_dir, pairs_file, tmp_path):
+    from safetensors.torch import load_file
+
+    method = {"name": "text-dpo", "beta": 0.5}
+    unbroken = train(_recipe(tiny_lm_dir, pairs_file, tmp_path / "a", method, max_steps=4, checkpointing_steps=2))
+    train(_recipe(tiny_lm_dir, pairs_file, tmp_path / "b", method, max_steps=2, checkpointing_steps=2))
+    resumed = train(_recipe(tiny_lm_dir, pairs_file, tmp_path / "b", method, max_steps=4, checkpointing_steps=2,
+                            resume="latest"))
+    assert (resumed / "checkpoints" / "step-2" / "adapter_model.safetensors").is_file()
+    a = load_file(unbroken / "final" / "adapter_model.safetensors")
+    b = load_file(resumed / "final" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    la = [json.loads(x)["loss"] for x in (unbroken / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert lb == pytest.approx(la, rel=1e-5)
+
+
+def test_text_recipe_errors(tiny_lm_dir, pairs_file, tmp_path):
+    bad = _recipe(tiny_lm_dir, pairs_file, tmp_path / "x", {"name": "text-dpo"})
+    bad.data.format = "pickapic"
+    with pytest.raises(ValueError, match="data.format"):
+        train(bad)
+    with pytest.raises(ValueError, match="unknown loss type"):
+        train(_recipe(tiny_lm_dir, pairs_file, tmp_path / "y", {"name": "text-dpo", "loss_type": "nope"}))
