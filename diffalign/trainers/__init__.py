@@ -4,6 +4,7 @@ from pathlib import Path
 
 from diffalign.trainers.d3po import D3PO, D3POConfig
 from diffalign.trainers.ddpo import DDPO, GRPO, DDPOConfig, FlowGRPO, FlowGRPOConfig, GRPOConfig, PrefGRPO, PrefGRPOConfig
+from diffalign.trainers.densedpo import DenseDPO, DenseDPOConfig
 from diffalign.trainers.dpo import DiffusionDPO, DiffusionDPOConfig
 from diffalign.trainers.kto import DiffusionKTO, DiffusionKTOConfig
 from diffalign.trainers.mapo import MaPO, MaPOConfig
@@ -11,11 +12,12 @@ from diffalign.trainers.method import Method, StepOutput, TrainBatch
 from diffalign.trainers.seppo import SePPO, SePPOConfig
 from diffalign.trainers.sft import SFT, SFTConfig
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (DiffusionDPO, MaPO, DiffusionKTO, SFT)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (DiffusionDPO, MaPO, DiffusionKTO, SFT, DenseDPO)}
 
 
 # Methods with their own trainer on the shared loop: method name -> module with ``train(recipe) -> Path``.
 TRAINERS: dict[str, str] = {name: "diffalign.trainers.backprop" for name in ("alignprop", "draft", "draft-lv", "refl")}
+TRAINERS["densedpo"] = "diffalign.trainers.densedpo"  # video pairs with segment labels, on the offline loop
 
 # On-line methods (rollouts with per-step log-probs, then updates on the stored transitions).
 ONLINE_METHODS = (DDPO, GRPO, FlowGRPO, PrefGRPO, D3PO, SePPO)
@@ -50,3 +52,4 @@ __all__ = ["METHODS", "TRAINERS", "build_method", "run_recipe", "Method", "StepO
            "DiffusionDPOConfig", "MaPO", "MaPOConfig", "DiffusionKTO", "DiffusionKTOConfig", "SFT", "SFTConfig"]
 __all__ += ["ONLINE_METHODS", "DDPO", "DDPOConfig", "GRPO", "GRPOConfig", "FlowGRPO", "FlowGRPOConfig", "PrefGRPO",
             "PrefGRPOConfig", "D3PO", "D3POConfig", "SePPO", "SePPOConfig"]
+__all__ += ["DenseDPO", "DenseDPOConfig"]

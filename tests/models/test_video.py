@@ -108,9 +108,9 @@ def test_lora_loads_with_plain_diffusers(tmp_path, wan_folder, wan):
         policy = wan.predict(x_t, t, cond)
         pipe = WanPipeline.from_pretrained(wan_folder)
         pipe.set_progress_bar_config(disable=True)
-        call = lambda: pipe.transformer(hidden_states=x_t, timestep=t, encoder_hidden_states=cond.prompt_embeds,  # noqa: E731
+        call = lambda: pipe.transformer(hidden_states=x_t, timestep=t, encoder_hidden_states=cond.prompt_embeds,
                                         return_dict=False)[0]
-        sample = lambda: pipe("a red disc", height=32, width=32, num_frames=5, num_inference_steps=2,  # noqa: E731
+        sample = lambda: pipe("a red disc", height=32, width=32, num_frames=5, num_inference_steps=2,
                               max_sequence_length=16, generator=torch.Generator().manual_seed(0),
                               output_type="np").frames
         plain, before = call(), sample()
