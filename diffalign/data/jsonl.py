@@ -1,8 +1,9 @@
 """Generic preference pairs from JSONL: one ``{"prompt", "chosen", "rejected"}`` object per line.
 
 Image paths are relative to the JSONL file (or ``image_root``); absolute paths are used as they are.
-Optional fields: ``prompt_rejected`` (a different caption for the loser, DCPO) and ``weight``
-(per-pair loss weight, a finite number >= 0).
+Optional fields: ``prompt_rejected`` (a different caption for the loser, DCPO), ``weight``
+(per-pair loss weight, a finite number >= 0) and ``score_chosen`` / ``score_rejected`` (reward scores
+of the two images, both or neither; SmPO).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class RawPair:
     weight: float
     source: str
     images: tuple[Image.Image, Image.Image]
+    scores: tuple[float, float] | None = None
 
 
 def iter_raw_pairs(path: str | Path, *, image_root: str | Path | None = None, strict: bool = False,
@@ -74,6 +76,14 @@ def iter_raw_pairs(path: str | Path, *, image_root: str | Path | None = None, st
         weight = obj.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise ValueError(f"{src}: field 'weight' is {weight!r}; expected a finite number >= 0")
+        scores = None
+        if obj.get("score_chosen") is not None or obj.get("score_rejected") is not None:
+            for fld in ("score_chosen", "score_rejected"):
+                v = obj.get(fld)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"{src}: field {fld!r} is {v!r}; expected a finite number (give both scores "
+                                     "or neither)")
+            scores = (float(obj["score_chosen"]), float(obj["score_rejected"]))
         try:
             raw, images = [], []
             for fld, name in zip(("chosen", "rejected"), files):
@@ -89,7 +99,7 @@ def iter_raw_pairs(path: str | Path, *, image_root: str | Path | None = None, st
             continue
         stats.labels[1.0] += 1
         stats.kept += 1
-        yield RawPair(prompt, raw[0], raw[1], prompt_rejected, float(weight), src, (images[0], images[1]))
+        yield RawPair(prompt, raw[0], raw[1], prompt_rejected, float(weight), src, (images[0], images[1]), scores)
 
 
 def read_jsonl_pairs(path: str | Path, *, image_root: str | Path | None = None, strict: bool = False,
@@ -98,5 +108,5 @@ def read_jsonl_pairs(path: str | Path, *, image_root: str | Path | None = None, 
     for r in iter_raw_pairs(path, image_root=image_root, strict=strict, stats=stats):
         yield PreferencePair(prompt=r.prompt, chosen=r.images[0], rejected=r.images[1],
                              prompt_rejected=r.prompt_rejected,
-                             weight=r.weight, source=r.source,
+                             weight=r.weight, source=r.source, scores=r.scores,
                              key=content_key(r.chosen, r.rejected, r.prompt, r.prompt_rejected or r.prompt))

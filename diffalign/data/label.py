@@ -21,7 +21,7 @@ score ``s`` ranks each group.
 
 Pairs (``output="pairs"``, a Pick-a-Pic v2 parquet read by :func:`diffalign.data.pickapic.read_pickapic`):
 ``caption``, ``jpg_0`` (the winner's file bytes, unchanged), ``jpg_1`` (the loser's), ``label_0 = 1``,
-``label_1 = 0``. ``pairs="best-worst"`` makes one pair per prompt, the highest against the lowest
+``label_1 = 0``, ``score_0`` / ``score_1`` (the combined scores ``s``, for SmPO's smoothed preference). ``pairs="best-worst"`` makes one pair per prompt, the highest against the lowest
 ``s``; ``pairs="all"`` makes every pair of a group. The minimum-margin filter (as FiFA filters
 pairs by reward margin) drops a pair when ``s_winner − s_loser < min_margin``, in the units of the
 combined score (for ``"dataset"``: an average of z-scores, so 1.0 is one standard deviation of a
@@ -324,8 +324,8 @@ def label(images: str | os.PathLike, rewards: Mapping[str, object], out: str | o
                 else:
                     chosen.append((prompt, w, l))
         stats.pairs = len(chosen)
-        rows = ({"caption": p, "jpg_0": items[w].read_bytes(), "jpg_1": items[l].read_bytes(), "label_0": 1.0}
-                for p, w, l in chosen)
+        rows = ({"caption": p, "jpg_0": items[w].read_bytes(), "jpg_1": items[l].read_bytes(), "label_0": 1.0,
+                 "score_0": float(s[w]), "score_1": float(s[l])} for p, w, l in chosen)
         write_pickapic_parquet(rows, out)
         return stats
     spread_ok = {}

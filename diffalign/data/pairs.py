@@ -18,7 +18,8 @@ class PreferencePair:
 
     ``source`` says where it came from (``file.parquet:row 12``) for error messages; ``key`` is a
     content hash of the two images and the prompt(s), used to cache latents: the same bytes in another
-    row or file give the same key.
+    row or file give the same key. ``scores``: reward scores ``(chosen, rejected)`` when the data has
+    them (SmPO's smoothed preference reads them).
     """
 
     prompt: str
@@ -28,6 +29,7 @@ class PreferencePair:
     weight: float = 1.0
     source: str = ""
     key: str = ""
+    scores: tuple[float, float] | None = None
 
 
 @dataclass

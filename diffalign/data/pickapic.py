@@ -5,8 +5,9 @@ preferred, 0: image 1, 0.5: tie) and ``caption``. As in the official Diffusion-D
 dropped (and counted) by default and the winner is put first.
 
 Optional columns read when present: ``label_1`` (must equal ``1 - label_0``), ``caption_1`` (a
-different caption for image 1, DCPO-style; ``caption`` is then image 0's) and ``weight`` (per-pair loss
-weight). ``pickapic_v2_no_images`` rows carry ``image_0_url`` / ``image_1_url`` instead of bytes: the
+different caption for image 1, DCPO-style; ``caption`` is then image 0's), ``weight`` (per-pair loss
+weight) and ``score_0`` / ``score_1`` (reward scores of the two images, e.g. SmPO's PickScores; both or
+neither). ``pickapic_v2_no_images`` rows carry ``image_0_url`` / ``image_1_url`` instead of bytes: the
 images are fetched once and kept under a cache directory, keyed by a hash of the URL.
 
 WebDataset mirrors (``.tar``, ``.tar.gz``, ``.tgz``): one sample is the run of consecutive members
@@ -37,7 +38,8 @@ from PIL import Image
 from diffalign.data.pairs import DataStats, PreferencePair, content_key, decode_image
 
 REQUIRED = ("jpg_0", "jpg_1", "label_0", "caption")
-OPTIONAL = ("label_1", "caption_1", "weight", "image_0_url", "image_1_url")
+OPTIONAL = ("label_1", "caption_1", "weight", "score_0", "score_1", "image_0_url", "image_1_url")
+WRITABLE_OPTIONAL = ("caption_1", "weight", "score_0", "score_1")
 VALID_LABELS = (0.0, 0.5, 1.0)
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -320,6 +322,7 @@ def _rows_to_pairs(rows: Iterable[tuple[str, dict]], drop_ties: bool, strict: bo
         weight = 1.0 if weight is None else weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise ValueError(f"{src}: field 'weight' is {weight!r}; expected a finite number >= 0")
+        scores = _scores(row, src)
         try:
             decoded = [_decode(_image_bytes(row, j, cache_dir), f"field 'jpg_{j}'") for j in (0, 1)]
         except Exception as e:  # undecodable bytes, missing image, failed fetch
@@ -332,7 +335,19 @@ def _rows_to_pairs(rows: Iterable[tuple[str, dict]], drop_ties: bool, strict: bo
         p_w, p_l = captions[w], captions[1 - w]
         stats.kept += 1
         yield PreferencePair(prompt=p_w, chosen=img_w, rejected=img_l, prompt_rejected=p_l if p_l != p_w else None,
-                             weight=float(weight), source=src, key=content_key(raw_w, raw_l, p_w, p_l))
+                             weight=float(weight), source=src, key=content_key(raw_w, raw_l, p_w, p_l),
+                             scores=None if scores is None else (scores[w], scores[1 - w]))
+
+
+def _scores(row: dict, src: str) -> tuple[float, float] | None:
+    """``(score_0, score_1)`` when the row has both, None when it has neither."""
+    values = [row.get("score_0"), row.get("score_1")]
+    if values == [None, None]:
+        return None
+    for fld, v in zip(("score_0", "score_1"), values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{src}: field {fld!r} is {v!r}; expected a finite number (give both scores or neither)")
+    return float(values[0]), float(values[1])
 
 
 # ---- writing
@@ -354,7 +369,7 @@ def _columns(rows: list[dict], start: int, optional: list[str]) -> dict[str, pa.
             if not isinstance(_row_value(r, i, fld), (bytes, bytearray)):
                 raise ValueError(f"row {i}: field {fld!r} must be image bytes")
             cols[fld].append(bytes(r[fld]))
-        extra = [k for k in ("caption_1", "weight") if r.get(k) is not None and k not in optional]
+        extra = [k for k in WRITABLE_OPTIONAL if r.get(k) is not None and k not in optional]
         if extra:
             raise ValueError(f"row {i}: field {extra[0]!r} appears only after the first rows; "
                              "give it (or None) in the first rows too")
@@ -364,7 +379,8 @@ def _columns(rows: list[dict], start: int, optional: list[str]) -> dict[str, pa.
         for o in optional:
             cols[o].append(r.get(o))
     types = {"caption": pa.string(), "caption_1": pa.string(), "jpg_0": pa.binary(), "jpg_1": pa.binary(),
-             "label_0": pa.float64(), "label_1": pa.float64(), "weight": pa.float64()}
+             "label_0": pa.float64(), "label_1": pa.float64(), "weight": pa.float64(), "score_0": pa.float64(),
+             "score_1": pa.float64()}
     return {k: pa.array(v, types[k]) for k, v in cols.items()}
 
 
@@ -372,7 +388,7 @@ def write_pickapic_parquet(rows: Iterable[dict], path: str | Path, *, batch_rows
                            optional_columns: Iterable[str] | None = None) -> Path:
     """Write rows (``caption``, ``jpg_0``/``jpg_1`` bytes, ``label_0``) as Pick-a-Pic parquet, atomically.
 
-    ``label_1 = 1 - label_0`` is written too. ``caption_1`` and ``weight`` are written if named in
+    ``label_1 = 1 - label_0`` is written too. ``caption_1``, ``weight``, ``score_0`` and ``score_1`` are written if named in
     ``optional_columns``, or (by default) when the first rows have them. Rows are streamed in batches
     into a temp file that is renamed over ``path`` only once complete: a failure (a bad row, a full
     disk) leaves no file behind.
@@ -383,16 +399,16 @@ def write_pickapic_parquet(rows: Iterable[dict], path: str | Path, *, batch_rows
     writer = None
     try:
         optional = None if optional_columns is None else list(optional_columns)
-        bad = [c for c in optional or () if c not in ("caption_1", "weight")]
+        bad = [c for c in optional or () if c not in WRITABLE_OPTIONAL]
         if bad:
-            raise ValueError(f"optional_columns may name caption_1 and weight, not {bad}")
+            raise ValueError(f"optional_columns may name {', '.join(WRITABLE_OPTIONAL)}, not {bad}")
         batch, start = [], 0
         for row in _with_end(rows):
             if row is not None:
                 batch.append(row)
             if batch and (row is None or len(batch) >= batch_rows):
                 if optional is None:
-                    optional = [k for k in ("caption_1", "weight") if any(r.get(k) is not None for r in batch)]
+                    optional = [k for k in WRITABLE_OPTIONAL if any(r.get(k) is not None for r in batch)]
                 table = pa.table(_columns(batch, start, optional))
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema)

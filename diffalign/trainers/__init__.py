@@ -3,17 +3,28 @@
 from pathlib import Path
 
 from diffalign.trainers.d3po import D3PO, D3POConfig
+from diffalign.trainers.dcpo import DCPO, DCPOConfig
 from diffalign.trainers.ddpo import DDPO, GRPO, DDPOConfig, FlowGRPO, FlowGRPOConfig, GRPOConfig, PrefGRPO, PrefGRPOConfig
 from diffalign.trainers.densedpo import DenseDPO, DenseDPOConfig
 from diffalign.trainers.dpo import DiffusionDPO, DiffusionDPOConfig
+from diffalign.trainers.inpo import InPO, InPOConfig
+from diffalign.trainers.inversion_dpo import InversionDPO, InversionDPOConfig
 from diffalign.trainers.kto import DiffusionKTO, DiffusionKTOConfig
 from diffalign.trainers.mapo import MaPO, MaPOConfig
 from diffalign.trainers.method import Method, StepOutput, TrainBatch
+from diffalign.trainers.rankdpo import RankDPO, RankDPOConfig
 from diffalign.trainers.seppo import SePPO, SePPOConfig
 from diffalign.trainers.sft import SFT, SFTConfig
+from diffalign.trainers.smpo import SmPO, SmPOConfig
+from diffalign.trainers.tpo import TPO, TPOConfig
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (DiffusionDPO, MaPO, DiffusionKTO, SFT, DenseDPO)}
 
+
+# Inversion and structured-preference methods (the offline loop): where x_t comes from, ranked lists,
+# per-pair smoothed β, loser captions, caption preferences.
+STRUCTURED_METHODS = (InPO, InversionDPO, SmPO, RankDPO, DCPO, TPO)
+METHODS.update({m.name: m for m in STRUCTURED_METHODS})
 
 # Methods with their own trainer on the shared loop: method name -> module with ``train(recipe) -> Path``.
 TRAINERS: dict[str, str] = {name: "diffalign.trainers.backprop" for name in ("alignprop", "draft", "draft-lv", "refl")}
@@ -53,3 +64,5 @@ __all__ = ["METHODS", "TRAINERS", "build_method", "run_recipe", "Method", "StepO
 __all__ += ["ONLINE_METHODS", "DDPO", "DDPOConfig", "GRPO", "GRPOConfig", "FlowGRPO", "FlowGRPOConfig", "PrefGRPO",
             "PrefGRPOConfig", "D3PO", "D3POConfig", "SePPO", "SePPOConfig"]
 __all__ += ["DenseDPO", "DenseDPOConfig"]
+__all__ += ["STRUCTURED_METHODS", "InPO", "InPOConfig", "InversionDPO", "InversionDPOConfig", "SmPO", "SmPOConfig",
+            "RankDPO", "RankDPOConfig", "DCPO", "DCPOConfig", "TPO", "TPOConfig"]

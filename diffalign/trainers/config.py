@@ -54,7 +54,8 @@ class DataConfig:
     Attributes:
         source: local parquet file/dir/glob, a JSONL file, or a hub dataset id.
         format: ``pickapic`` (``jpg_0``/``jpg_1``/``label_0``/``caption``), ``jsonl``
-            (``prompt``/``chosen``/``rejected``), or ``feedback`` (per-image like/dislike, for KTO).
+            (``prompt``/``chosen``/``rejected``), ``feedback`` (per-image like/dislike, for KTO), or
+            ``ranked`` (ranked lists of images per prompt from ``diffalign data label``, for RankDPO).
         split: dataset split for hub ids.
         resolution: training resolution (shortest side resized, then cropped square).
         center_crop: center crop (else random crop); random_flip: flip both images of a pair together.

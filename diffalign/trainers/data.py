@@ -27,7 +27,9 @@ def _stable_seed(*parts) -> int:
 class TrainingData:
     """Materialised examples plus everything needed to turn a run position into a ``TrainBatch``.
 
-    ``kind``: ``pairs`` (winner, loser), ``chosen`` (winners only, SFT) or ``feedback`` (KTO).
+    ``kind``: ``pairs`` (winner, loser), ``chosen`` (winners only, SFT), ``feedback`` (KTO) or
+    ``ranked`` (RankDPO: lists of images best first; every list is cut to the shortest list's length
+    ``K`` by a random subset, kept in rank order).
     """
 
     items: list
@@ -42,6 +44,7 @@ class TrainingData:
     caption_dropout: float = 0.0
     cache: object | None = None
     stats: object | None = None
+    list_size: int = 2
     _perm_cache: dict = field(default_factory=dict)
 
     # ---- which examples
@@ -66,9 +69,22 @@ class TrainingData:
         positions = self.positions(step, micro, process, num_processes)
         gens = [torch.Generator().manual_seed(_stable_seed(self.seed, "example", p)) for p in positions]
         items = [self.item_at(p) for p in positions]
-        prepared, prompts, keys, weights, desirable = [], [], [], [], []
+        prepared, prompts, keys, weights, desirable, scores = [], [], [], [], [], []
         for item, g in zip(items, gens):
             drop = self.caption_dropout > 0 and torch.rand((), generator=g).item() < self.caption_dropout
+            if self.kind == "ranked":
+                k = self.list_size
+                pick = sorted(torch.randperm(len(item.ranking), generator=g)[:k].tolist())  # rank positions
+                order = [item.ranking[r] for r in pick]  # image indices, best first
+                flip = self.random_flip and bool(torch.rand((), generator=g) < 0.5)
+                imgs = [prepare_image(item.images[i], self.resolution, center_crop=self.center_crop, flip=flip,
+                                      generator=g) for i in order]
+                prepared.append(imgs)
+                keys.append([latent_key(item.key, f"image{i}", im) for i, im in zip(order, imgs)])
+                prompts.append(["" if drop else item.caption] * k)
+                scores.append([float(item.scores[i]) for i in order])
+                weights.append(1.0)
+                continue
             if self.kind == "feedback":
                 img = prepare_image(item.image, self.resolution, center_crop=self.center_crop,
                                     random_flip=self.random_flip, generator=g)
@@ -89,12 +105,15 @@ class TrainingData:
                 keys.append([latent_key(item.key, "chosen", w), latent_key(item.key, "rejected", l)])
                 p_l = item.prompt_rejected if item.prompt_rejected is not None else item.prompt
                 prompts.append(["" if drop else item.prompt, "" if drop else p_l])
+                sc = getattr(item, "scores", None)
+                scores.append(list(sc) if sc is not None else [float("nan")] * 2)
             weights.append(float(getattr(item, "weight", 1.0)))
         group = len(prepared[0])
         # group-major layout: [all winners, all losers]
         rows = [prepared[i][j] for j in range(group) for i in range(len(items))]
         row_keys = [keys[i][j] for j in range(group) for i in range(len(items))]
         row_prompts = [prompts[i][j] for j in range(group) for i in range(len(items))]
+        row_scores = [scores[i][j] for j in range(group) for i in range(len(items))] if scores else None
 
         device = self.backbone.device
         latents = self.encode_latents(torch.stack([r.pixels for r in rows]), row_keys).to(device)
@@ -112,6 +131,8 @@ class TrainingData:
             latents=latents, noise=noise, x_t=fp.add_noise(latents, noise, t), target=fp.target(latents, noise, t),
             timesteps=t, cond=cond, weights=torch.tensor(weights, device=device),
             desirable=torch.tensor(desirable, device=device) if self.kind == "feedback" else None,
+            prompts=row_prompts,
+            scores=None if row_scores is None else torch.tensor(row_scores, device=device, dtype=torch.float32),
         )
 
     # ---- encoding through the cache
@@ -166,8 +187,13 @@ def load_training_data(recipe, kind: str, backbone, output_dir: Path, accelerato
         from diffalign.data.kto import read_feedback
 
         items = read_feedback(d.source, strict=d.strict, stats=stats)
+    elif d.format == "ranked":
+        items = _ranked_items(d.source, stats)
     else:
-        raise ValueError(f"unknown data.format {d.format!r}; choose pickapic, jsonl or feedback")
+        raise ValueError(f"unknown data.format {d.format!r}; choose pickapic, jsonl, feedback or ranked")
+    if (kind == "ranked") != (d.format == "ranked"):
+        raise ValueError(f"data.format {d.format!r} does not fit this method: ranked-list methods (RankDPO) take "
+                         "data.format: ranked (from 'diffalign data label --format ranked'), the others do not")
     items = _take(items, d.max_samples)
     if kind == "feedback" and d.format != "feedback":
         from diffalign.data.kto import feedback_from_pairs
@@ -182,12 +208,35 @@ def load_training_data(recipe, kind: str, backbone, output_dir: Path, accelerato
         namespace = _stable_seed(recipe.model.pretrained, recipe.model.revision, recipe.model.variant, d.resolution,
                                  d.center_crop, str(backbone.vae.dtype))
         cache = LatentCache(root, namespace=f"{namespace:016x}")
+    list_size = min(len(it.ranking) for it in items) if kind == "ranked" else 2
     return TrainingData(
         items=items, kind=kind, backbone=backbone, resolution=d.resolution, batch_size=recipe.train.batch_size,
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps, seed=recipe.train.seed,
         center_crop=d.center_crop, random_flip=d.random_flip, caption_dropout=d.caption_dropout, cache=cache,
-        stats=stats,
+        stats=stats, list_size=list_size,
     )
+
+
+def _ranked_items(source, stats) -> list:
+    """Ranked lists (:func:`diffalign.data.label.read_ranked`) with a content key each; lists with
+    fewer than two images are skipped."""
+    from diffalign.data.label import read_ranked
+    from diffalign.data.pairs import content_key
+
+    sources = source if isinstance(source, (list, tuple)) else [source]
+    out = []
+    for src in sources:
+        for n, lst in enumerate(read_ranked(src)):
+            stats.rows += 1
+            if len(lst.ranking) < 2:
+                continue
+            if sorted(lst.ranking) != list(range(len(lst.images))) or len(lst.scores) != len(lst.images):
+                raise ValueError(f"{src}: list {n}: 'ranking' must be a permutation of the images' indices and "
+                                 "'scores' hold one score per image")
+            lst.key = content_key(lst.caption, *lst.names, *(im.tobytes() for im in lst.images))
+            stats.kept += 1
+            out.append(lst)
+    return out
 
 
 def _take(iterator, n: int | None) -> list:

@@ -6,6 +6,8 @@ and checkpoints. A method owns only its loss. Methods never import each other.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -27,6 +29,11 @@ class TrainBatch:
     * ``cond``: conditioning of the ``N`` rows
     * ``weights``: ``[B]`` per-pair (or per-sample) loss weights
     * ``desirable``: ``[B]`` bool, per-sample feedback (KTO only)
+    * ``prompts``: the ``N`` rows' caption texts (after caption dropout)
+    * ``scores``: ``[N]`` per-row reward scores when the data has them (SmPO, RankDPO; NaN where missing)
+
+    Ranked lists (RankDPO) are laid out like pairs with ``K`` groups: ``[best (B), second (B), ...,
+    worst (B)]``, all ``K`` rows of a list sharing noise and timestep.
     """
 
     latents: torch.Tensor
@@ -37,6 +44,8 @@ class TrainBatch:
     cond: Conditioning
     weights: torch.Tensor
     desirable: torch.Tensor | None = None
+    prompts: list[str] | None = None
+    scores: torch.Tensor | None = None
 
 
 @dataclass
@@ -52,7 +61,7 @@ class Method:
 
     name: ClassVar[str]
     config_class: ClassVar[type]
-    data_kind: ClassVar[str] = "pairs"  # "pairs" | "feedback" | "chosen"
+    data_kind: ClassVar[str] = "pairs"  # "pairs" | "feedback" | "chosen" | "ranked"
     uses_reference: ClassVar[bool] = True
 
     def __init__(self, config, backbone):
@@ -61,6 +70,19 @@ class Method:
 
     def loss(self, batch: TrainBatch) -> StepOutput:
         raise NotImplementedError
+
+    def invert_batch(self, batch: TrainBatch, *, model: str, num_steps: int, eta: float = 0.0,
+                     renoise_steps: int = 0, guidance_scale: float = 1.0) -> TrainBatch:
+        """``batch`` with ``x_t`` replaced by the inversion of its clean latents to its timesteps and
+        ``noise`` / ``target`` by the re-parametrised ones (:func:`diffalign.core.inversion.invert`;
+        ``model`` is ``"policy"`` or ``"reference"``). The η noise comes from :func:`batch_generator`."""
+        from diffalign.core.inversion import invert
+
+        inv = invert(self.backbone, batch.latents, batch.timesteps, batch.cond, model=model, num_steps=num_steps,
+                     eta=eta, renoise_steps=renoise_steps, guidance_scale=guidance_scale,
+                     generator=batch_generator(batch, "inversion") if eta > 0 else None)
+        dtype = batch.x_t.dtype
+        return dataclasses.replace(batch, x_t=inv.x_t.to(dtype), noise=inv.noise.to(dtype), target=inv.target.to(dtype))
 
     def errors(self, batch: TrainBatch, *, reference: bool = False) -> torch.Tensor:
         """Per-row denoising errors ``[N]`` of the policy (or, without gradients, the reference)."""
@@ -74,3 +96,29 @@ def weighted_mean(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``Σ w·loss / Σ w`` over the batch."""
     weights = weights.to(losses)
     return (losses * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+def batch_generator(batch: TrainBatch, tag: str = "") -> torch.Generator:
+    """A CPU generator seeded by the batch's noise (itself a function of the seed and the run position):
+    method-side randomness that a resumed or re-sharded run draws identically."""
+    digest = hashlib.blake2b(batch.noise.detach().float().cpu().numpy().tobytes() + tag.encode(), digest_size=8)
+    return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1))
+
+
+def dpo_metrics(logits: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                policy_errors: torch.Tensor, ref_errors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The pair metrics every DPO-type method logs: implicit accuracy (ties ½), reward margin, the
+    implicit rewards and the per-side errors (``*_errors``: ``[2B]``, winners first)."""
+    logits = logits.detach()
+    ew, el = policy_errors.detach().chunk(2)
+    rw, rl = ref_errors.detach().chunk(2)
+    return {
+        "implicit_acc": (logits > 0).float().mean() + 0.5 * (logits == 0).float().mean(),
+        "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+        "reward_chosen": chosen_rewards.mean(),
+        "reward_rejected": rejected_rewards.mean(),
+        "model_mse_chosen": ew.mean(),
+        "model_mse_rejected": el.mean(),
+        "ref_mse_chosen": rw.mean(),
+        "ref_mse_rejected": rl.mean(),
+    }

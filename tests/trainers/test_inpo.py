@@ -1,0 +1,83 @@
+import math
+
+import pytest
+import torch
+from structured_helpers import group_batch, lora_grad_norm, move_lora, swap_groups, tiny_backbone
+
+from diffalign.core.inversion import invert
+from diffalign.core.likelihood import denoising_error
+from diffalign.trainers import build_method
+
+PROMPTS = [["a red hat", "a blue cat", "a dog"], ["a red hat", "a blue cat", "a dog"]]
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    return tiny_backbone(tmp_path_factory.mktemp("inpo") / "sd")
+
+
+def test_ln2_at_init_with_a_gradient(backbone):
+    backbone.raw_denoiser.zero_grad()
+    out = build_method({"name": "inpo"}, backbone).loss(group_batch(backbone, PROMPTS))
+    assert float(out.loss) == pytest.approx(math.log(2), abs=1e-6)
+    assert float(out.metrics["implicit_acc"]) == 0.5
+    out.loss.backward()
+    assert lora_grad_norm(backbone) > 0
+    backbone.raw_denoiser.zero_grad()
+
+
+def test_loss_is_dpo_on_the_inverted_latents_by_hand(backbone):
+    move_lora(backbone, 0.05)
+    try:
+        batch = group_batch(backbone, PROMPTS, t=[700, 30, 420])
+        beta = 5000.0
+        out = build_method({"name": "inpo", "eta": 0.0, "beta": beta}, backbone).loss(batch)
+        inv = invert(backbone, batch.latents, batch.timesteps, batch.cond, model="policy", num_steps=10)
+        with torch.no_grad():
+            lp = denoising_error(backbone.predict(inv.x_t, batch.timesteps, batch.cond), inv.target)
+            with backbone.reference():
+                lr = denoising_error(backbone.predict(inv.x_t, batch.timesteps, batch.cond), inv.target)
+        (pw, pl), (rw, rl) = lp.chunk(2), lr.chunk(2)
+        z = -0.5 * beta * ((pw - pl) - (rw - rl))
+        expect = float(-torch.nn.functional.logsigmoid(z).mean())
+        assert float(out.loss) == pytest.approx(expect, rel=1e-4)
+        # not the forward-process latents
+        direct = build_method({"name": "diffusion-dpo", "beta": beta}, backbone).loss(batch)
+        assert abs(float(direct.loss) - float(out.loss)) > 1e-4
+        # swapped labels flip the sign of the logit: the loss becomes that of -z
+        swapped = build_method({"name": "inpo", "eta": 0.0, "beta": beta}, backbone).loss(swap_groups(batch))
+        assert float(swapped.loss) == pytest.approx(float(-torch.nn.functional.logsigmoid(-z).mean()), rel=1e-4)
+    finally:
+        move_lora(backbone, 0.0)
+
+
+def test_any_batch_size_equals_pairs_one_at_a_time(backbone):
+    move_lora(backbone, 0.05, seed=1)
+    try:
+        method = build_method({"name": "inpo", "eta": 0.0}, backbone)
+        batch = group_batch(backbone, PROMPTS, t=[900, 10, 500])
+        whole = float(method.loss(batch).loss)
+        singles = []
+        for i in range(3):
+            one = group_batch(backbone, [[p[i]] for p in PROMPTS], t=[int(batch.timesteps[i])])
+            one.latents = batch.latents[[i, 3 + i]]
+            singles.append(float(method.loss(one).loss))
+        assert whole == pytest.approx(sum(singles) / 3, rel=1e-4)
+    finally:
+        move_lora(backbone, 0.0)
+
+
+def test_eta_noise_is_a_function_of_the_batch(backbone):
+    method = build_method({"name": "inpo", "eta": 0.1}, backbone)
+    move_lora(backbone, 0.05, seed=2)
+    try:
+        a = float(method.loss(group_batch(backbone, PROMPTS, seed=3)).loss)
+        b = float(method.loss(group_batch(backbone, PROMPTS, seed=3)).loss)
+        assert a == b
+    finally:
+        move_lora(backbone, 0.0)
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="invert_with"):
+        build_method({"name": "inpo", "invert_with": "ema"}, None)
