@@ -1,5 +1,6 @@
 """`diffalign data`: inspect preference data, convert JSONL pairs to Pick-a-Pic parquet, label images
-with reward models into pairs or ranked lists (:mod:`diffalign.data.label`)."""
+with reward models into pairs or ranked lists (:mod:`diffalign.data.label`), make DenseDPO's structural
+video pairs (``video-pairs``, :mod:`diffalign.data.video`)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="local weights (file, folder or hub id) for one reward; repeatable")
     lab.add_argument("--batch-size", type=int, default=16)
     lab.add_argument("--device", default="cpu")
+    vp = sub.add_parser("video-pairs", help="DenseDPO structural pairs: partly noise each clip, denoise it twice "
+                        "with different seeds (diffalign.data.video)")
+    vp.add_argument("clips", help='JSONL of {"prompt", "video"} (video: .npy [T, H, W, 3], frame folder or video file)')
+    vp.add_argument("--model", required=True, help="text-to-video model: hub id or local diffusers folder (Wan)")
+    vp.add_argument("--out", required=True, help="folder for clips/*.npy and pairs.jsonl")
+    vp.add_argument("--strength", type=float, default=0.6, help="noise level eta in (0, 1]: the share of the "
+                    "sampling schedule re-run (lower = pairs closer to the clip and to each other)")
+    vp.add_argument("--steps", type=int, default=30, help="sampling steps of the full schedule")
+    vp.add_argument("--guidance-scale", type=float, default=5.0)
+    vp.add_argument("--seed", type=int, default=0, help="row i uses seeds seed+2i and seed+2i+1")
+    vp.add_argument("--segment-frames", type=int, required=True, help="segment length in pixel frames "
+                    "(DenseDPO: about 1 s; a multiple of the VAE's temporal compression)")
+    vp.add_argument("--reward", default=None, help="label each segment by this reward's mean per-frame score "
+                    "(default: leave segment_labels null for annotators)")
+    vp.add_argument("--tie-margin", type=float, default=0.0, help="reward difference at or below which a segment "
+                    "is a tie")
+    vp.add_argument("--device", default="cpu")
+    vp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
 
 
 def _format(path: str, fmt: str) -> str:
@@ -129,8 +148,29 @@ def label_command(args: argparse.Namespace):
                      min_margin=args.min_margin, weights=mix, normalize=args.normalize, batch_size=args.batch_size)
 
 
+def video_pairs_command(args: argparse.Namespace) -> Path:
+    """``diffalign data video-pairs``: :func:`diffalign.data.video.make_structural_pairs` from the command line."""
+    import torch
+
+    from diffalign.data.video import make_structural_pairs
+    from diffalign.models import load_backbone
+
+    backbone = load_backbone(args.model, torch_dtype=getattr(torch, args.dtype)).to(args.device)
+    reward = None
+    if args.reward:
+        from diffalign.rewards import load_reward
+
+        reward = load_reward(args.reward).to(args.device)
+    return make_structural_pairs(backbone, args.clips, args.out, strength=args.strength, seed=args.seed,
+                                 num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                                 segment_frames=args.segment_frames, reward=reward, tie_margin=args.tie_margin)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.data_command == "video-pairs":
+            print(f"wrote {video_pairs_command(args)}")
+            return 0
         if args.data_command == "label":
             stats = label_command(args)
             print(f"wrote {args.out}: {stats}")

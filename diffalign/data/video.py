@@ -10,7 +10,8 @@
   Pick-a-Pic's ``label_0`` per segment: ``1`` = win, ``0`` = lose, ``0.5`` = tie.
 * The segments: ``segment_frames: s`` cuts the clip into ``ceil(T / s)`` segments of ``s`` pixel frames
   (the last may be shorter; DenseDPO's layout), or ``segment_starts: [0, 5, 9, 13]`` gives the first
-  pixel frame of each. One of the two (or the reader's ``segment_frames`` default) is required.
+  pixel frame of each (what :func:`make_structural_pairs` writes, :func:`causal_segment_starts`). One of
+  the two (or the reader's ``segment_frames`` default) is required.
 * Optional ``weight`` (a finite number ≥ 0) scales the pair's loss.
 * Clips: ``.npy`` / ``.npz`` arrays ``[T, H, W, 3]`` (uint8, or float in [0, 1]), a folder of frame
   images (sorted by name), or a video file that ``diffusers.utils.load_video`` reads (``.gif`` with
@@ -19,7 +20,7 @@
 **Segments and latent frames**: the denoiser sees latent frames. Each latent frame goes to the segment
 holding most of the pixel frames it encodes (:func:`assign_latent_frames`; ties go to the earlier
 segment), so every latent frame counts in exactly one segment. With Wan's causal 4× VAE the clean
-layout is segments starting at frames ``0, 1 + 4m, ...``; a labelled segment that gets no latent frame
+layout is segments starting at frames ``0, 1 + s, 1 + 2s, ...`` with ``s`` a multiple of 4; a labelled segment that gets no latent frame
 is an error, not a silent zero.
 
 **Structural pairs** (:func:`structural_pair`): DenseDPO's way to make pairs that share motion and
@@ -81,6 +82,17 @@ def uniform_segment_starts(num_frames: int, segment_frames: int) -> list[int]:
     if segment_frames < 1:
         raise ValueError(f"segment_frames must be >= 1, not {segment_frames}")
     return list(range(0, num_frames, segment_frames))
+
+
+def causal_segment_starts(num_frames: int, segment_frames: int) -> list[int]:
+    """Segments of ``s`` frames for a causal video VAE: frame 0 joins the first segment, ``[0, s+1, 2s+1, ...]``.
+
+    With ``s`` a multiple of the VAE's temporal compression every segment owns whole latent frames
+    (Wan, 81 frames, ``s = 16``: five segments of latent frames ``{0..4}, {5..8}, ..., {17..20}``).
+    """
+    if segment_frames < 1:
+        raise ValueError(f"segment_frames must be >= 1, not {segment_frames}")
+    return [0, *range(segment_frames + 1, num_frames, segment_frames)]
 
 
 def assign_latent_frames(segment_starts: Sequence[int], num_frames: int,
@@ -288,8 +300,9 @@ def make_structural_pairs(backbone, clips_file: str | Path, out_dir: str | Path,
     """Structural pairs for every ``{"prompt", "video"}`` line of ``clips_file``; writes ``out_dir/clips/*.npy``
     and ``out_dir/pairs.jsonl`` (atomically, at the end) and returns the JSONL path.
 
-    Row ``i`` uses seeds ``(seed + 2i, seed + 2i + 1)``. Without ``reward`` the rows carry
-    ``segment_frames`` and ``"segment_labels": null`` for annotators to fill in (the reader refuses
+    Row ``i`` uses seeds ``(seed + 2i, seed + 2i + 1)``. Rows carry ``segment_starts`` of
+    ``segment_frames``-frame segments (:func:`causal_segment_starts` for a causal VAE). Without ``reward``
+    they have ``"segment_labels": null`` for annotators to fill in (the reader refuses
     unlabelled rows). With a :class:`~diffalign.rewards.RewardModel`, each segment is labelled by its
     mean per-frame reward (:func:`label_segments_by_reward`).
     """
@@ -312,8 +325,9 @@ def make_structural_pairs(backbone, clips_file: str | Path, out_dir: str | Path,
         s = segment_frames or int(obj.get("segment_frames") or 0) or None
         if s is None:
             raise ValueError(f"{src}: give segment_frames (the segment length in frames)")
-        row["segment_frames"] = s
-        starts = uniform_segment_starts(a.shape[1], s)
+        starts = (causal_segment_starts if getattr(backbone, "causal_vae", False) else uniform_segment_starts)(
+            a.shape[1], s)
+        row["segment_starts"] = starts
         row["segment_labels"] = (label_segments_by_reward(reward, a, b, prompt, starts, tie_margin=tie_margin)
                                  if reward is not None else None)
         rows.append(row)

@@ -101,3 +101,15 @@ def test_clip_formats(tmp_path):
     np.save(tmp_path / "bad.npy", frames[..., :2])
     with pytest.raises(ValueError, match=r"must be \[T, H, W, 3\]"):
         load_clip(tmp_path / "bad.npy")
+
+
+def test_segments_labelled_by_mean_per_frame_reward():
+    from diffalign.data.video import label_segments_by_reward
+    from diffalign.rewards import load_reward
+
+    reward = load_reward("brightness")
+    bright, dark = torch.full((3, 4, 8, 8), 0.9), torch.full((3, 4, 8, 8), 0.1)
+    clip_0 = torch.cat([bright, dark, bright], 1)
+    clip_1 = torch.cat([dark, bright, bright], 1)
+    assert label_segments_by_reward(reward, clip_0, clip_1, "x", [0, 4, 8]) == ["win", "lose", "tie"]
+    assert label_segments_by_reward(reward, clip_0, clip_1, "x", [0, 4, 8], tie_margin=1.0) == ["tie"] * 3

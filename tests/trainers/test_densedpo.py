@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from diffalign import testing
-from diffalign.data.video import make_structural_pairs, read_video_pairs, save_clip
+from diffalign.cli import main
+from diffalign.data.video import read_video_pairs, save_clip
 from diffalign.models import load_backbone
 from diffalign.trainers import METHODS, TRAINERS, build_method, run_recipe
 from diffalign.trainers.config import recipe_from_dict
@@ -45,26 +46,31 @@ def moving_disc(frames: int = 17, size: int = 32) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def pair_dir(tmp_path_factory, wan_folder):
-    """One structural pair of the moving disc (η = 1, 4 steps) made by ``make_structural_pairs``, and
-    label files over segments starting at frames 0, 5, 9, 13 (latent frames {0,1}, {2}, {3}, {4})."""
+    """One structural pair of the moving disc (η = 1, 4 steps) made by ``diffalign data video-pairs``, and
+    label files over its segments, starting at frames 0, 5, 9, 13 (latent frames {0,1}, {2}, {3}, {4})."""
     root = tmp_path_factory.mktemp("densedpo")
     save_clip(root / "src.npy", moving_disc())
     (root / "clips.jsonl").write_text(json.dumps({"prompt": "a red disc", "video": "src.npy"}) + "\n")
-    backbone = load_backbone(wan_folder)
-    out = make_structural_pairs(backbone, root / "clips.jsonl", root / "pairs", strength=1.0, num_inference_steps=4,
-                                segment_frames=4)
-    row = json.loads(out.read_text())
-    assert row["segment_labels"] is None and row["segment_frames"] == 4   # left for annotators
-    del row["segment_frames"]
-    row["segment_starts"] = [0, 5, 9, 13]
+    assert main(["data", "video-pairs", str(root / "clips.jsonl"), "--model", str(wan_folder), "--out",
+                 str(root / "pairs"), "--strength", "1.0", "--steps", "4", "--segment-frames", "4"]) == 0
+    row = json.loads((root / "pairs" / "pairs.jsonl").read_text())
+    assert row["segment_labels"] is None and row["segment_starts"] == [0, 5, 9, 13]   # labels left for annotators
     for name, labels in {"allwin": ["win"] * 4, "flip": ["win", "win", "lose", "win"],
                          "ties": ["tie", "win", "tie", "lose"]}.items():
         (root / "pairs" / f"{name}.jsonl").write_text(json.dumps(dict(row, segment_labels=labels)) + "\n")
     return root / "pairs"
 
 
-def test_registered():
+def test_registered_with_a_recipe():
+    from pathlib import Path
+
+    from diffalign.trainers.config import load_recipe
+
     assert "densedpo" in METHODS and TRAINERS["densedpo"] == "diffalign.trainers.densedpo"
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "pipelines" / "wan-densedpo.yaml")
+    assert recipe.data.format == "video-segments" and recipe.model.pretrained.startswith("Wan-AI/")
+    spec = dict(recipe.method)
+    assert isinstance(METHODS[spec.pop("name")].config_class(**spec), DenseDPOConfig)
     with pytest.raises(ValueError, match="unknown loss type"):
         DenseDPOConfig(loss_type="orpo")
 
