@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "score": ("diffalign.rewards.cli", "score images with one or more reward models"),
     "eval": ("diffalign.eval.cli", "benchmark a model (or two, paired): generate, score, results.json, report.html"),
     "data": ("diffalign.data.cli", "build, label and inspect preference data"),
+    "rewrite": ("diffalign.text.cli", "prompt rewriter: generate rewrites, train text methods, build pairs from images"),
     "demo": ("diffalign.shapes.demo", "the whole pipeline on the bundled Shapes world, offline, on a CPU"),
     "bench": ("diffalign.trainers.bench", "measure training throughput and peak memory"),
     "shapes": ("diffalign.shapes.cli", "Shapes world tools: pretrain the base model and reward, render, evaluate"),

@@ -61,6 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rewards", help="reward names, comma-separated (see `diffalign score --reward`)")
     g.add_argument("--detector", help="GenEval detector: auto, none, shapes, transformers:<hub id or folder>")
     g.add_argument("--output-dir", help="run folder (images, results.json, report.html)")
+    g = parser.add_argument_group("prompt rewriter")
+    g.add_argument("--rewriter", help="a prompt rewriter (causal LM hub id, folder, or a `diffalign rewrite train` "
+                                      "run's final/): --model samples the rewritten prompts, scored against the "
+                                      "original ones, and is compared with the original prompts (or --compare-*)")
+    g.add_argument("--rewriter-guidance", choices=["rewrite", "original-centered"], default="rewrite",
+                   help="sample with the rewrite alone, or Parrot-style guidance centred on the original prompt")
+    g.add_argument("--rewriter-original-weight", type=float, default=0.5,
+                   help="original-centered: the share of the guidance scale given to the original prompt")
 
 
 def prompts_fields(value: str) -> dict[str, Any]:
@@ -166,6 +174,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if getattr(args, "rewriter", None):
+        from diffalign.text.eval import with_rewriter
+
+        cfg = with_rewriter(cfg, args.rewriter, guidance=args.rewriter_guidance,
+                            original_weight=args.rewriter_original_weight)
     results = run_eval(cfg)
     out = Path(cfg.output.dir)
     print()

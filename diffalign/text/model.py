@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from diffalign.text.logprobs import SequenceLogProbs, TokenBatch, sequence_logprobs
+
+
+CARRIED_FILES = ("rewriter.json",)  # copied from the loaded folder into every saved one
 
 
 def load_tokenizer(name_or_path: str | Path, *, revision: str | None = None, trust_remote_code: bool = False):
@@ -45,9 +49,10 @@ class CausalLM:
         tokenizer: its tokenizer (a pad token is required; :func:`load_tokenizer` sets one).
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer):
+    def __init__(self, model: torch.nn.Module, tokenizer, source: str | Path | None = None):
         self.denoiser = model
         self.tokenizer = tokenizer
+        self.source = source
         self._reference_model: torch.nn.Module | None = None
         self._lora = False
 
@@ -73,7 +78,7 @@ class CausalLM:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, source=adapter if adapter is not None else name_or_path)
 
     # ---- what trains
     @property
@@ -151,6 +156,10 @@ class CausalLM:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.raw_model.save_pretrained(str(out_dir), safe_serialization=True)
         self.tokenizer.save_pretrained(str(out_dir))
+        for name in CARRIED_FILES:  # files describing how the model is prompted travel with it
+            src = Path(self.source) / name if self.source is not None else None
+            if src is not None and src.is_file():
+                shutil.copy2(src, out_dir / name)
         return out_dir
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_model, make_tokenizer
+from tests.text.conftest import make_model, make_tokenizer
 from diffalign.text.logprobs import collate, sequence_logprobs, token_logprobs, tokenize_completion
 
 
