@@ -1,8 +1,11 @@
 """`diffalign demo` end to end at a toy size: the files and the table a user sees."""
 
+import base64
+import io
 import json
 import random
 import re
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +37,22 @@ def test_preference_rows_pair_best_with_worst_and_flip_reverses_labels():
     assert [r["label_0"] for r in flipped] == [0.0, 1.0]
 
 
-@pytest.mark.slow
-def test_demo_writes_results_report_and_table(tmp_path, capsys):
-    out = tmp_path / "demo"
-    rc = main(["demo", "--output-dir", str(out), "--train-prompts", "6", "--eval-prompts-per-task", "1",
-               "--images-per-prompt", "2", "--sample-steps", "2", "--eval-steps", "2",
-               "--train.max_steps=3", "--train.batch_size=2", "--train.lr_warmup_steps=0"])
+@pytest.fixture(scope="module")
+def toy_demo(tmp_path_factory):
+    """`diffalign demo` at a toy size: its output folder and what it printed."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        rc = main(["demo", "--output-dir", str(out), "--train-prompts", "6", "--eval-prompts-per-task", "1",
+                   "--images-per-prompt", "2", "--sample-steps", "2", "--eval-steps", "2",
+                   "--train.max_steps=3", "--train.batch_size=2", "--train.lr_warmup_steps=0"])
     assert rc == 0
+    return out, printed.getvalue()
+
+
+@pytest.mark.slow
+def test_demo_writes_results_report_and_table(toy_demo):
+    out, table = toy_demo
     results = json.loads((out / "results.json").read_text())
     assert results["labels"]["pairs"] == 6
     assert results["n_images"] == 6 * 2  # 6 tasks × 1 prompt × 2 seeds
@@ -50,10 +62,29 @@ def test_demo_writes_results_report_and_table(tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert html.count("<img") >= 1 + 2 * 12  # the training plot and each base/aligned pair
     assert "training curves" in html
-    table = capsys.readouterr().out
     assert re.search(r"ShapesEval overall\s+\d\.\d{3}\s+\d\.\d{3}", table)
     assert "oracle win rate aligned over base" in table
     assert (out / "train" / "final" / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_demo_report_shows_the_plot_and_the_grid_in_headless_chromium(toy_demo, tmp_path):
+    from browser import find, require_chromium, screenshot
+
+    browser = require_chromium()
+    out, _ = toy_demo
+    html = (out / "report.html").read_text()
+    images = [(width, Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+              for width, data in re.findall(r"<img (?:width=(\d+) )?src='data:image/png;base64,([^']*)'", html)]
+    plot = next(im for width, im in images if not width)           # the training curves, at their own size
+    width, cell = next((int(w), im) for w, im in images if w)      # the first base image of the grid, enlarged
+    pixels = np.asarray(screenshot(browser, out / "report.html", tmp_path / "demo.png")).astype(int)
+    w, h = plot.size
+    curve = np.asarray(plot.crop((w // 8, h // 8, w // 2, h - h // 8))).astype(int)  # the loss panel's middle
+    assert find(pixels, curve) < 1.0, "the training-curve plot is not on the rendered page"
+    scale = width // cell.width
+    enlarged = np.asarray(cell.resize((cell.width * scale, cell.height * scale), Image.Resampling.NEAREST)).astype(int)
+    assert find(pixels, enlarged) < 1.0, "the base/aligned grid is not on the rendered page"
 
 
 def test_candidates_keep_best_and_worst_and_round_trip(tmp_path):
