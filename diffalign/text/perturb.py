@@ -22,7 +22,8 @@ relation   a spatial relation becomes its opposite         a circle left of a sq
 
 The kind is drawn uniformly among the requested kinds that apply, then the site and the
 replacement uniformly. ``None`` means no rule applies (no known colour, count, object or relation).
-The word lists are module constants; ``vocab`` overrides them per call.
+The word lists are module constants; ``vocab`` overrides them per call: ``{"colour": [...],
+"count": [1, 2, 3], "object": [...] (one group), "relation": {phrase: opposite}}``.
 """
 
 from __future__ import annotations
@@ -107,10 +108,13 @@ def _normalise_kinds(kinds: Sequence[str] | str) -> list[str]:
 class _Lexicon:
     def __init__(self, vocab: Mapping[str, Sequence[str]] | None):
         vocab = dict(vocab or {})
-        unknown = set(vocab) - {"colour", "object", "relation"}
+        unknown = set(vocab) - {"colour", "count", "object", "relation"}
         if unknown:
-            raise ValueError(f"vocab may override 'colour', 'object' and 'relation', not {sorted(unknown)}")
+            raise ValueError(f"vocab may override 'colour', 'count', 'object' and 'relation', not {sorted(unknown)}")
         self.colours = tuple(vocab.get("colour", COLOURS))
+        self.counts = tuple(int(n) for n in vocab.get("count", range(1, MAX_COUNT + 1)))
+        if any(n < 1 for n in self.counts):
+            raise ValueError(f"vocab['count'] must hold counts >= 1, got {self.counts}")
         groups = {"custom": tuple(vocab["object"])} if "object" in vocab else OBJECT_GROUPS
         self.group_of: dict[str, str] = {}  # singular -> group
         self.singular: dict[str, tuple[str, bool]] = {}  # surface form -> (singular, is_plural)
@@ -195,8 +199,8 @@ def perturbations(caption: str, kinds: Sequence[str] | str = KINDS,
                 noun_word, ns, ne = words[j]
                 noun = lex.singular[noun_word.lower()][0]
                 alts = []
-                for m in range(1, MAX_COUNT + 1):
-                    if m == n:
+                for m in lex.counts:
+                    if m == n or (m >= len(NUMBER_WORDS) and not w.isdigit()):
                         continue
                     between = caption[e:ns]
                     first_next = words[i + 1][0] if i + 1 < j else noun_word

@@ -29,6 +29,8 @@ class TPOConfig:
             Diffusion-KTO's ``beta_dpo = 1000``).
         perturb_kinds: rule kinds of :func:`diffalign.text.perturb.perturb_caption` to draw from
             (colour, count, object, relation).
+        perturb_vocab: word lists replacing the perturbation's defaults (``{"colour": [...], "count":
+            [...], "object": [...], "relation": {...}}``), e.g. a small model's known words.
         loss_type, label_smoothing: the DPO form's loss (``sigmoid``, ``ipo``, ``hinge``, ``robust``).
         desirable_weight, undesirable_weight: the KTO form's λ_D, λ_U.
     """
@@ -36,6 +38,7 @@ class TPOConfig:
     form: str = "dpo"
     beta: float = 5000.0
     perturb_kinds: list[str] = field(default_factory=lambda: list(KINDS))
+    perturb_vocab: dict | None = None
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     desirable_weight: float = 1.0
@@ -46,10 +49,10 @@ class TPOConfig:
             raise ValueError(f"form must be one of {FORMS}, not {self.form!r}")
         if self.loss_type not in DPO_LOSS_TYPES:
             raise ValueError(f"unknown loss_type {self.loss_type!r}; choose from {DPO_LOSS_TYPES}")
-        perturb_caption("a red circle", random.Random(0), kinds=self.perturb_kinds)  # validates the kinds
+        perturb_caption("a red circle", random.Random(0), kinds=self.perturb_kinds, vocab=self.perturb_vocab)  # validates
 
 
-def negative_captions(prompts: list[str], rng: random.Random, kinds) -> list[str | None]:
+def negative_captions(prompts: list[str], rng: random.Random, kinds, vocab=None) -> list[str | None]:
     """A mismatched caption per prompt: a rule-based perturbation; when no rule applies, the next
     different prompt of the batch; None for an empty (dropped) prompt or when neither exists."""
     out: list[str | None] = []
@@ -57,7 +60,7 @@ def negative_captions(prompts: list[str], rng: random.Random, kinds) -> list[str
         if not p:
             out.append(None)
             continue
-        neg = perturb_caption(p, rng, kinds=kinds)
+        neg = perturb_caption(p, rng, kinds=kinds, vocab=vocab)
         if neg is None:
             neg = next((q for q in prompts[i + 1:] + prompts[:i] if q and q != p), None)
         out.append(neg)
@@ -84,7 +87,7 @@ class TPO(Method):
         if batch.prompts is None:
             raise ValueError("TPO needs the batch's caption texts (TrainBatch.prompts)")
         rng = random.Random(batch_generator(batch, "tpo").initial_seed())
-        negatives = negative_captions(batch.prompts, rng, c.perturb_kinds)
+        negatives = negative_captions(batch.prompts, rng, c.perturb_kinds, c.perturb_vocab)
         keep = torch.tensor([n is not None for n in negatives], device=batch.weights.device)
         neg_cond = self.backbone.encode_prompt([n if n is not None else p for n, p in zip(negatives, batch.prompts)])
         neg_cond = dataclasses.replace(neg_cond.to(batch.cond.prompt_embeds.device), time_ids=batch.cond.time_ids)

@@ -67,3 +67,11 @@ def test_vocab_override():
     sites = perturbations("a red circle", "colour", vocab={"colour": ["red", "green"]})["colour"]
     out = {p.text for site in sites for p in site}
     assert out == {"a green circle"}
+
+
+def test_vocab_limits_counts():
+    sites = perturbations("a photo of three circles", "count", vocab={"count": [1, 2, 3, 4]})["count"]
+    assert {p.text for site in sites for p in site} == {"a photo of a circle", "a photo of two circles",
+                                                         "a photo of four circles"}
+    with pytest.raises(ValueError, match="vocab"):
+        perturbations("a red circle", "colour", vocab={"texture": ["smooth"]})
