@@ -39,12 +39,18 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffalign.core.backprop import predict_x0, refl_step_range, refl_x0, sample_with_grad
+from diffalign.core.backprop import (
+    predict_x0,
+    refl_step_range,
+    refl_x0,
+    sample_with_grad,
+)
 from diffalign.core.sampling import make_sampler, uses_cfg
 from diffalign.models.base import Conditioning
 from diffalign.trainers.config import Recipe
 from diffalign.trainers.data import _stable_seed
 from diffalign.trainers.method import Method, StepOutput, TrainBatch
+from diffalign.trainers.online import load_prompts
 
 
 def run_positions(step: int, micro: int, process: int, num_processes: int, batch_size: int,
@@ -237,24 +243,6 @@ class PromptData:
                                   self.gradient_accumulation_steps)
         return PromptBatch([self.prompt_at(p) for p in positions], step, micro, process, num_processes,
                            _stable_seed(self.seed, "backprop", positions[0]))
-
-
-def load_prompts(spec: str | list[str], options: dict[str, Any] | None = None) -> list[str]:
-    """The prompt texts of ``spec``: a list of prompts, a prompt set name, ``NAME:PATH`` or a
-    ``.txt``/``.jsonl`` file (see :class:`RewardBackpropConfig`)."""
-    if isinstance(spec, list):
-        prompts = [str(p) for p in spec]
-    else:
-        from diffalign.eval.cli import prompts_fields
-        from diffalign.eval.prompts import load_prompt_set
-
-        where, options = prompts_fields(spec), dict(options or {})
-        if where["name"] == "shapes":
-            options.setdefault("split", "train")  # never the held-out combinations unless asked
-        prompts = [item.text for item in load_prompt_set(where["name"], path=where["path"], **options)]
-    if not prompts:
-        raise ValueError(f"method.prompts {spec!r}: no prompts")
-    return prompts
 
 
 @dataclass
@@ -570,6 +558,24 @@ def train(recipe: Recipe) -> Path:
     return loop_train(recipe, setup_fn=setup)
 
 
-__all__ = ["AlignProp", "AlignPropConfig", "DRaFT", "DRaFTConfig", "DRaFTLV", "DRaFTLVConfig", "ReFL", "ReFLConfig",
-           "RewardBackprop", "RewardBackpropConfig", "PromptBatch", "PromptData", "ShapesPretrainData", "METHODS",
-           "build_backprop_method", "load_backprop_reward", "load_prompts", "setup", "train"]
+__all__ = [
+    "METHODS",
+    "AlignProp",
+    "AlignPropConfig",
+    "DRaFT",
+    "DRaFTConfig",
+    "DRaFTLV",
+    "DRaFTLVConfig",
+    "PromptBatch",
+    "PromptData",
+    "ReFL",
+    "ReFLConfig",
+    "RewardBackprop",
+    "RewardBackpropConfig",
+    "ShapesPretrainData",
+    "build_backprop_method",
+    "load_backprop_reward",
+    "load_prompts",
+    "setup",
+    "train",
+]

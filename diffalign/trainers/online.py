@@ -41,7 +41,13 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from diffalign.core.sampling import Sampler, Trajectory, initial_latents, make_sampler, sample_trajectory
+from diffalign.core.sampling import (
+    Sampler,
+    Trajectory,
+    initial_latents,
+    make_sampler,
+    sample_trajectory,
+)
 from diffalign.trainers.config import Recipe
 from diffalign.trainers.data import _stable_seed as stable_seed
 from diffalign.trainers.method import StepOutput
@@ -95,20 +101,21 @@ class RolloutConfig:
 
 
 def load_prompts(spec: str | Sequence[str], options: dict[str, Any] | None = None) -> list[str]:
-    """The training prompts of ``spec`` (see :attr:`RolloutConfig.prompts`)."""
-    from diffalign.eval.prompts import load_prompt_file, load_prompt_set
-
-    options = dict(options or {})
+    """The training prompts of ``spec``: a list of prompts, a prompt-set name of
+    :func:`diffalign.eval.prompts.load_prompt_set` (``shapes`` defaults to its ``train`` split: never
+    the held-out combinations unless asked), ``NAME:PATH`` or a ``.txt``/``.jsonl`` prompt file."""
     if not isinstance(spec, str):
         prompts = [str(p) for p in spec]
-    elif spec.endswith((".txt", ".jsonl")):
-        prompts = [item.text for item in load_prompt_file(spec)]
     else:
-        if spec == "shapes":
+        from diffalign.eval.cli import prompts_fields
+        from diffalign.eval.prompts import load_prompt_set
+
+        where, options = prompts_fields(spec), dict(options or {})
+        if where["name"] == "shapes":
             options.setdefault("split", "train")
-        prompts = [item.text for item in load_prompt_set(spec, **options)]
+        prompts = [item.text for item in load_prompt_set(where["name"], path=where["path"], **options)]
     if not prompts:
-        raise ValueError(f"no training prompts in {spec!r}")
+        raise ValueError(f"method.prompts {spec!r}: no prompts")
     return prompts
 
 
