@@ -12,6 +12,14 @@ from diffalign.objectives.preference import (
     sft_loss,
     simpo_loss,
 )
+from diffalign.objectives.ranked import (
+    RankedOutput,
+    delta_dcg_weights,
+    ranked_dpo_loss,
+    smoothed_beta_scale,
+    smoothed_preference,
+)
 
 __all__ = ["DPO_LOSS_TYPES", "PreferenceOutput", "dpo_loss", "kto_loss", "mapo_loss", "mapo_odds", "sft_loss", "simpo_loss",
            "orpo_loss", "log1mexp"]
+__all__ += ["RankedOutput", "delta_dcg_weights", "ranked_dpo_loss", "smoothed_beta_scale", "smoothed_preference"]
