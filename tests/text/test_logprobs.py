@@ -2,9 +2,14 @@ import math
 
 import pytest
 import torch
+from text_helpers import make_model, make_tokenizer
 
-from tests.text.conftest import make_model, make_tokenizer
-from diffalign.text.logprobs import collate, sequence_logprobs, token_logprobs, tokenize_completion
+from diffalign.text.logprobs import (
+    collate,
+    sequence_logprobs,
+    token_logprobs,
+    tokenize_completion,
+)
 
 
 def test_tokenize_standard_masks_prompt_and_appends_eos():

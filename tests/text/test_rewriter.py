@@ -1,10 +1,9 @@
 import json
-import random
 
 import pytest
 import torch
+from text_helpers import make_model, make_tokenizer
 
-from tests.text.conftest import make_model, make_tokenizer
 from diffalign.text.llm_perturb import LLMPerturber, changed_words, is_minimal_edit
 from diffalign.text.model import CausalLM
 from diffalign.text.pairs import candidate_lists, select_pairs, semantic_weights
@@ -73,7 +72,7 @@ def test_select_pairs_by_hand():
 
 def test_semantic_weights_by_hand():
     table = {"x": [1.0, 0.0], "same": [2.0, 0.0], "orth": [0.0, 3.0], "half": [1.0, 1.0]}
-    embed = lambda texts: torch.tensor([table[t] for t in texts])  # noqa: E731
+    embed = lambda texts: torch.tensor([table[t] for t in texts])
     w = semantic_weights(embed, ["x", "x", "x"], ["same", "orth", "half"], alpha=2.0)
     cos_half = 2 ** -0.5
     assert w == pytest.approx([1.0, torch.exp(torch.tensor(-2.0)).item(),

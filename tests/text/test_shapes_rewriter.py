@@ -70,8 +70,8 @@ def test_build_pairs_scores_candidates_against_the_original(pipe):
 def test_eval_with_rewriter_scores_rewritten_images_against_original_prompts(tmp_path):
     """`diffalign eval --rewriter`: rewritten images, original-prompt metadata, compared with the originals."""
     from diffalign.cli import main
-    from diffalign.text.shapes import _TokOnly, make_tiny_lm, shapes_tokenizer
     from diffalign.text.rewriter import PromptRewriter
+    from diffalign.text.shapes import _TokOnly, make_tiny_lm, shapes_tokenizer
 
     tok = shapes_tokenizer()
     make_tiny_lm(tok).save_pretrained(tmp_path / "lm")
