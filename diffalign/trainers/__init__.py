@@ -35,6 +35,10 @@ ONLINE_METHODS = (DDPO, GRPO, FlowGRPO, PrefGRPO, D3PO, SePPO)
 METHODS.update({m.name: m for m in ONLINE_METHODS})
 TRAINERS.update({m.name: "diffalign.trainers.online" for m in ONLINE_METHODS})
 
+# Causal-LM methods (diffalign.text.methods.TEXT_METHODS): the same loop with a text backbone and TRL-format data.
+TEXT_METHOD_NAMES = ("text-sft", "text-dpo", "text-kto", "text-simpo", "text-orpo")
+TRAINERS.update({name: "diffalign.text.trainer" for name in TEXT_METHOD_NAMES})
+
 
 def run_recipe(recipe) -> Path:
     """Train ``recipe`` with its method's trainer (the offline loop unless :data:`TRAINERS` names

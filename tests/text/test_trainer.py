@@ -119,3 +119,16 @@ def test_text_recipe_errors(tiny_lm_dir, pairs_file, tmp_path):
         train(bad)
     with pytest.raises(ValueError, match="unknown loss type"):
         train(_recipe(tiny_lm_dir, pairs_file, tmp_path / "y", {"name": "text-dpo", "loss_type": "nope"}))
+
+
+def test_diffalign_train_runs_a_text_recipe(tiny_lm_dir, pairs_file, tmp_path):
+    from diffalign.cli import main
+    from diffalign.text.methods import TEXT_METHODS
+    from diffalign.trainers import TEXT_METHOD_NAMES
+
+    assert set(TEXT_METHOD_NAMES) == set(TEXT_METHODS)
+    out = tmp_path / "run"
+    assert main(["train", "-", f"--model.pretrained={tiny_lm_dir}", "--model.lora_rank=4", f"--data.source={pairs_file}",
+                 "--data.format=trl", "--method.name=text-dpo", "--train.max_steps=1", "--train.batch_size=2",
+                 f"--train.output_dir={out}", "--train.checkpointing_steps=0"]) == 0
+    assert (out / "final" / "adapter_config.json").is_file()
