@@ -6,6 +6,7 @@ from diffalign.objectives.preference import (
     dpo_loss,
     kto_loss,
     log1mexp,
+    loss_terms,
     mapo_loss,
     mapo_odds,
     orpo_loss,
@@ -20,6 +21,17 @@ from diffalign.objectives.ranked import (
     smoothed_preference,
 )
 
-__all__ = ["DPO_LOSS_TYPES", "PreferenceOutput", "dpo_loss", "kto_loss", "mapo_loss", "mapo_odds", "sft_loss", "simpo_loss",
-           "orpo_loss", "log1mexp"]
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "PreferenceOutput",
+    "dpo_loss",
+    "kto_loss",
+    "log1mexp",
+    "loss_terms",
+    "mapo_loss",
+    "mapo_odds",
+    "orpo_loss",
+    "sft_loss",
+    "simpo_loss",
+]
 __all__ += ["RankedOutput", "delta_dcg_weights", "ranked_dpo_loss", "smoothed_beta_scale", "smoothed_preference"]

@@ -30,6 +30,19 @@ class PreferenceOutput:
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
+def loss_terms(loss_type: str | list[str], loss_weights: list[float] | None = None) -> list[tuple[str, float]]:
+    """``loss_type`` (one name or a list, as TRL's) with ``loss_weights`` (default all 1) as
+    ``[(name, weight), ...]``; names are :data:`DPO_LOSS_TYPES` or ``sft``."""
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = loss_weights or [1.0] * len(types)
+    if len(weights) != len(types):
+        raise ValueError(f"loss_weights {weights} must match loss_type {types}")
+    for t in types:
+        if t not in (*DPO_LOSS_TYPES, "sft"):
+            raise ValueError(f"unknown loss type {t!r}; choose from {(*DPO_LOSS_TYPES, 'sft')}")
+    return list(zip(types, weights))
+
+
 def dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from diffalign.objectives import DPO_LOSS_TYPES, dpo_loss, kto_loss, orpo_loss, simpo_loss
+from diffalign.objectives import dpo_loss, kto_loss, loss_terms, orpo_loss, simpo_loss
 from diffalign.text.logprobs import TokenBatch
 from diffalign.trainers.method import StepOutput, weighted_mean
 
@@ -131,14 +131,7 @@ class TextDPOConfig(TextConfig):
     label_smoothing: float = 0.0
 
     def terms(self) -> list[tuple[str, float]]:
-        types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        weights = self.loss_weights or [1.0] * len(types)
-        if len(weights) != len(types):
-            raise ValueError(f"loss_weights {weights} must match loss_type {types}")
-        for t in types:
-            if t not in (*DPO_LOSS_TYPES, "sft"):
-                raise ValueError(f"unknown loss type {t!r}; choose from {(*DPO_LOSS_TYPES, 'sft')}")
-        return list(zip(types, weights))
+        return loss_terms(self.loss_type, self.loss_weights)
 
 
 class TextDPO(TextMethod):

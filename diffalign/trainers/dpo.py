@@ -7,8 +7,14 @@ from dataclasses import dataclass
 import torch
 
 from diffalign.core.likelihood import elbo_loglik
-from diffalign.objectives import DPO_LOSS_TYPES, dpo_loss
-from diffalign.trainers.method import Method, StepOutput, TrainBatch, weighted_mean
+from diffalign.objectives import dpo_loss, loss_terms
+from diffalign.trainers.method import (
+    Method,
+    StepOutput,
+    TrainBatch,
+    dpo_metrics,
+    weighted_mean,
+)
 
 
 @dataclass
@@ -32,14 +38,7 @@ class DiffusionDPOConfig:
     label_smoothing: float = 0.0
 
     def terms(self) -> list[tuple[str, float]]:
-        types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        weights = self.loss_weights or [1.0] * len(types)
-        if len(weights) != len(types):
-            raise ValueError(f"loss_weights {weights} must match loss_type {types}")
-        for t in types:
-            if t not in (*DPO_LOSS_TYPES, "sft"):
-                raise ValueError(f"unknown loss type {t!r}; choose from {(*DPO_LOSS_TYPES, 'sft')}")
-        return list(zip(types, weights))
+        return loss_terms(self.loss_type, self.loss_weights)
 
 
 def diffusion_dpo_loss(
@@ -66,23 +65,7 @@ def diffusion_dpo_loss(
         total = total + w * weighted_mean(term, weights)
     if out is None:  # metrics need the DPO logit even when only "sft" is trained
         out = dpo_loss(policy_w, policy_l, ref_w, ref_l, beta=config.beta)
-    return StepOutput(total, preference_metrics(out.logits, out.chosen_rewards, out.rejected_rewards, policy_errors, ref_errors))
-
-
-def preference_metrics(logits, chosen_rewards, rejected_rewards, policy_errors, ref_errors) -> dict[str, torch.Tensor]:
-    logits = logits.detach()
-    ew, el = policy_errors.detach().chunk(2)
-    rw, rl = ref_errors.detach().chunk(2)
-    return {
-        "implicit_acc": (logits > 0).float().mean() + 0.5 * (logits == 0).float().mean(),
-        "reward_margin": (chosen_rewards - rejected_rewards).mean(),
-        "reward_chosen": chosen_rewards.mean(),
-        "reward_rejected": rejected_rewards.mean(),
-        "model_mse_chosen": ew.mean(),
-        "model_mse_rejected": el.mean(),
-        "ref_mse_chosen": rw.mean(),
-        "ref_mse_rejected": rl.mean(),
-    }
+    return StepOutput(total, dpo_metrics(out.logits, out.chosen_rewards, out.rejected_rewards, policy_errors, ref_errors))
 
 
 class DiffusionDPO(Method):
