@@ -3,36 +3,22 @@
 import pytest
 import torch
 
-from diffalign import testing
-from diffalign.core.backprop import predict_x0, refl_step_range, refl_x0, sample_with_grad
+from diffalign.core.backprop import (
+    predict_x0,
+    refl_step_range,
+    refl_x0,
+    sample_with_grad,
+)
 from diffalign.core.sampling import guided_prediction, make_sampler, sample_trajectory
 
 PROMPTS = ["a photo of a red cat", "a dog"]
-BUILDERS = {
-    "sd": lambda p: testing.make_tiny_sd(p),
-    "sd-v": lambda p: testing.make_tiny_sd(p, prediction_type="v_prediction"),
-    "sd3": lambda p: testing.make_tiny_sd3(p),
-}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root, built = tmp_path_factory.mktemp("tiny"), {}
-
-    def get(name):
-        if name not in built:
-            built[name] = BUILDERS[name](root / name)
-        return built[name]
-
-    return get
+@pytest.fixture
+def folder(tiny_folder):
+    """``folder(name)`` -> a tiny pipeline folder (tests/tiny_pipelines.py), built once per session."""
+    return tiny_folder
 
 
 @pytest.fixture

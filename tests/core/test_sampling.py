@@ -7,7 +7,6 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-from diffalign import testing
 from diffalign.core.sampling import (
     DDIMSampler,
     FlowSDESampler,
@@ -20,33 +19,13 @@ from diffalign.core.sampling import (
 )
 
 PROMPTS = ["a photo of a red cat", "a dog", "blue square and the hat", ""]
-BUILDERS = {
-    "sd": lambda p: testing.make_tiny_sd(p),
-    "sd-v": lambda p: testing.make_tiny_sd(p, prediction_type="v_prediction"),
-    "sdxl": lambda p: testing.make_tiny_sdxl(p),
-    "sd3": lambda p: testing.make_tiny_sd3(p),
-}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """``folder(name)`` -> a tiny pipeline folder, built once per module."""
-    root, built = tmp_path_factory.mktemp("tiny"), {}
-
-    def get(name):
-        if name not in built:
-            built[name] = BUILDERS[name](root / name)
-        return built[name]
-
-    return get
+@pytest.fixture
+def folder(tiny_folder):
+    """``folder(name)`` -> a tiny pipeline folder (tests/tiny_pipelines.py), built once per session."""
+    return tiny_folder
 
 
 @pytest.fixture

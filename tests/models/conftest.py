@@ -2,43 +2,7 @@
 
 import pytest
 import torch
-
-from diffalign import testing
-
-BUILDERS = {
-    "sd": lambda p: testing.make_tiny_sd(p),
-    "sd-v": lambda p: testing.make_tiny_sd(p, prediction_type="v_prediction"),
-    "sdxl": lambda p: testing.make_tiny_sdxl(p),
-    "sd3": lambda p: testing.make_tiny_sd3(p),
-    "sd3-t5": lambda p: testing.make_tiny_sd3(p, with_t5=True),
-}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run ~20x faster on one thread than fighting for a shared machine's cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny_pipelines")
-
-
-@pytest.fixture(scope="session")
-def tiny_folder(tiny_root):
-    """``tiny_folder(name)`` -> the saved pipeline folder, built on first use."""
-    built = {}
-
-    def get(name: str):
-        if name not in built:
-            built[name] = BUILDERS[name](tiny_root / name)
-        return built[name]
-
-    return get
+from tiny_pipelines import BUILDERS
 
 
 @pytest.fixture(params=list(BUILDERS))

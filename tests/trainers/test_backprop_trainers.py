@@ -24,13 +24,6 @@ from diffalign.trainers.config import load_recipe
 PROMPTS = ["a red circle", "a blue square", "two green triangles", "a yellow circle left of a red square"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
@@ -339,10 +332,10 @@ def test_draft_raises_the_heldout_reward_and_the_sign_flipped_control_lowers_it(
     the differentiable brightness reward; scored on held-out prompt combinations with fixed seeds
     through plain diffusers (base vs base + LoRA). The paired bootstrap 95% CI of the reward
     difference must exclude 0: above it for the run, below it for the negated-reward control."""
-    from diffalign.eval.compare import paired_comparison
-    from diffalign.eval.generate import generate
     from diffusers import StableDiffusionPipeline
 
+    from diffalign.eval.compare import paired_comparison
+    from diffalign.eval.generate import generate
     from diffalign.rewards import load_reward
     from diffalign.shapes.grammar import prompt_set
     from diffalign.shapes.model import base_model_path

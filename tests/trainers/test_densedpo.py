@@ -21,14 +21,6 @@ from diffalign.trainers.densedpo import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def wan_folder(tmp_path_factory):
     return testing.make_tiny_wan(tmp_path_factory.mktemp("wan") / "wan")

@@ -10,19 +10,16 @@ import torch
 
 from diffalign.cli import main
 from diffalign.trainers.d3po import d3po_loss, pairs_from_label_files
-from diffalign.trainers.ddpo import PerPromptStatTracker, group_advantages, ppo_clip_loss
+from diffalign.trainers.ddpo import (
+    PerPromptStatTracker,
+    group_advantages,
+    ppo_clip_loss,
+)
 from diffalign.trainers.online import trajectory_plan
 from diffalign.trainers.seppo import seppo_loss
 
 PROMPTS = ["a red circle", "a blue square", "two green triangles", "a yellow circle left of a red square"]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _metrics(out):
