@@ -30,9 +30,10 @@ from diffalign.shapes.oracle import Oracle
 from diffalign.trainers.config import load_recipe
 from diffalign.trainers.loop import train
 
-# Opt-in for now (issue #3): it passed once on the build machine (1 torch thread, 13.5 min on a loaded 2-core
-# CPU); it goes into the default run once its margin is known to hold across thread counts and CPUs and the
-# suite's idle runtime with it is measured.
+# Opt-in for now (issue #3): it passed twice on the build machine (1 torch thread: 13.5 and 17 min on a loaded
+# 2-core CPU, the second after the InPO/TPO/text trainers landed), but at that cost it does not fit the suite's
+# 25-minute budget next to everything else; it goes into the default run once a cheaper setting with the same
+# margin is found (fewer steps at a higher learning rate, 150 at 4e-3, gave 0.566 (0.507-0.636): too thin).
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.environ.get("DIFFALIGN_EFFICACY") != "1",
@@ -44,8 +45,17 @@ EVAL_PER_TASK, EVAL_SEEDS = 12, 2  # 144 held-out images
 STEPS = {"num_inference_steps": 20, "guidance_scale": 5.0}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: the measured margins are those of single-threaded numerics, whatever the CPU count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def world():
+def world(_one_thread):
     torch.manual_seed(0)
     base = load_base_pipeline()
     eval_prompts, eval_seeds = heldout_eval_set(EVAL_PER_TASK, EVAL_SEEDS)
