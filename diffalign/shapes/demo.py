@@ -1,6 +1,8 @@
 """`diffalign demo`: the whole pipeline on the bundled Shapes world, offline, on a CPU.
 
-1. sample candidate images for each training prompt from the bundled base model;
+1. sample candidate images for each training prompt from the bundled base model (by default the
+   bundled ``datasets/shapes-candidates``, which are exactly those samples, after re-sampling a
+   spot check of them: sampling all 1,600 takes longer than the rest of the demo on 2 CPU cores);
 2. pair each prompt's best and worst candidate and label the pair with the (noisy) oracle annotator
    (Pick-a-Pic v2 schema: ``jpg_0, jpg_1, label_0, caption``);
 3. train Diffusion-DPO with LoRA through the normal recipe (``pipelines/shapes-diffusion-dpo.yaml``);
@@ -25,6 +27,9 @@ import torch
 ACCEPTS_OVERRIDES = True  # recipe overrides, e.g. --train.max_steps=50
 
 RECIPE = Path(__file__).resolve().parents[2] / "pipelines" / "shapes-diffusion-dpo.yaml"
+BUNDLED_CANDIDATES = Path(__file__).resolve().parents[2] / "datasets" / "shapes-candidates" / "candidates.parquet"
+# the settings the bundled candidates were sampled with (`diffalign shapes candidates`, its defaults)
+BUNDLED_SETTINGS = {"seed": 0, "images_per_prompt": 4, "sample_steps": 20, "guidance_scale": 5.0, "max_prompts": 400}
 
 
 @dataclass
@@ -43,6 +48,8 @@ class DemoConfig:
     oracle_noise: float = 0.1
     flip_labels: bool = False          # the control: train on reversed preferences
     seed: int = 0
+    candidates: str = "bundled"        # "bundled" (spot-checked), "sample" (all afresh) or a candidates parquet
+    spot_check_prompts: int = 4        # bundled: prompts re-sampled to check the file is this model's samples
     overrides: list[str] = field(default_factory=list)
 
 
@@ -200,6 +207,58 @@ def compare_images(base_imgs, aligned_imgs, prompts) -> dict:
     return out
 
 
+def bundled_candidates_match(cfg: DemoConfig) -> bool:
+    """Whether ``cfg`` asks for candidates the bundled file holds (same seed, samples, steps, guidance; at
+    most its 400 prompts: prompts and seeds are drawn in order, so fewer prompts are a prefix)."""
+    b = BUNDLED_SETTINGS
+    return (BUNDLED_CANDIDATES.is_file() and cfg.seed == b["seed"] and cfg.images_per_prompt == b["images_per_prompt"]
+            and cfg.sample_steps == b["sample_steps"] and cfg.guidance_scale == b["guidance_scale"]
+            and cfg.train_prompts <= b["max_prompts"])
+
+
+def spot_check(pipe, prompts, stored: Candidates, cfg: DemoConfig) -> bool:
+    """Re-sample the first ``cfg.spot_check_prompts`` prompts and compare them with ``stored`` (best and
+    worst images within 2 of 255 per pixel, utilities within 0.02: CPU numerics differ in the last bits)."""
+    import numpy as np
+
+    n = min(cfg.spot_check_prompts, len(prompts))
+    if n == 0:
+        return True
+    fresh = sample_candidates(pipe, prompts[:n], images_per_prompt=cfg.images_per_prompt, seed=cfg.seed,
+                              num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+                              progress="spot check").extremes()
+    if [p.text for p in prompts[:n]] != [p.text for p in stored.prompts[:n]]:
+        return False
+    same_images = all(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 2
+                      for got, want in zip(fresh.images, stored.images[:n]) for a, b in zip(got, want))
+    return same_images and bool(np.allclose(fresh.utilities, stored.utilities[:n], atol=0.02))
+
+
+def training_candidates(pipe, prompts, cfg: DemoConfig) -> tuple[Candidates, str]:
+    """The training candidates of ``prompts`` and where they came from (``cfg.candidates``): the bundled
+    ones when they are these samples (spot-checked; else sampled afresh), all sampled, or a given file."""
+    if cfg.candidates not in ("bundled", "sample"):
+        stored = Candidates.load(cfg.candidates)
+        if [p.text for p in stored.prompts[:len(prompts)]] != [p.text for p in prompts]:
+            raise ValueError(f"{cfg.candidates} holds other prompts than the demo's {len(prompts)} training prompts "
+                             f"(seed {cfg.seed}); make it with `diffalign shapes candidates`")
+        return _first(stored, len(prompts)), str(cfg.candidates)
+    if cfg.candidates == "bundled" and bundled_candidates_match(cfg):
+        stored = Candidates.load(BUNDLED_CANDIDATES)
+        if spot_check(pipe, prompts, stored, cfg):
+            print(f"candidates: the bundled base-model samples ({BUNDLED_CANDIDATES.parent.name}; "
+                  f"{min(cfg.spot_check_prompts, len(prompts))} prompts re-sampled and matched); "
+                  "--candidates sample samples all of them again")
+            return _first(stored, len(prompts)), "bundled (spot-checked)"
+        print("candidates: the bundled samples do not match this base model; sampling them all")
+    return sample_candidates(pipe, prompts, images_per_prompt=cfg.images_per_prompt, seed=cfg.seed,
+                             num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale), "sampled"
+
+
+def _first(c: Candidates, n: int) -> Candidates:
+    return Candidates(list(c.prompts[:n]), c.images[:n], c.utilities[:n])
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     from diffalign.shapes.grammar import sample_prompt
     from diffalign.shapes.oracle import Oracle
@@ -215,8 +274,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # 1–2. preference pairs from the base model, labelled by the oracle
     train_prompts = [sample_prompt(rng, split="train") for _ in range(cfg.train_prompts)]
-    candidates = sample_candidates(base, train_prompts, images_per_prompt=cfg.images_per_prompt, seed=cfg.seed,
-                                   num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
+    candidates, candidates_source = training_candidates(base, train_prompts, cfg)
     data_path = out / "data" / "train.parquet"
     rows = preference_rows(candidates, Oracle(noise=cfg.oracle_noise, seed=cfg.seed), flip=cfg.flip_labels)
     label_counts = write_preference_data(rows, data_path)
@@ -237,7 +295,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     base_imgs = generate(base, texts, eval_seeds, progress="eval base", **kw)
     aligned_imgs = generate(aligned, texts, eval_seeds, progress="eval aligned", **kw)
     results = compare_images(base_imgs, aligned_imgs, eval_prompts)
-    results.update({"config": asdict(cfg), "labels": label_counts, "seconds": time.time() - t_start,
+    results.update({"config": asdict(cfg), "candidates": candidates_source, "labels": label_counts,
+                    "seconds": time.time() - t_start,
                     "train_run": str(run_dir)})
 
     # 5. outputs
@@ -265,7 +324,12 @@ def write_demo_report(path: Path, results: dict, base_imgs, aligned_imgs, captio
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from diffalign.eval.report import figure_data_uri, html_table, png_data_uri, write_report
+    from diffalign.eval.report import (
+        figure_data_uri,
+        html_table,
+        png_data_uri,
+        write_report,
+    )
 
     wr = results["oracle_win_rate"]
     head = (f"<p>Oracle win rate of aligned over base: <b>{wr['aligned_over_base']:.3f}</b> "
@@ -305,6 +369,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-prompts-per-task", type=int, default=d.eval_prompts_per_task)
     parser.add_argument("--eval-steps", type=int, default=d.num_inference_steps, help="sampler steps for evaluation")
     parser.add_argument("--flip-labels", action="store_true", help="control run: train on reversed preferences")
+    parser.add_argument("--candidates", default=d.candidates,
+                        help="training candidates: 'bundled' (the base model's samples shipped in datasets/, after "
+                             "re-sampling a spot check; used when the settings match), 'sample' (sample all: "
+                             "~8 more minutes on 2 cores) or a parquet made by `diffalign shapes candidates`")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -312,7 +380,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(output_dir=args.output_dir, train_prompts=args.train_prompts,
                      images_per_prompt=args.images_per_prompt, sample_steps=args.sample_steps,
                      eval_prompts_per_task=args.eval_prompts_per_task, num_inference_steps=args.eval_steps,
-                     flip_labels=args.flip_labels, seed=args.seed, overrides=list(args.overrides))
+                     flip_labels=args.flip_labels, seed=args.seed, candidates=args.candidates,
+                     overrides=list(args.overrides))
     results = run_demo(cfg)
     print()
     print(f"{'metric':<34}{'base':>8}{'aligned':>9}")

@@ -118,3 +118,26 @@ def test_bundled_candidates_are_the_base_models_samples():
         for a, b in zip(got, want):
             assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 2
     assert np.allclose(fresh.utilities, bundled.utilities[:4], atol=0.02)
+
+
+def test_demo_uses_the_bundled_candidates_after_a_spot_check(tmp_path, monkeypatch, capsys):
+    """The demo's default candidates: the bundled samples when a fresh sample of the first prompt matches
+    them; a file that does not match (here: one image altered) is not used, and everything is sampled."""
+    from diffalign.shapes import demo
+
+    rng = random.Random(0)
+    prompts = [sample_prompt(rng, split="train") for _ in range(2)]
+    cfg = demo.DemoConfig(train_prompts=2, spot_check_prompts=1)
+    pipe = load_base_pipeline()
+    got, source = demo.training_candidates(pipe, prompts, cfg)
+    assert source == "bundled (spot-checked)" and "re-sampled and matched" in capsys.readouterr().out
+    bundled = Candidates.load(CANDIDATES)
+    assert [p.text for p in got.prompts] == [p.text for p in bundled.prompts[:2]] and got.utilities == bundled.utilities[:2]
+
+    tampered = Candidates.load(CANDIDATES)
+    tampered.images[0][0] = Image.new("RGB", tampered.images[0][0].size, (255, 0, 255))
+    monkeypatch.setattr(demo, "BUNDLED_CANDIDATES", tampered.save(tmp_path / "candidates.parquet"))
+    got, source = demo.training_candidates(pipe, prompts, cfg)
+    assert source == "sampled" and "do not match" in capsys.readouterr().out
+    assert len(got.images[0]) == 4  # all samples of a fresh draw, not the stored best and worst
+    assert not demo.bundled_candidates_match(demo.DemoConfig(sample_steps=10))
