@@ -33,6 +33,7 @@ class TPOConfig:
             [...], "object": [...], "relation": {...}}``), e.g. a small model's known words.
         loss_type, label_smoothing: the DPO form's loss (``sigmoid``, ``ipo``, ``hinge``, ``robust``).
         desirable_weight, undesirable_weight: the KTO form's λ_D, λ_U.
+        flip_labels: prefer the perturbed caption instead (the label-flipped control of an experiment).
     """
 
     form: str = "dpo"
@@ -43,6 +44,7 @@ class TPOConfig:
     label_smoothing: float = 0.0
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    flip_labels: bool = False
 
     def __post_init__(self):
         if self.form not in FORMS:
@@ -91,10 +93,11 @@ class TPO(Method):
         keep = torch.tensor([n is not None for n in negatives], device=batch.weights.device)
         neg_cond = self.backbone.encode_prompt([n if n is not None else p for n, p in zip(negatives, batch.prompts)])
         neg_cond = dataclasses.replace(neg_cond.to(batch.cond.prompt_embeds.device), time_ids=batch.cond.time_ids)
+        conds = [neg_cond, batch.cond] if c.flip_labels else [batch.cond, neg_cond]  # preferred rows first
         doubled = dataclasses.replace(
             batch, latents=batch.latents.repeat(2, 1, 1, 1), noise=batch.noise.repeat(2, 1, 1, 1),
             x_t=batch.x_t.repeat(2, 1, 1, 1), target=batch.target.repeat(2, 1, 1, 1),
-            timesteps=batch.timesteps.repeat(2), cond=Conditioning.cat([batch.cond, neg_cond]))
+            timesteps=batch.timesteps.repeat(2), cond=Conditioning.cat(conds))
         weights = batch.weights * keep.to(batch.weights.dtype)
         policy_errors, ref_errors = self.errors(doubled), self.errors(doubled, reference=True)
         policy, ref = elbo_loglik(policy_errors), elbo_loglik(ref_errors)

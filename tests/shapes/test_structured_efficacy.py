@@ -4,7 +4,8 @@ held-out oracle win rate over base; the same run on flipped labels lowers it. In
 train on the bundled candidates (each prompt's best and worst of 4 base samples; SmPO with the
 oracle utilities as scores); RankDPO on lists of 4 fresh base samples for 200 of those prompts,
 ranked by the oracle. TPO is judged by ShapesEval (it learns captions, not image quality); its
-control trains on the worst images.
+control prefers the perturbed captions (training it on the worst images instead is no control: it
+still teaches which caption fits an image, and raised ShapesEval as much).
 
 Opt-in like ``test_efficacy.py`` (DIFFALIGN_EFFICACY=1): each method trains two LoRAs and samples the
 held-out set three times; on a loaded 2-core CPU that is tens of minutes per method.
@@ -81,6 +82,8 @@ def ranked_records(world, *, flip: bool) -> list[dict]:
 
 
 def train_and_compare(world, tmp: Path, recipe: str, overrides: list[str], *, flip: bool, scores: bool = False):
+    if recipe == "shapes-tpo.yaml" and flip:  # TPO's labels are caption preferences: flip those
+        overrides, flip = [*overrides, "method.flip_labels=true"], False
     from diffalign.data.label import write_ranked
     from diffalign.data.pickapic import write_pickapic_parquet
 

@@ -50,6 +50,8 @@ def test_dpo_form_by_hand(backbone):
             h = (err(batch.cond) - err(cneg)) - (err(batch.cond, True) - err(cneg, True))
         z = -0.5 * 5000.0 * h
         assert float(out.loss) == pytest.approx(float(-torch.nn.functional.logsigmoid(z).mean()), rel=1e-4)
+        flipped = build_method({"name": "tpo", "beta": 5000.0, "flip_labels": True}, backbone).loss(batch)
+        assert float(flipped.loss) == pytest.approx(float(-torch.nn.functional.logsigmoid(-z).mean()), rel=1e-4)
     finally:
         move_lora(backbone, 0.0)
 
