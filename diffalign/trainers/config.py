@@ -34,7 +34,6 @@ class ModelConfig:
         lora_target_modules: module names to adapt; ``None`` = the family's default.
         gradient_checkpointing: trade compute for memory in the denoiser.
         revision, variant: passed to ``from_pretrained``.
-        init_lora: a LoRA folder (diffusers format) to start from, e.g. an SFT stage.
     """
 
     pretrained: str = ""
