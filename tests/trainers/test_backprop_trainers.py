@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import PROMPTS, read_metrics
 
 from diffalign.cli import main
 from diffalign.trainers.backprop import (
@@ -20,13 +21,6 @@ from diffalign.trainers.backprop import (
     load_prompts,
 )
 from diffalign.trainers.config import load_recipe
-
-PROMPTS = ["a red circle", "a blue square", "two green triangles", "a yellow circle left of a red square"]
-
-
-
-def _metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def _args(model_dir, out, method, *extra):
@@ -77,7 +71,7 @@ def test_run_writes_the_run_dir_and_the_lora_loads_in_plain_diffusers(method, ti
     assert (out / "config.yaml").is_file()
     assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
     assert (out / "checkpoints" / "step-2" / "pytorch_lora_weights.safetensors").is_file()
-    rows = _metrics(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert {"loss", "lr", "reward", "reward_loss", "grad_norm", "skipped"} <= set(r)
@@ -222,7 +216,7 @@ def test_shapes_recipes_train_on_the_bundled_model(recipe, tmp_path):
     out = tmp_path / "run"
     assert main(["train", str(REPO / "pipelines" / recipe), "--method.num_steps=3", "--train.max_steps=1",
                  "--train.batch_size=2", f"--train.output_dir={out}", "--train.checkpointing_steps=0"]) == 0
-    row = _metrics(out)[0]
+    row = read_metrics(out)[0]
     assert 0 < row["reward"] < 1 and row["grad_norm"] > 0
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
 
@@ -297,7 +291,7 @@ def test_resume_latest_gives_the_same_weights(tiny_models, tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
-    ra, rb = _metrics(unbroken), _metrics(stopped)
+    ra, rb = read_metrics(unbroken), read_metrics(stopped)
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
     assert [r["loss"] for r in rb] == pytest.approx([r["loss"] for r in ra], abs=1e-6)
     assert [r["grad_steps"] for r in rb] == [r["grad_steps"] for r in ra]
@@ -315,7 +309,7 @@ def test_two_processes_match_one_with_double_accumulation(tiny_models, tmp_path)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
                     "-m", "diffalign.cli", *[a.replace("OUT", str(two)) for a in common],
                     "--train.gradient_accumulation_steps=1"], check=True, env=env)
-    runs = {"one": _metrics(one), "two": _metrics(two)}
+    runs = {"one": read_metrics(one), "two": read_metrics(two)}
     for key in ("loss", "reward", "grad_norm"):
         assert [r[key] for r in runs["two"]] == pytest.approx([r[key] for r in runs["one"]], rel=1e-4, abs=1e-6)
     assert runs["one"][-1]["reward"] != pytest.approx(runs["one"][0]["reward"], abs=1e-6)  # it trained

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import PROMPTS, read_metrics
 
 from diffalign.cli import main
 from diffalign.trainers.d3po import d3po_loss, pairs_from_label_files
@@ -17,13 +18,6 @@ from diffalign.trainers.ddpo import (
 )
 from diffalign.trainers.online import trajectory_plan
 from diffalign.trainers.seppo import seppo_loss
-
-PROMPTS = ["a red circle", "a blue square", "two green triangles", "a yellow circle left of a red square"]
-
-
-
-def _metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def _args(model_dir, out, method, *extra):
@@ -163,7 +157,7 @@ def test_grpo_run_writes_the_run_and_lora_loads_in_diffusers(tiny_models, tmp_pa
 
     out = tmp_path / "run"
     assert main(_args(tiny_models["sd"], out, "grpo", *GRPO, "--train.max_steps=4")) == 0
-    rows = _metrics(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["epoch"] for r in rows] == [0, 0, 1, 1]
     assert rows[0]["ratio_max_dev"] == 0.0 and rows[0]["ratio_mean"] == 1.0  # on-policy: exactly 1
     assert rows[0]["approx_kl"] == 0.0 and rows[0]["clipfrac"] == 0.0
@@ -189,7 +183,7 @@ def test_flow_grpo_on_sd3_with_kl(tiny_models, tmp_path):
                  "--method.images_per_prompt=4", "--train.batch_size=4", "--method.timestep_fraction=1.0",
                  "--train.max_steps=2", "--train.gradient_accumulation_steps=1")
     assert main(args) == 0
-    rows = _metrics(out)
+    rows = read_metrics(out)
     assert rows[0]["ratio_max_dev"] == 0.0
     assert rows[0]["kl"] == 0.0            # the policy is the reference before any update
     assert rows[1]["kl"] > 0.0
@@ -200,7 +194,7 @@ def test_pref_grpo_rewards_are_win_rates(tiny_models, tmp_path):
     out = tmp_path / "run"
     assert main(_args(tiny_models["sd"], out, "pref-grpo", "--method.reward=brightness", "--method.prompts_per_epoch=2",
                       "--method.images_per_prompt=3", "--train.batch_size=3", "--train.max_steps=1")) == 0
-    row = _metrics(out)[0]
+    row = read_metrics(out)[0]
     assert row["ratio_max_dev"] == 0.0 and 0 < row["win_rate_std"] <= 0.5
 
 
@@ -256,7 +250,7 @@ def test_stored_log_probs_are_reused(tiny_models, tmp_path, method, extra, per_m
 def test_d3po_reference_after_an_update_is_the_base_model(tiny_models, tmp_path):
     out = tmp_path / "run"
     assert main(_args(tiny_models["sd"], out, "d3po", *D3PO, "--train.max_steps=4")) == 0
-    rows = _metrics(out)
+    rows = read_metrics(out)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # ratio 1: −log σ(0)
     assert rows[0]["ratio_max_dev"] == 0.0
     assert rows[2]["epoch"] == 1 and rows[2]["ratio_max_dev"] > 0  # epoch 1: the trained policy vs the base
@@ -277,7 +271,7 @@ def test_d3po_human_labels_two_phase(tiny_models, tmp_path):
     labels = tmp_path / "labels.jsonl"
     labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(common + [f"--method.label_files=[{labels}]"]) == 0
-    got = _metrics(out)
+    got = read_metrics(out)
     assert len(got) == 2 and got[0]["labelled_pairs"] == 5.0  # 3 pairs + 2 pairs with unequal scores
     assert got[0]["ratio_max_dev"] == 0.0  # sampled by the base model: stored log-probs are the reference's
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
@@ -291,7 +285,7 @@ def test_seppo_pool_and_checkpoint(tiny_models, pair_parquet, tmp_path):
                  "--method.steps_per_epoch=2", "--method.beta=500", "--train.batch_size=2", "--train.max_steps=6",
                  "--method.reference_selection=latest")
     assert main(args) == 0
-    rows = _metrics(out)
+    rows = read_metrics(out)
     assert [r["reference_epoch"] for r in rows] == [0, 0, 1, 1, 2, 2]  # latest: the checkpoint after each epoch
     assert [r["pool_size"] for r in rows] == [1, 1, 2, 2, 3, 3]
     assert rows[0]["flip_frac"] == 0.0  # reference == policy at first: no reference sample counts as a winner
@@ -321,8 +315,8 @@ def test_resume_latest_gives_the_same_weights(tiny_models, pair_parquet, tmp_pat
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
-    assert [r["step"] for r in _metrics(stopped)] == [1, 2, 3, 4, 5, 6]
-    assert [r["loss"] for r in _metrics(stopped)] == pytest.approx([r["loss"] for r in _metrics(unbroken)], abs=1e-6)
+    assert [r["step"] for r in read_metrics(stopped)] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in read_metrics(stopped)] == pytest.approx([r["loss"] for r in read_metrics(unbroken)], abs=1e-6)
 
 
 def test_bad_options_are_clear_errors(tiny_models, tmp_path):
@@ -378,7 +372,7 @@ def test_shapes_online_recipes_train_on_the_bundled_model(recipe, tmp_path):
              "shapes-seppo.yaml": ["--method.steps_per_epoch=1", "--train.batch_size=2"]}[recipe]
     assert main(["train", str(REPO / "pipelines" / recipe), "--method.num_steps=3", "--train.max_steps=1",
                  f"--train.output_dir={out}", "--train.checkpointing_steps=0", *small]) == 0
-    row = _metrics(out)[0]
+    row = read_metrics(out)[0]
     assert math.isfinite(row["loss"]) and row["grad_norm"] > 0
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
 

@@ -1,11 +1,11 @@
 """`diffalign train` end to end on tiny random SD1.x / SDXL / SD3 pipelines."""
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import read_metrics
 
 from diffalign.cli import main
 
@@ -20,17 +20,13 @@ def _train(model_dir, data, out, *extra):
     return Path(out)
 
 
-def _metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
 def test_dpo_lora_runs_and_loads_in_plain_diffusers(family, tiny_models, pair_parquet, tmp_path):
     from diffusers import DiffusionPipeline
 
     out = _train(tiny_models[family], pair_parquet, tmp_path / "run", "--train.max_steps=3",
                  f"--method.beta={BETA[family]}")
-    rows = _metrics(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
     assert rows[0]["implicit_acc"] == 0.5
@@ -72,8 +68,8 @@ def test_resume_latest_gives_the_same_weights(tiny_models, pair_parquet, tmp_pat
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
-    assert [r["step"] for r in _metrics(resumed)] == [1, 2, 3, 4]
-    assert [r["loss"] for r in _metrics(resumed)] == pytest.approx([r["loss"] for r in _metrics(unbroken)], abs=1e-6)
+    assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in read_metrics(resumed)] == pytest.approx([r["loss"] for r in read_metrics(unbroken)], abs=1e-6)
 
 
 @pytest.mark.slow
@@ -107,7 +103,7 @@ def test_bench_reports_cached_and_uncached(tiny_models, pair_parquet, capsys):
                                          ("sft", {"model_mse"})])
 def test_other_methods_train_on_the_same_loop(method, keys, tiny_models, pair_parquet, tmp_path):
     out = _train(tiny_models["sd"], pair_parquet, tmp_path / method, "--train.max_steps=3", f"--method.name={method}")
-    rows = _metrics(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert keys <= set(rows[0]) and all(math.isfinite(r["loss"]) for r in rows)
     if method == "kto":  # policy == reference at step 1: every sample's loss is 1 - sigmoid(0)
@@ -119,7 +115,7 @@ def test_nonfinite_losses_skip_steps_then_stop_with_a_clear_error(tiny_models, p
     with pytest.raises(RuntimeError, match="non-finite losses in a row"):
         _train(tiny_models["sd"], pair_parquet, tmp_path / "nan", "--train.max_steps=5", "--method.beta=.nan",
                "--train.max_nonfinite_steps=2")
-    rows = _metrics(tmp_path / "nan")
+    rows = read_metrics(tmp_path / "nan")
     assert [r["skipped"] for r in rows] == [True, True]
     assert not (tmp_path / "nan" / "final").exists()
 
