@@ -224,11 +224,11 @@ def spot_check(pipe, prompts, stored: Candidates, cfg: DemoConfig) -> bool:
     n = min(cfg.spot_check_prompts, len(prompts))
     if n == 0:
         return True
+    if [p.text for p in prompts[:n]] != [p.text for p in stored.prompts[:n]]:
+        return False
     fresh = sample_candidates(pipe, prompts[:n], images_per_prompt=cfg.images_per_prompt, seed=cfg.seed,
                               num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
                               progress="spot check").extremes()
-    if [p.text for p in prompts[:n]] != [p.text for p in stored.prompts[:n]]:
-        return False
     same_images = all(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 2
                       for got, want in zip(fresh.images, stored.images[:n]) for a, b in zip(got, want))
     return same_images and bool(np.allclose(fresh.utilities, stored.utilities[:n], atol=0.02))
