@@ -28,3 +28,17 @@ def tiny_folder(tmp_path_factory):
         return built[name]
 
     return get
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests first, costliest first (``slow_cost`` marks), so that ``-n 2 --dist
+    loadfile`` hands their files out to both workers at the start and the many quick files fill the
+    gaps, instead of one long file starting last on an otherwise idle worker."""
+
+    def cost(item):
+        mark = item.get_closest_marker("slow_cost")
+        if mark is not None:
+            return mark.args[0]
+        return 1 if item.get_closest_marker("slow") else 0
+
+    items.sort(key=cost, reverse=True)  # stable: file order within the same cost

@@ -24,7 +24,7 @@ STEPS = 8          # sampler steps, in training and in the held-out evaluation
 GUIDANCE = 5.0
 PER_TASK = 4       # held-out prompts per task: 24 prompts, one fixed seed each
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.slow_cost(6)]
 
 
 @pytest.fixture(autouse=True)
