@@ -8,7 +8,7 @@ pretraining scripts (torch, diffusers) are imported from their own modules when 
 from diffalign.shapes.evaluate import Detection, EvalResult, detect, evaluate, shapes_eval
 from diffalign.shapes.grammar import (TASKS, ShapesPrompt, all_prompts, make_prompt, parse_prompt, prompt_set,
                                       prompts_in_split, sample_prompt, scene_for_prompt, split_of)
-from diffalign.shapes.oracle import Oracle, to_jpeg_bytes, visual_quality
+from diffalign.shapes.oracle import Oracle, to_jpeg_bytes, to_png_bytes, visual_quality
 from diffalign.shapes.scene import COLORS, IMAGE_SIZE, SHAPES, Scene, ShapeObject, random_background, render
 
 __all__ = [
@@ -16,5 +16,5 @@ __all__ = [
     "TASKS", "ShapesPrompt", "sample_prompt", "prompt_set", "scene_for_prompt", "parse_prompt", "make_prompt",
     "all_prompts", "prompts_in_split", "split_of",
     "Detection", "EvalResult", "detect", "evaluate", "shapes_eval",
-    "Oracle", "visual_quality", "to_jpeg_bytes",
+    "Oracle", "visual_quality", "to_jpeg_bytes", "to_png_bytes",
 ]

@@ -87,15 +87,10 @@ class Candidates:
 
     def save(self, path: str | Path) -> Path:
         """Write a parquet (``caption``, ``jpg``: list of PNG bytes, ``utility``: list of floats), atomically."""
-        import io
-
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        def png(im) -> bytes:
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            return buf.getvalue()
+        from diffalign.shapes.oracle import to_png_bytes as png
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,16 +141,17 @@ def preference_rows(candidates: Candidates, oracle, *, flip: bool = False) -> li
     """One Pick-a-Pic row per prompt: its best and worst candidate (by noise-free utility, as on-line DPO
     recipes pair max/min reward samples), in alternating order, labelled by ``oracle`` (noise, ties).
 
-    ``flip`` reverses every label (the control run). Rows: ``caption, jpg_0, jpg_1, label_0``.
+    ``flip`` reverses every label (the control run). Rows: ``caption, jpg_0, jpg_1, label_0``, the images
+    as lossless PNG bytes (:func:`~diffalign.shapes.oracle.to_png_bytes`): the pixels the oracle scored.
     """
-    from diffalign.shapes.oracle import to_jpeg_bytes
+    from diffalign.shapes.oracle import to_png_bytes
 
     rows = []
     for i, (prompt, group, utils) in enumerate(zip(candidates.prompts, candidates.images, candidates.utilities)):
         order = sorted(range(len(group)), key=utils.__getitem__)
         a, b = (order[-1], order[0]) if i % 2 == 0 else (order[0], order[-1])
         label = oracle.label_from_utilities(utils[a], utils[b])
-        rows.append({"caption": prompt.text, "jpg_0": to_jpeg_bytes(group[a]), "jpg_1": to_jpeg_bytes(group[b]),
+        rows.append({"caption": prompt.text, "jpg_0": to_png_bytes(group[a]), "jpg_1": to_png_bytes(group[b]),
                      "label_0": 1.0 - label if flip else label})
     return rows
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from diffalign.cli import main
+from diffalign.data.pairs import decode_image
 from diffalign.shapes.demo import (
     Candidates,
     load_base_pipeline,
@@ -20,7 +21,7 @@ from diffalign.shapes.demo import (
     sample_candidates,
 )
 from diffalign.shapes.grammar import parse_prompt, sample_prompt
-from diffalign.shapes.oracle import Oracle, to_jpeg_bytes
+from diffalign.shapes.oracle import Oracle, to_png_bytes
 
 
 def test_preference_rows_pair_best_with_worst_and_flip_reverses_labels():
@@ -31,8 +32,11 @@ def test_preference_rows_pair_best_with_worst_and_flip_reverses_labels():
     oracle = Oracle(noise=0.0, temperature=0.0)
     rows = preference_rows(cands, oracle)
     # prompt 0: best b (0.9) first, worst a (0.2) second; prompt 1 alternates: worst e (0.1) first, best d second
-    jpg = {to_jpeg_bytes(im): n for n, im in imgs.items()}
-    assert [(jpg[r["jpg_0"]], jpg[r["jpg_1"]], r["label_0"]) for r in rows] == [("b", "a", 1.0), ("e", "d", 0.0)]
+    # the images are stored losslessly: the training pixels are the ones the oracle scored
+    png = {to_png_bytes(im): n for n, im in imgs.items()}
+    assert [(png[r["jpg_0"]], png[r["jpg_1"]], r["label_0"]) for r in rows] == [("b", "a", 1.0), ("e", "d", 0.0)]
+    decoded = decode_image(rows[0]["jpg_0"], "row 0")
+    assert np.array_equal(np.asarray(decoded), np.asarray(imgs["b"]))
     flipped = preference_rows(cands, oracle, flip=True)
     assert [r["label_0"] for r in flipped] == [0.0, 1.0]
 

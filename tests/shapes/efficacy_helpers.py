@@ -1,0 +1,79 @@
+"""What the Shapes efficacy tests share (imported by name from the test files of this folder).
+
+The training candidates are the bundled ``datasets/shapes-candidates`` (the demo's own 400 prompts × 4
+samples of the bundled base model; made by ``diffalign shapes candidates`` and checked against a fresh
+sample in test_demo.py), so the tests spend their time on training. Held-out means unseen prompt
+combinations (the grammar's held-out split) and fixed seeds, the same for every model compared; the
+base model's held-out images are made once per test file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from diffalign.eval.generate import generate
+from diffalign.shapes.demo import (
+    Candidates,
+    compare_images,
+    heldout_eval_set,
+    load_base_pipeline,
+    preference_rows,
+)
+from diffalign.shapes.oracle import Oracle
+from diffalign.trainers.config import load_recipe
+from diffalign.trainers.loop import train
+
+ROOT = Path(__file__).resolve().parents[2]
+CANDIDATES = ROOT / "datasets" / "shapes-candidates" / "candidates.parquet"
+EVAL_PER_TASK, EVAL_SEEDS = 12, 2  # 144 held-out images
+STEPS = {"num_inference_steps": 20, "guidance_scale": 5.0}
+
+
+def heldout_world() -> SimpleNamespace:
+    """The candidates, the held-out prompts and seeds, and the base model's images for them (one torch
+    thread: the measured margins are those of single-threaded numerics, whatever the CPU count)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    eval_prompts, eval_seeds = heldout_eval_set(EVAL_PER_TASK, EVAL_SEEDS)
+    base_imgs = generate(load_base_pipeline(), [p.text for p in eval_prompts], eval_seeds, **STEPS)
+    return SimpleNamespace(candidates=Candidates.load(CANDIDATES), eval_prompts=eval_prompts, eval_seeds=eval_seeds,
+                           base_imgs=base_imgs)
+
+
+def oracle_pairs(world, *, flip: bool) -> list[dict]:
+    """The demo's training data: each prompt's best and worst candidate, labelled by the noisy oracle."""
+    return preference_rows(world.candidates, Oracle(noise=0.1, seed=0), flip=flip)
+
+
+def train_and_compare(world, tmp: Path, recipe: str, overrides: list[str], write_data: Callable[[Path], None]
+                      ) -> tuple[dict, list]:
+    """Train ``pipelines/<recipe>`` (with ``overrides``) on what ``write_data(path)`` writes, sample the
+    held-out set with the LoRA and compare it with base (:func:`~diffalign.shapes.demo.compare_images`)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    data = tmp / "train.parquet"
+    write_data(data)
+    config = load_recipe(ROOT / "pipelines" / recipe, [f"data.source={data}", f"train.output_dir={tmp / 'run'}",
+                                                       "train.seed=0", "train.checkpointing_steps=100000", *overrides])
+    run_dir = train(config)
+    aligned = load_base_pipeline()
+    aligned.load_lora_weights(run_dir / "final")
+    imgs = generate(aligned, [p.text for p in world.eval_prompts], world.eval_seeds, **STEPS)
+    return compare_images(world.base_imgs, imgs, world.eval_prompts), imgs
+
+
+def assert_labels_beat_flipped_labels(method: str, world, aligned: tuple[dict, list], control: tuple[dict, list]):
+    """The three claims: aligned beats base significantly (95% CI above 0.5), the control trained on
+    flipped labels is below 0.5 against base, and aligned beats its control significantly (the direction
+    of the labels is what moves the model)."""
+    (aligned, aligned_imgs), (control, control_imgs) = aligned, control
+    print(f"\n{method}: aligned {aligned}\ncontrol {control}")
+    rate, (lo, hi) = aligned["oracle_win_rate"]["aligned_over_base"], aligned["oracle_win_rate"]["ci95"]
+    assert lo > 0.5, f"{method}: held-out win rate over base {rate:.3f} (95% CI {lo:.3f}–{hi:.3f}) not above 0.5"
+    c_rate, (c_lo, c_hi) = control["oracle_win_rate"]["aligned_over_base"], control["oracle_win_rate"]["ci95"]
+    assert c_rate < 0.5, f"{method} on flipped labels: win rate over base {c_rate:.3f} ({c_lo:.3f}–{c_hi:.3f})"
+    d_rate, d_lo, d_hi = Oracle(noise=0.0).win_rate(aligned_imgs, control_imgs, world.eval_prompts)
+    assert d_lo > 0.5, f"{method}: labels over flipped labels {d_rate:.3f} (95% CI {d_lo:.3f}–{d_hi:.3f})"
