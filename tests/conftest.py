@@ -30,6 +30,12 @@ def tiny_folder(tmp_path_factory):
     return get
 
 
+def pytest_configure(config):
+    """Keep the order below under ``--dist loadfile``: xdist otherwise reorders files by test count."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     """The slow end-to-end tests first, costliest first (``slow_cost`` marks), so that ``-n 2 --dist
     loadfile`` hands their files out to both workers at the start and the many quick files fill the
