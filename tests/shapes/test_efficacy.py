@@ -5,7 +5,7 @@ that control significantly (``efficacy_helpers``).
 
 In the default run (issue #3). It costs ~13 min on one thread of the 2-core build machine (two 300-step
 LoRA runs, three 144-image held-out samplings), so it is a file of its own for ``-n 2 --dist loadfile``
-and starts first (``slow_cost``). MaPO is in ``test_efficacy_mapo.py``.
+and starts first (``slow_cost``). MaPO is in ``test_efficacy_mapo.py`` (opt-in: its control fails).
 """
 
 import pytest
