@@ -44,9 +44,9 @@ def heldout_world() -> SimpleNamespace:
                            base_imgs=base_imgs)
 
 
-def oracle_pairs(world, *, flip: bool) -> list[dict]:
+def oracle_pairs(candidates: Candidates, *, flip: bool) -> list[dict]:
     """The demo's training data: each prompt's best and worst candidate, labelled by the noisy oracle."""
-    return preference_rows(world.candidates, Oracle(noise=0.1, seed=0), flip=flip)
+    return preference_rows(candidates, Oracle(noise=0.1, seed=0), flip=flip)
 
 
 def train_and_compare(world, tmp: Path, recipe: str, overrides: list[str], write_data: Callable[[Path], None]
@@ -63,6 +63,16 @@ def train_and_compare(world, tmp: Path, recipe: str, overrides: list[str], write
     aligned.load_lora_weights(run_dir / "final")
     imgs = generate(aligned, [p.text for p in world.eval_prompts], world.eval_seeds, **STEPS)
     return compare_images(world.base_imgs, imgs, world.eval_prompts), imgs
+
+
+def labels_and_flipped_runs(world, tmp: Path, recipe: str) -> list[tuple[dict, list]]:
+    """:func:`train_and_compare` of ``recipe`` on the oracle pairs and on the same pairs with flipped labels."""
+    from diffalign.data.pickapic import write_pickapic_parquet
+
+    return [train_and_compare(world, tmp / name, recipe, [],
+                              lambda path, flip=flip: write_pickapic_parquet(oracle_pairs(world.candidates, flip=flip),
+                                                                             path))
+            for name, flip in (("labels", False), ("flipped", True))]
 
 
 def assert_labels_beat_flipped_labels(method: str, world, aligned: tuple[dict, list], control: tuple[dict, list]):

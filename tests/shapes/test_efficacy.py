@@ -9,14 +9,7 @@ and starts first (``slow_cost``). MaPO is in ``test_efficacy_mapo.py`` (opt-in: 
 """
 
 import pytest
-from efficacy_helpers import (
-    assert_labels_beat_flipped_labels,
-    heldout_world,
-    oracle_pairs,
-    train_and_compare,
-)
-
-from diffalign.data.pickapic import write_pickapic_parquet
+from efficacy_helpers import assert_labels_beat_flipped_labels, heldout_world, labels_and_flipped_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.slow_cost(13)]
 
@@ -27,7 +20,5 @@ def world():
 
 
 def test_diffusion_dpo_raises_the_heldout_win_rate_and_flipped_labels_lower_it(world, tmp_path):
-    runs = [train_and_compare(world, tmp_path / name, "shapes-diffusion-dpo.yaml", [],
-                              lambda path, flip=flip: write_pickapic_parquet(oracle_pairs(world, flip=flip), path))
-            for name, flip in (("labels", False), ("flipped", True))]
+    runs = labels_and_flipped_runs(world, tmp_path, "shapes-diffusion-dpo.yaml")
     assert_labels_beat_flipped_labels("diffusion-dpo", world, *runs)

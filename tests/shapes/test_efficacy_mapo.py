@@ -13,14 +13,7 @@ own samples, which does not cost it against base. Issue #3 stays open on this.
 import os
 
 import pytest
-from efficacy_helpers import (
-    assert_labels_beat_flipped_labels,
-    heldout_world,
-    oracle_pairs,
-    train_and_compare,
-)
-
-from diffalign.data.pickapic import write_pickapic_parquet
+from efficacy_helpers import assert_labels_beat_flipped_labels, heldout_world, labels_and_flipped_runs
 
 pytestmark = [
     pytest.mark.slow,
@@ -36,7 +29,5 @@ def world():
 
 
 def test_mapo_raises_the_heldout_win_rate_and_flipped_labels_lower_it(world, tmp_path):
-    runs = [train_and_compare(world, tmp_path / name, "shapes-mapo.yaml", [],
-                              lambda path, flip=flip: write_pickapic_parquet(oracle_pairs(world, flip=flip), path))
-            for name, flip in (("labels", False), ("flipped", True))]
+    runs = labels_and_flipped_runs(world, tmp_path, "shapes-mapo.yaml")
     assert_labels_beat_flipped_labels("mapo", world, *runs)

@@ -13,7 +13,6 @@ held-out set three times; on a loaded 2-core CPU that is tens of minutes per met
 """
 
 import os
-from types import SimpleNamespace
 
 import pytest
 from efficacy_helpers import (
@@ -43,7 +42,7 @@ def world():
 def scored_rows(candidates: Candidates, *, flip: bool) -> list[dict]:
     """The oracle-labelled pairs with each image's noise-free utility as score_0/score_1 (SmPO); the
     control scores ``1 − u`` (and flips the label)."""
-    rows = oracle_pairs(SimpleNamespace(candidates=candidates), flip=flip)
+    rows = oracle_pairs(candidates, flip=flip)
     judge = Oracle(noise=0.0)
     for row, prompt in zip(rows, candidates.prompts):
         from diffalign.data.pairs import decode_image
@@ -82,8 +81,8 @@ def write_data(world, recipe: str, *, flip: bool, scores: bool):
         if recipe == "shapes-rankdpo.yaml":
             write_ranked(ranked_records(world, flip=flip), path)
         else:
-            write_pickapic_parquet(scored_rows(world.candidates, flip=flip) if scores else oracle_pairs(world, flip=flip),
-                                   path)
+            make_rows = scored_rows if scores else oracle_pairs
+            write_pickapic_parquet(make_rows(world.candidates, flip=flip), path)
     return write
 
 
