@@ -27,9 +27,11 @@ def _stable_seed(*parts) -> int:
 class TrainingData:
     """Materialised examples plus everything needed to turn a run position into a ``TrainBatch``.
 
-    ``kind``: ``pairs`` (winner, loser), ``chosen`` (winners only, SFT), ``feedback`` (KTO) or
-    ``ranked`` (RankDPO: lists of images best first; every list is cut to the shortest list's length
-    ``K`` by a random subset, kept in rank order).
+    ``kind``: ``pairs`` (winner, loser), ``chosen`` (winners only, SFT), ``feedback`` (KTO: single
+    images), ``feedback-pairs`` (KTO from preference pairs, laid out as ``pairs``: the winners desirable,
+    the losers undesirable, each pair's two images on the same noise and timestep) or ``ranked`` (RankDPO:
+    lists of images best first; every list is cut to the shortest list's length ``K`` by a random subset,
+    kept in rank order).
     """
 
     items: list
@@ -109,6 +111,9 @@ class TrainingData:
                 scores.append(list(sc) if sc is not None else [float("nan")] * 2)
             weights.append(float(getattr(item, "weight", 1.0)))
         group = len(prepared[0])
+        if self.kind == "feedback-pairs":  # per-row feedback and weights: [winners, losers]
+            desirable = [True] * len(items) + [False] * len(items)
+            weights = weights * 2
         # group-major layout: [all winners, all losers]
         rows = [prepared[i][j] for j in range(group) for i in range(len(items))]
         row_keys = [keys[i][j] for j in range(group) for i in range(len(items))]
@@ -130,7 +135,7 @@ class TrainingData:
         return TrainBatch(
             latents=latents, noise=noise, x_t=fp.add_noise(latents, noise, t), target=fp.target(latents, noise, t),
             timesteps=t, cond=cond, weights=torch.tensor(weights, device=device),
-            desirable=torch.tensor(desirable, device=device) if self.kind == "feedback" else None,
+            desirable=torch.tensor(desirable, device=device) if self.kind.startswith("feedback") else None,
             prompts=row_prompts,
             scores=None if row_scores is None else torch.tensor(row_scores, device=device, dtype=torch.float32),
         )
@@ -195,6 +200,8 @@ def load_training_data(recipe, kind: str, backbone, output_dir: Path, accelerato
         raise ValueError(f"data.format {d.format!r} does not fit this method: ranked-list methods (RankDPO) take "
                          "data.format: ranked (from 'diffalign data label --format ranked'), the others do not")
     items = _take(items, d.max_samples)
+    if kind == "feedback-pairs" and d.format == "feedback":
+        kind = "feedback"  # per-image feedback has no pairs to keep together
     if kind == "feedback" and d.format != "feedback":
         from diffalign.data.kto import feedback_from_pairs
 

@@ -16,18 +16,28 @@ class DiffusionKTOConfig:
     Attributes:
         beta: scale on the implicit reward ``ℓθ − ℓref`` with ``ℓ = −½L``. 2000 here equals the original
             code's ``beta_dpo = 1000``, which applies β to ``Lref − Lθ`` (no ½).
-        desirable_weight, undesirable_weight: λ_D, λ_U (1 and 1 in the original).
+        desirable_weight, undesirable_weight: λ_D, λ_U (1 and 1 in the original). The original also
+            samples 80 % desirable images (``positive_ratio 0.8``); from preference pairs (half desirable)
+            ``undesirable_weight = 0.25`` gives the same expected gradient, which the Shapes recipe uses.
+        paired_noise: with preference-pair data, keep each pair's winner (desirable) and loser
+            (undesirable) in the same batch on the same noise and timestep, and count ``batch_size`` in
+            pairs. Each image's loss is unchanged; the pair's shared noise cancels out of the difference
+            of their gradients (common random numbers), which is where the labels' signal is. The
+            original shuffles the images apart (``False``); per-image feedback data ignores this.
     """
 
     beta: float = 2000.0
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    paired_noise: bool = False
 
 
 class DiffusionKTO(Method):
     name = "kto"
     config_class = DiffusionKTOConfig
-    data_kind = "feedback"
+    @property
+    def data_kind(self) -> str:
+        return "feedback-pairs" if self.config.paired_noise else "feedback"
 
     def loss(self, batch: TrainBatch) -> StepOutput:
         policy, ref = elbo_loglik(self.errors(batch)), elbo_loglik(self.errors(batch, reference=True))

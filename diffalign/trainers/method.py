@@ -27,8 +27,8 @@ class TrainBatch:
     * ``latents``, ``noise``, ``x_t``, ``target``: ``[N, C, h, w]`` (``N = 2B`` for pairs)
     * ``timesteps``: ``[N]`` as the denoiser takes them
     * ``cond``: conditioning of the ``N`` rows
-    * ``weights``: ``[B]`` per-pair (or per-sample) loss weights
-    * ``desirable``: ``[B]`` bool, per-sample feedback (KTO only)
+    * ``weights``: ``[B]`` per-pair (or per-sample) loss weights; ``[N]`` per row for KTO on pairs
+    * ``desirable``: ``[N]`` bool, per-row feedback (KTO only)
     * ``prompts``: the ``N`` rows' caption texts (after caption dropout)
     * ``scores``: ``[N]`` per-row reward scores when the data has them (SmPO, RankDPO; NaN where missing)
 
@@ -61,7 +61,7 @@ class Method:
 
     name: ClassVar[str]
     config_class: ClassVar[type]
-    data_kind: ClassVar[str] = "pairs"  # "pairs" | "feedback" | "chosen" | "ranked"
+    data_kind: ClassVar[str] = "pairs"  # "pairs" | "feedback" | "feedback-pairs" | "chosen" | "ranked"
     uses_reference: ClassVar[bool] = True
 
     def __init__(self, config, backbone):
