@@ -156,6 +156,29 @@ def preference_rows(candidates: Candidates, oracle, *, flip: bool = False) -> li
     return rows
 
 
+def write_feedback_data(candidates: Candidates, oracle, out_dir: Path, *, flip: bool = False) -> Path:
+    """Per-image feedback for KTO on every candidate: ``out_dir/feedback.jsonl`` (``prompt, image,
+    label``; data.format ``feedback``) with the images as PNG files beside it. An image is liked when its
+    noise-free utility is above the median of all candidates (:meth:`~diffalign.shapes.oracle.Oracle.
+    like_from_utility`, with the oracle's label noise); ``flip`` reverses every label (the control)."""
+    import json
+
+    import numpy as np
+
+    threshold = float(np.median([u for utils in candidates.utilities for u in utils]))
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (prompt, group, utils) in enumerate(zip(candidates.prompts, candidates.images, candidates.utilities)):
+        for j, (image, utility) in enumerate(zip(group, utils)):
+            name = f"images/{i:04d}_{j}.png"
+            image.save(out_dir / name)
+            like = oracle.like_from_utility(utility, threshold)
+            lines.append(json.dumps({"prompt": prompt.text, "image": name, "label": like != flip}))
+    path = out_dir / "feedback.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def write_preference_data(rows: list[dict], out_path: Path) -> dict:
     """Write ``rows`` as a Pick-a-Pic v2 parquet; returns the label counts."""
     from diffalign.data.pickapic import write_pickapic_parquet

@@ -112,6 +112,14 @@ class Oracle:
             label = 1.0 - label
         return label
 
+    def like_from_utility(self, utility: float, threshold: float) -> bool:
+        """Per-image binary feedback (KTO's data): a like when ``utility`` is above ``threshold``, then
+        flipped with probability ``noise``; draws noise."""
+        like = utility > threshold
+        if self.rng.random() < self.noise:
+            like = not like
+        return bool(like)
+
     def prefer(self, image_0, image_1, prompt: ShapesPrompt | str) -> float:
         """``label_0``: 1.0 if ``image_0`` is preferred, 0.0 if ``image_1``, 0.5 for a tie."""
         return self.label_from_utilities(self.utility(image_0, prompt), self.utility(image_1, prompt))

@@ -19,6 +19,7 @@ from diffalign.shapes.demo import (
     load_base_pipeline,
     preference_rows,
     sample_candidates,
+    write_feedback_data,
 )
 from diffalign.shapes.grammar import parse_prompt, sample_prompt
 from diffalign.shapes.oracle import Oracle, to_png_bytes
@@ -39,6 +40,24 @@ def test_preference_rows_pair_best_with_worst_and_flip_reverses_labels():
     assert np.array_equal(np.asarray(decoded), np.asarray(imgs["b"]))
     flipped = preference_rows(cands, oracle, flip=True)
     assert [r["label_0"] for r in flipped] == [0.0, 1.0]
+
+
+
+def test_feedback_data_likes_images_above_the_median_utility_and_reads_back_for_kto(tmp_path):
+    from diffalign.data.kto import read_feedback
+
+    p = parse_prompt("a photo of a red circle")
+    imgs = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(6)]
+    cands = Candidates([p, p], [imgs[:3], imgs[3:]], [[0.2, 0.9, 0.5], [0.7, 0.1, 0.4]])  # median 0.45
+    path = write_feedback_data(cands, Oracle(noise=0.0), tmp_path / "fb")
+    samples = list(read_feedback(path))
+    assert [s.desirable for s in samples] == [False, True, True, True, False, False]
+    assert all(s.prompt == p.text for s in samples)
+    assert np.array_equal(np.asarray(samples[1].image.convert("RGB")), np.asarray(imgs[1]))  # lossless
+    flipped = read_feedback(write_feedback_data(cands, Oracle(noise=0.0), tmp_path / "flip", flip=True))
+    assert [s.desirable for s in flipped] == [True, False, False, False, True, True]
+    noisy = [Oracle(noise=0.5, seed=s).like_from_utility(0.9, 0.45) for s in range(200)]
+    assert 60 < sum(noisy) < 140  # the oracle's label noise flips about half at noise 0.5
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,9 @@ rate over base significantly; the same run on flipped labels lowers it, and the 
 that control significantly (``efficacy_helpers``).
 
 In the default run (issue #3). It costs ~13 min on one thread of the 2-core build machine (two 300-step
-LoRA runs, three 144-image held-out samplings), so it is a file of its own for ``-n 2 --dist loadfile``
-and starts first (``slow_cost``). MaPO is in ``test_efficacy_mapo.py`` (opt-in: its control fails).
+LoRA runs, two 144-image held-out samplings, and base's, shared with the other efficacy files), so it is
+a file of its own for ``-n 2 --dist loadfile`` and starts first (``slow_cost``). MaPO is in
+``test_efficacy_mapo.py``, Diffusion-KTO in ``test_efficacy_kto.py`` (opt-in: it fails).
 """
 
 import pytest
@@ -15,8 +16,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.slow_cost(13)]
 
 
 @pytest.fixture(scope="module")
-def world():
-    return heldout_world()
+def world(tmp_path_factory):
+    return heldout_world(tmp_path_factory)
 
 
 def test_diffusion_dpo_raises_the_heldout_win_rate_and_flipped_labels_lower_it(world, tmp_path):

@@ -35,8 +35,8 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def world():
-    return heldout_world()
+def world(tmp_path_factory):
+    return heldout_world(tmp_path_factory)
 
 
 def scored_rows(candidates: Candidates, *, flip: bool) -> list[dict]:
