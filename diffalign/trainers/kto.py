@@ -18,12 +18,13 @@ class DiffusionKTOConfig:
             code's ``beta_dpo = 1000``, which applies β to ``Lref − Lθ`` (no ½).
         desirable_weight, undesirable_weight: λ_D, λ_U (1 and 1 in the original). The original also
             samples 80 % desirable images (``positive_ratio 0.8``); from preference pairs (half desirable)
-            ``undesirable_weight = 0.25`` gives the same expected gradient, which the Shapes recipe uses.
+            ``undesirable_weight = 0.25`` gives the same expected gradient.
         paired_noise: with preference-pair data, keep each pair's winner (desirable) and loser
             (undesirable) in the same batch on the same noise and timestep, and count ``batch_size`` in
             pairs. Each image's loss is unchanged; the pair's shared noise cancels out of the difference
             of their gradients (common random numbers), which is where the labels' signal is. The
-            original shuffles the images apart (``False``); per-image feedback data ignores this.
+            original shuffles the images apart (``False``); per-image feedback data ignores this. On the
+            Shapes world only the paired form beat its flipped-label control (README).
     """
 
     beta: float = 2000.0
