@@ -36,6 +36,7 @@ class DiffusionKTOConfig:
 class DiffusionKTO(Method):
     name = "kto"
     config_class = DiffusionKTOConfig
+
     @property
     def data_kind(self) -> str:
         return "feedback-pairs" if self.config.paired_noise else "feedback"
