@@ -10,14 +10,9 @@ a file of its own for ``-n 2 --dist loadfile`` and starts first (``slow_cost``).
 """
 
 import pytest
-from efficacy_helpers import assert_labels_beat_flipped_labels, heldout_world, labels_and_flipped_runs
+from efficacy_helpers import assert_labels_beat_flipped_labels, labels_and_flipped_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.slow_cost(13)]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return heldout_world(tmp_path_factory)
 
 
 def test_diffusion_dpo_raises_the_heldout_win_rate_and_flipped_labels_lower_it(world, tmp_path):

@@ -8,14 +8,9 @@ labels 0.333 (0.280-0.388), aligned over flipped 0.806 (0.753-0.851). ~7 min on 
 """
 
 import pytest
-from efficacy_helpers import assert_labels_beat_flipped_labels, heldout_world, labels_and_flipped_runs
+from efficacy_helpers import assert_labels_beat_flipped_labels, labels_and_flipped_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.slow_cost(7)]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return heldout_world(tmp_path_factory)
 
 
 def test_kto_raises_the_heldout_win_rate_and_flipped_labels_lower_it(world, tmp_path):

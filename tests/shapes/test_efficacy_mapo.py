@@ -10,14 +10,9 @@ aligned over flipped 0.615 (0.557-0.666).
 """
 
 import pytest
-from efficacy_helpers import assert_labels_beat_flipped_labels, heldout_world, labels_and_flipped_runs
+from efficacy_helpers import assert_labels_beat_flipped_labels, labels_and_flipped_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.slow_cost(9)]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return heldout_world(tmp_path_factory)
 
 
 def test_mapo_raises_the_heldout_win_rate_and_beats_its_flipped_label_control(world, tmp_path):

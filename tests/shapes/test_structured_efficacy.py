@@ -17,7 +17,6 @@ import os
 import pytest
 from efficacy_helpers import (
     assert_labels_beat_flipped_labels,
-    heldout_world,
     oracle_pairs,
     train_and_compare,
 )
@@ -32,11 +31,6 @@ pytestmark = [
     pytest.mark.skipif(os.environ.get("DIFFALIGN_EFFICACY") != "1",
                        reason="Shapes efficacy runs are opt-in: set DIFFALIGN_EFFICACY=1 (see issue #7)"),
 ]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return heldout_world(tmp_path_factory)
 
 
 def scored_rows(candidates: Candidates, *, flip: bool) -> list[dict]:
