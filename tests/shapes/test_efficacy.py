@@ -6,7 +6,7 @@ that control significantly (``efficacy_helpers``).
 In the default run (issue #3). It costs ~13 min on one thread of the 2-core build machine (two 300-step
 LoRA runs, two 144-image held-out samplings, and base's, shared with the other efficacy files), so it is
 a file of its own for ``-n 2 --dist loadfile`` and starts first (``slow_cost``). MaPO is in
-``test_efficacy_mapo.py``, Diffusion-KTO in ``test_efficacy_kto.py`` (opt-in: it fails).
+``test_efficacy_mapo.py``, Diffusion-KTO in ``test_efficacy_kto.py`` (both in the default run too).
 """
 
 import pytest

@@ -8,8 +8,9 @@ judged by the oracle like the others (its ShapesEval control stayed above base: 
 Shapes images lifts single-object scores whatever the captions); its control prefers the perturbed captions (training it on the worst images instead is no control: it
 still teaches which caption fits an image, and raised ShapesEval as much).
 
-Opt-in like ``test_efficacy.py`` (DIFFALIGN_EFFICACY=1): each method trains two LoRAs and samples the
-held-out set three times; on a loaded 2-core CPU that is tens of minutes per method.
+Opt-in (DIFFALIGN_EFFICACY=1), unlike ``test_efficacy*.py``: each method trains two LoRAs and samples the
+held-out set twice (base's images are shared); at ~10 minutes a method on one core the four do not fit
+the suite's budget beside Diffusion-DPO, MaPO and Diffusion-KTO.
 """
 
 import os
