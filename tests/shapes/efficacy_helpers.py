@@ -77,14 +77,13 @@ def oracle_pairs(candidates: Candidates, *, flip: bool) -> list[dict]:
     return preference_rows(candidates, Oracle(noise=0.1, seed=0), flip=flip)
 
 
-def train_and_compare(world, tmp: Path, recipe: str, overrides: list[str],
-                      write_data: Callable[[Path], Path | None]) -> tuple[dict, list]:
-    """Train ``pipelines/<recipe>`` (with ``overrides``) on what ``write_data(path)`` writes (at ``path``,
-    or at the path it returns), sample the held-out set with the LoRA and compare it with base
-    (:func:`~diffalign.shapes.demo.compare_images`)."""
+def train_and_compare(world, tmp: Path, recipe: str, overrides: list[str], write_data: Callable[[Path], None]
+                      ) -> tuple[dict, list]:
+    """Train ``pipelines/<recipe>`` (with ``overrides``) on what ``write_data(path)`` writes, sample the
+    held-out set with the LoRA and compare it with base (:func:`~diffalign.shapes.demo.compare_images`)."""
     tmp.mkdir(parents=True, exist_ok=True)
     data = tmp / "train.parquet"
-    data = write_data(data) or data
+    write_data(data)
     config = load_recipe(ROOT / "pipelines" / recipe, [f"data.source={data}", f"train.output_dir={tmp / 'run'}",
                                                        "train.seed=0", "train.checkpointing_steps=100000", *overrides])
     run_dir = train(config)
@@ -94,11 +93,11 @@ def train_and_compare(world, tmp: Path, recipe: str, overrides: list[str],
     return compare_images(world.base_imgs, imgs, world.eval_prompts), imgs
 
 
-def labels_and_flipped_runs(world, tmp: Path, recipe: str, overrides: list[str] = ()) -> list[tuple[dict, list]]:
+def labels_and_flipped_runs(world, tmp: Path, recipe: str) -> list[tuple[dict, list]]:
     """:func:`train_and_compare` of ``recipe`` on the oracle pairs and on the same pairs with flipped labels."""
     from diffalign.data.pickapic import write_pickapic_parquet
 
-    return [train_and_compare(world, tmp / name, recipe, list(overrides),
+    return [train_and_compare(world, tmp / name, recipe, [],
                               lambda path, flip=flip: write_pickapic_parquet(oracle_pairs(world.candidates, flip=flip),
                                                                              path))
             for name, flip in (("labels", False), ("flipped", True))]
