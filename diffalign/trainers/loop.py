@@ -154,7 +154,13 @@ def train(recipe: Recipe, *, setup_fn=setup) -> Path:
         if cfg.validation_steps and cfg.validation_prompts and run.global_step % cfg.validation_steps == 0:
             log_validation(run)
     progress.close()
+    return save_final(run)
 
+
+def save_final(run) -> Path:
+    """Write the trained weights to ``<output_dir>/final`` (main process, atomically; all processes
+    wait for it) and return ``output_dir``. Shared by the offline and the online loop."""
+    acc = run.accelerator
     acc.wait_for_everyone()
     if acc.is_main_process:
         _atomic_dir(run.output_dir / "final", lambda tmp: run.backbone.save_trained(tmp))

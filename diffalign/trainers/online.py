@@ -323,7 +323,7 @@ def setup(recipe: Recipe, accelerator=None) -> OnlineRun:
 
 def train(recipe: Recipe) -> Path:
     """Run an on-line recipe to the end; returns the run directory (with ``final/``)."""
-    from diffalign.trainers.loop import _atomic_dir, _maybe_resume, log_validation
+    from diffalign.trainers.loop import _maybe_resume, log_validation, save_final
 
     run = setup(recipe)
     cfg, acc = recipe.train, run.accelerator
@@ -376,12 +376,7 @@ def train(recipe: Recipe) -> Path:
         if every and run.global_step // every > start_step // every:
             save_online_checkpoint(run)
     progress.close()
-
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        _atomic_dir(run.output_dir / "final", lambda tmp: run.backbone.save_trained(tmp))
-    acc.wait_for_everyone()
-    return run.output_dir
+    return save_final(run)
 
 
 def run_rollout(run: OnlineRun) -> Rollout:
