@@ -45,6 +45,28 @@ def require_text(obj: dict, fld: str, src: str, optional: bool = False) -> str |
     return obj[fld]
 
 
+def iter_jsonl_rows(path: str | Path, image_root: str | Path | None, stats: DataStats
+                    ) -> Iterator[tuple[dict, str, Path]]:
+    """``(object, "file:line n", image folder)`` for each row of a JSONL data file, counted in
+    ``stats.rows``; image paths resolve against ``image_root`` or else the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such JSONL file: {path}")
+    root = Path(image_root) if image_root else path.parent
+    for n, obj in iter_jsonl(path):
+        stats.rows += 1
+        yield obj, f"{path}:line {n}", root
+
+
+def read_image_file(root: Path, name: str, fld: str) -> tuple[bytes, Image.Image]:
+    """The bytes and decoded image of ``root / name``; a ``ValueError`` naming ``fld`` if it is unreadable."""
+    try:
+        raw = (root / name).read_bytes()
+    except OSError as e:
+        raise ValueError(f"field {fld!r}: cannot read {root / name} ({e.strerror or e})") from None
+    return raw, decode_image(raw, f"field {fld!r}")
+
+
 @dataclass
 class RawPair:
     """A validated JSONL pair with its image bytes (before decoding into a ``PreferencePair``)."""
@@ -62,14 +84,8 @@ class RawPair:
 def iter_raw_pairs(path: str | Path, *, image_root: str | Path | None = None, strict: bool = False,
                    stats: DataStats | None = None) -> Iterator[RawPair]:
     """Validated pairs with their image bytes; rows with unreadable images are skipped and counted."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such JSONL file: {path}")
-    root = Path(image_root) if image_root else path.parent
     stats = stats if stats is not None else DataStats()
-    for n, obj in iter_jsonl(path):
-        stats.rows += 1
-        src = f"{path}:line {n}"
+    for obj, src, root in iter_jsonl_rows(path, image_root, stats):
         prompt = require_text(obj, "prompt", src)
         files = [require_text(obj, f, src) for f in ("chosen", "rejected")]
         prompt_rejected = require_text(obj, "prompt_rejected", src, optional=True)
@@ -85,13 +101,8 @@ def iter_raw_pairs(path: str | Path, *, image_root: str | Path | None = None, st
                                      "or neither)")
             scores = (float(obj["score_chosen"]), float(obj["score_rejected"]))
         try:
-            raw, images = [], []
-            for fld, name in zip(("chosen", "rejected"), files):
-                try:
-                    raw.append((root / name).read_bytes())
-                except OSError as e:
-                    raise ValueError(f"field {fld!r}: cannot read {root / name} ({e.strerror or e})") from None
-                images.append(decode_image(raw[-1], f"field {fld!r}"))
+            (raw_w, image_w), (raw_l, image_l) = (read_image_file(root, name, fld)
+                                                  for fld, name in zip(("chosen", "rejected"), files))
         except ValueError as e:
             if strict:
                 raise ValueError(f"{src}: {e}") from None
@@ -99,7 +110,7 @@ def iter_raw_pairs(path: str | Path, *, image_root: str | Path | None = None, st
             continue
         stats.labels[1.0] += 1
         stats.kept += 1
-        yield RawPair(prompt, raw[0], raw[1], prompt_rejected, float(weight), src, (images[0], images[1]), scores)
+        yield RawPair(prompt, raw_w, raw_l, prompt_rejected, float(weight), src, (image_w, image_l), scores)
 
 
 def read_jsonl_pairs(path: str | Path, *, image_root: str | Path | None = None, strict: bool = False,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from diffalign.data.jsonl import iter_jsonl, require_text
-from diffalign.data.pairs import DataStats, PreferencePair, content_key, decode_image
+from diffalign.data.jsonl import iter_jsonl_rows, read_image_file, require_text
+from diffalign.data.pairs import DataStats, PreferencePair, content_key
 
 _TRUE = {"1", "+1", "true", "yes", "like", "liked", "desirable", "good", "win", "up", "thumbs_up"}
 _FALSE = {"0", "-1", "false", "no", "dislike", "disliked", "undesirable", "bad", "lose", "down", "thumbs_down"}
@@ -44,14 +44,8 @@ def read_feedback(source: str | Path | Iterable[PreferencePair], *, image_root: 
     if not isinstance(source, (str, Path)):
         yield from feedback_from_pairs(source)
         return
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such JSONL file: {path}")
-    root = Path(image_root) if image_root else path.parent
     stats = stats if stats is not None else DataStats()
-    for n, obj in iter_jsonl(path):
-        stats.rows += 1
-        src = f"{path}:line {n}"
+    for obj, src, root in iter_jsonl_rows(source, image_root, stats):
         prompt = require_text(obj, "prompt", src)
         name = require_text(obj, "image", src)
         if "label" not in obj:
@@ -59,11 +53,7 @@ def read_feedback(source: str | Path | Iterable[PreferencePair], *, image_root: 
         desirable = parse_label(obj["label"], src)
         stats.labels["like" if desirable else "dislike"] += 1
         try:
-            try:
-                raw = (root / name).read_bytes()
-            except OSError as e:
-                raise ValueError(f"field 'image': cannot read {root / name} ({e.strerror or e})") from None
-            image = decode_image(raw, "field 'image'")
+            raw, image = read_image_file(root, name, "image")
         except ValueError as e:
             if strict:
                 raise ValueError(f"{src}: {e}") from None
