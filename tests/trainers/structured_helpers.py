@@ -3,6 +3,10 @@ LoRA and hand-made encoded batches."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
+
 import torch
 
 from diffalign.trainers.method import TrainBatch
@@ -60,3 +64,12 @@ def swap_groups(batch: TrainBatch) -> TrainBatch:
 
 def lora_grad_norm(bb) -> float:
     return float(sum(p.grad.norm() ** 2 for p in bb.trainable_parameters() if p.grad is not None) ** 0.5)
+
+
+def assert_ln2_at_init_with_gradient(bb, out, min_grad_norm: float = 0.0) -> None:
+    """At initialisation (policy == reference) a DPO-form loss is ln 2 and still moves the LoRA weights;
+    leaves the gradients cleared."""
+    assert float(out.loss) == pytest.approx(math.log(2), abs=1e-6)
+    out.loss.backward()
+    assert lora_grad_norm(bb) > min_grad_norm
+    bb.raw_denoiser.zero_grad()

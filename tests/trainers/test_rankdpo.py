@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 from PIL import Image
-from structured_helpers import group_batch, lora_grad_norm, move_lora, swap_groups, tiny_backbone
+from structured_helpers import assert_ln2_at_init_with_gradient, group_batch, move_lora, swap_groups, tiny_backbone
 
 from diffalign.core.likelihood import denoising_error
 from diffalign.objectives.ranked import delta_dcg_weights
@@ -61,11 +61,7 @@ def test_ln2_at_init_and_loss_by_hand(backbone):
     scores = [1.0, 0.5, 0.2, 0.4, 0.0, 0.4]  # list 2 has a tie between ranks 2 and 3
     method = build_method({"name": "rankdpo", "beta": 1000.0}, backbone)
     batch = group_batch(backbone, prompts, scores=scores)
-    out = method.loss(batch)
-    assert float(out.loss) == pytest.approx(math.log(2), abs=1e-6)
-    out.loss.backward()
-    assert lora_grad_norm(backbone) > 0
-    backbone.raw_denoiser.zero_grad()
+    assert_ln2_at_init_with_gradient(backbone, method.loss(batch))
 
     move_lora(backbone, 0.05)
     try:
