@@ -4,7 +4,9 @@ base model, it raises the oracle's held-out win rate over base significantly; th
 labels lowers it below 0.5, and the aligned model beats that control significantly (``efficacy_helpers``).
 
 On the build machine: aligned 0.681 over base (95% CI 0.591-0.765; ShapesEval 0.285 -> 0.417), flipped
-labels 0.333 (0.280-0.388), aligned over flipped 0.806 (0.753-0.851). ~7 min on one thread.
+labels 0.333 (0.280-0.388), aligned over flipped 0.806 (0.753-0.851). ~7 min on one thread. The training
+seed is fixed and matters: with seed 1 aligned over flipped holds (0.656, 0.591-0.727) but aligned over
+base is 0.358 (0.299-0.432).
 """
 
 import pytest
