@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 from structured_helpers import assert_ln2_at_init_with_gradient, group_batch, move_lora, swap_groups, tiny_backbone
