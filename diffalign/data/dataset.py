@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 
 from diffalign.data.pairs import DataStats, PreferencePair
-from diffalign.data.transforms import PreparedImage, prepare_pair
+from diffalign.data.transforms import Placement, PreparedImage, prepare_pair
 
 Item = tuple[PreferencePair, PreparedImage, PreparedImage]
 
@@ -55,8 +55,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return pair, w, l
 
 
-def latent_key(pair_key: str, role: str, image: PreparedImage) -> str:
-    """Cache key of one prepared image: the pair's content key, its role, and the crop/flip applied."""
+def latent_key(pair_key: str, role: str, image: Placement) -> str:
+    """Cache key of one placed image: the pair's content key, its role, and the crop/flip applied."""
     top, left = image.crop_top_left
     return f"{pair_key}:{role}|crop=({top}, {left})|flip={int(image.flipped)}"
 

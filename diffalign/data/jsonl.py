@@ -14,9 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
 
-from diffalign.data.pairs import DataStats, PreferencePair, content_key, decode_image
+from diffalign.data.pairs import DataStats, EncodedImage, ImageLike, PreferencePair, content_key, decode_image
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -58,13 +57,15 @@ def iter_jsonl_rows(path: str | Path, image_root: str | Path | None, stats: Data
         yield obj, f"{path}:line {n}", root
 
 
-def read_image_file(root: Path, name: str, fld: str) -> tuple[bytes, Image.Image]:
-    """The bytes and decoded image of ``root / name``; a ``ValueError`` naming ``fld`` if it is unreadable."""
+def read_image_file(root: Path, name: str, fld: str, decode: bool = True) -> tuple[bytes, ImageLike]:
+    """The bytes and image of ``root / name`` (decoded, or checked and kept as an :class:`EncodedImage`
+    if not ``decode``); a ``ValueError`` naming ``fld`` if it is unreadable."""
     try:
         raw = (root / name).read_bytes()
     except OSError as e:
         raise ValueError(f"field {fld!r}: cannot read {root / name} ({e.strerror or e})") from None
-    return raw, decode_image(raw, f"field {fld!r}")
+    where = f"field {fld!r}"
+    return raw, decode_image(raw, where) if decode else EncodedImage.from_bytes(raw, where)
 
 
 @dataclass
@@ -77,12 +78,12 @@ class RawPair:
     prompt_rejected: str | None
     weight: float
     source: str
-    images: tuple[Image.Image, Image.Image]
+    images: tuple[ImageLike, ImageLike]
     scores: tuple[float, float] | None = None
 
 
 def iter_raw_pairs(path: str | Path, *, image_root: str | Path | None = None, strict: bool = False,
-                   stats: DataStats | None = None) -> Iterator[RawPair]:
+                   stats: DataStats | None = None, decode: bool = True) -> Iterator[RawPair]:
     """Validated pairs with their image bytes; rows with unreadable images are skipped and counted."""
     stats = stats if stats is not None else DataStats()
     for obj, src, root in iter_jsonl_rows(path, image_root, stats):
@@ -101,7 +102,7 @@ def iter_raw_pairs(path: str | Path, *, image_root: str | Path | None = None, st
                                      "or neither)")
             scores = (float(obj["score_chosen"]), float(obj["score_rejected"]))
         try:
-            (raw_w, image_w), (raw_l, image_l) = (read_image_file(root, name, fld)
+            (raw_w, image_w), (raw_l, image_l) = (read_image_file(root, name, fld, decode)
                                                   for fld, name in zip(("chosen", "rejected"), files))
         except ValueError as e:
             if strict:
@@ -114,9 +115,10 @@ def iter_raw_pairs(path: str | Path, *, image_root: str | Path | None = None, st
 
 
 def read_jsonl_pairs(path: str | Path, *, image_root: str | Path | None = None, strict: bool = False,
-                     stats: DataStats | None = None) -> Iterator[PreferencePair]:
-    """Preference pairs from a JSONL file; errors name the file, line and field."""
-    for r in iter_raw_pairs(path, image_root=image_root, strict=strict, stats=stats):
+                     stats: DataStats | None = None, decode: bool = True) -> Iterator[PreferencePair]:
+    """Preference pairs from a JSONL file; errors name the file, line and field. ``decode=False`` keeps
+    the images as checked file bytes (:class:`~diffalign.data.pairs.EncodedImage`)."""
+    for r in iter_raw_pairs(path, image_root=image_root, strict=strict, stats=stats, decode=decode):
         yield PreferencePair(prompt=r.prompt, chosen=r.images[0], rejected=r.images[1],
                              prompt_rejected=r.prompt_rejected,
                              weight=r.weight, source=r.source, scores=r.scores,

@@ -6,10 +6,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
 
 from diffalign.data.jsonl import iter_jsonl_rows, read_image_file, require_text
-from diffalign.data.pairs import DataStats, PreferencePair, content_key
+from diffalign.data.pairs import DataStats, ImageLike, PreferencePair, content_key
 
 _TRUE = {"1", "+1", "true", "yes", "like", "liked", "desirable", "good", "win", "up", "thumbs_up"}
 _FALSE = {"0", "-1", "false", "no", "dislike", "disliked", "undesirable", "bad", "lose", "down", "thumbs_down"}
@@ -20,7 +19,7 @@ class FeedbackSample:
     """One image with a thumbs-up (``desirable``) or thumbs-down for its prompt."""
 
     prompt: str
-    image: Image.Image
+    image: ImageLike
     desirable: bool
     source: str = ""
     key: str = ""
@@ -38,9 +37,11 @@ def parse_label(value, where: str) -> bool:
 
 
 def read_feedback(source: str | Path | Iterable[PreferencePair], *, image_root: str | Path | None = None,
-                  strict: bool = False, stats: DataStats | None = None) -> Iterator[FeedbackSample]:
+                  strict: bool = False, stats: DataStats | None = None, decode: bool = True
+                  ) -> Iterator[FeedbackSample]:
     """Feedback samples from a JSONL file (image paths relative to it or to ``image_root``), or from
-    preference pairs (each gives its winner as desirable and its loser as undesirable)."""
+    preference pairs (each gives its winner as desirable and its loser as undesirable). ``decode=False``
+    keeps the images as checked file bytes (:class:`~diffalign.data.pairs.EncodedImage`)."""
     if not isinstance(source, (str, Path)):
         yield from feedback_from_pairs(source)
         return
@@ -53,7 +54,7 @@ def read_feedback(source: str | Path | Iterable[PreferencePair], *, image_root: 
         desirable = parse_label(obj["label"], src)
         stats.labels["like" if desirable else "dislike"] += 1
         try:
-            raw, image = read_image_file(root, name, "image")
+            raw, image = read_image_file(root, name, "image", decode)
         except ValueError as e:
             if strict:
                 raise ValueError(f"{src}: {e}") from None

@@ -12,6 +12,58 @@ from PIL import Image
 MAX_BAD_ROWS_KEPT = 100  # DataStats keeps the first rows it skipped, for the report
 
 
+@dataclass(frozen=True, eq=False)
+class EncodedImage:
+    """An image kept as its file bytes (JPEG, PNG, WebP ...) and decoded only when its pixels are needed.
+
+    Training data holds its images this way, so a pair costs its compressed size in memory rather than
+    its decoded pixels (a 512² JPEG: ~50 kB instead of 786 kB). ``width`` and ``height`` are the
+    image's true size, known without decoding. Build it with :meth:`from_bytes`, which checks once
+    that the bytes decode.
+    """
+
+    data: bytes
+    width: int
+    height: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(width, height)``, as ``PIL.Image.size``."""
+        return self.width, self.height
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> EncodedImage:
+        """Check that ``data`` decodes (a ``ValueError`` naming ``where`` if not) and keep it undecoded.
+
+        The check decodes the whole stream, so truncated files are caught here rather than mid-run;
+        JPEGs are decoded at reduced scale for it (same check, about half the time)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ValueError(f"{where}: expected image bytes, got {type(data).__name__}")
+        data = bytes(data)
+        try:
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            img.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # a no-op for formats other than JPEG
+            img.load()
+        except Exception as e:  # PIL raises several types for bad data
+            raise ValueError(f"{where}: undecodable image ({type(e).__name__}: {e})") from None
+        return cls(data, width, height)
+
+    def decode(self) -> Image.Image:
+        """The RGB image."""
+        img = Image.open(io.BytesIO(self.data))
+        img.load()
+        return img.convert("RGB")
+
+
+ImageLike = Image.Image | EncodedImage
+
+
+def as_pil(img: ImageLike) -> Image.Image:
+    """``img`` as a PIL image (decoding an :class:`EncodedImage`)."""
+    return img.decode() if isinstance(img, EncodedImage) else img
+
+
 @dataclass
 class PreferencePair:
     """One preference pair, winner first.
@@ -19,12 +71,13 @@ class PreferencePair:
     ``source`` says where it came from (``file.parquet:row 12``) for error messages; ``key`` is a
     content hash of the two images and the prompt(s), used to cache latents: the same bytes in another
     row or file give the same key. ``scores``: reward scores ``(chosen, rejected)`` when the data has
-    them (SmPO's smoothed preference reads them).
+    them (SmPO's smoothed preference reads them). The images are PIL images, or
+    :class:`EncodedImage` where a reader was asked not to decode (``decode=False``, as training does).
     """
 
     prompt: str
-    chosen: Image.Image
-    rejected: Image.Image
+    chosen: ImageLike
+    rejected: ImageLike
     prompt_rejected: str | None = None
     weight: float = 1.0
     source: str = ""

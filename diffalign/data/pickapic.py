@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from diffalign.data.pairs import DataStats, PreferencePair, content_key, decode_image
+from diffalign.data.pairs import DataStats, EncodedImage, ImageLike, PreferencePair, content_key, decode_image
 
 REQUIRED = ("jpg_0", "jpg_1", "label_0", "caption")
 OPTIONAL = ("label_1", "caption_1", "weight", "score_0", "score_1", "image_0_url", "image_1_url")
@@ -111,6 +111,7 @@ def read_pickapic(
     streaming: bool = True,
     stats: DataStats | None = None,
     image_cache_dir: str | Path | None = None,
+    decode: bool = True,
 ) -> Iterator[PreferencePair]:
     """Preference pairs, winner first, from Pick-a-Pic-schema data.
 
@@ -121,16 +122,19 @@ def read_pickapic(
 
     Errors name the file, row and field: a missing column, a label outside {0, 0.5, 1}. An undecodable
     image skips the row and counts it in ``stats`` (``strict=True``: an error naming the row).
+
+    ``decode=False`` keeps each image as its checked file bytes (:class:`EncodedImage`, decoded when
+    used): training reads data this way so that a large set does not sit in memory as pixels.
     """
     stats = stats if stats is not None else DataStats()
     cache = Path(image_cache_dir) if image_cache_dir else None
     files = resolve_sources(source, split)
     if files is None:
-        yield from _rows_to_pairs(_hub_rows(str(source), split, streaming), drop_ties, strict, stats, cache)
+        yield from _rows_to_pairs(_hub_rows(str(source), split, streaming), drop_ties, strict, stats, cache, decode)
         return
     for f in files:
         rows = _tar_rows(f) if f.name.endswith(TAR_SUFFIXES) else _parquet_rows(f)
-        yield from _rows_to_pairs(rows, drop_ties, strict, stats, cache)
+        yield from _rows_to_pairs(rows, drop_ties, strict, stats, cache, decode)
 
 
 # ---- row sources: each yields (source description, row dict)
@@ -282,12 +286,12 @@ def _image_bytes(row: dict, i: int, cache_dir: Path | None) -> bytes | Image.Ima
     return data
 
 
-def _decode(data, where: str) -> tuple[Image.Image, bytes]:
-    """An RGB image and the bytes its cache key is made from."""
+def _decode(data, where: str, decode: bool) -> tuple[ImageLike, bytes]:
+    """The image (RGB, or checked bytes if not ``decode``) and the bytes its cache key is made from."""
     if isinstance(data, Image.Image):  # a `datasets` Image feature, already decoded
         img = data.convert("RGB")
         return img, f"{img.size}".encode() + img.tobytes()
-    return decode_image(data, where), bytes(data)
+    return (decode_image(data, where) if decode else EncodedImage.from_bytes(data, where)), bytes(data)
 
 
 # ---- rows to pairs
@@ -303,7 +307,7 @@ def _label(value, src: str, fld: str) -> float:
 
 
 def _rows_to_pairs(rows: Iterable[tuple[str, dict]], drop_ties: bool, strict: bool, stats: DataStats,
-                   cache_dir: Path | None) -> Iterator[PreferencePair]:
+                   cache_dir: Path | None, decode: bool = True) -> Iterator[PreferencePair]:
     for src, row in rows:
         stats.rows += 1
         label = _label(row.get("label_0"), src, "label_0")
@@ -324,7 +328,7 @@ def _rows_to_pairs(rows: Iterable[tuple[str, dict]], drop_ties: bool, strict: bo
             raise ValueError(f"{src}: field 'weight' is {weight!r}; expected a finite number >= 0")
         scores = _scores(row, src)
         try:
-            decoded = [_decode(_image_bytes(row, j, cache_dir), f"field 'jpg_{j}'") for j in (0, 1)]
+            decoded = [_decode(_image_bytes(row, j, cache_dir), f"field 'jpg_{j}'", decode) for j in (0, 1)]
         except Exception as e:  # undecodable bytes, missing image, failed fetch
             if strict:
                 raise ValueError(f"{src}: {e}") from None

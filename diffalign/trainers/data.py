@@ -9,6 +9,7 @@ seeded by ``(seed, example position)``. VAE latents and text embeddings go throu
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,12 +67,14 @@ class TrainingData:
     # ---- one micro-batch
     def batch(self, step: int, micro: int, process: int, num_processes: int) -> TrainBatch:
         from diffalign.data.dataset import latent_key
-        from diffalign.data.transforms import prepare_image, prepare_pair
+        from diffalign.data.transforms import place_image, place_pair, render
 
         positions = self.positions(step, micro, process, num_processes)
         gens = [torch.Generator().manual_seed(_stable_seed(self.seed, "example", p)) for p in positions]
         items = [self.item_at(p) for p in positions]
-        prepared, prompts, keys, weights, desirable, scores = [], [], [], [], [], []
+        # each example's images with their placements (crop, flip): pixels are made only for cache misses
+        placed, prompts, keys, weights, desirable, scores = [], [], [], [], [], []
+        res = self.resolution
         for item, g in zip(items, gens):
             drop = self.caption_dropout > 0 and torch.rand((), generator=g).item() < self.caption_dropout
             if self.kind == "ranked":
@@ -79,54 +82,55 @@ class TrainingData:
                 pick = sorted(torch.randperm(len(item.ranking), generator=g)[:k].tolist())  # rank positions
                 order = [item.ranking[r] for r in pick]  # image indices, best first
                 flip = self.random_flip and bool(torch.rand((), generator=g) < 0.5)
-                imgs = [prepare_image(item.images[i], self.resolution, center_crop=self.center_crop, flip=flip,
-                                      generator=g) for i in order]
-                prepared.append(imgs)
-                keys.append([latent_key(item.key, f"image{i}", im) for i, im in zip(order, imgs)])
+                images = [item.images[i] for i in order]
+                spots = [place_image(im.width, im.height, res, center_crop=self.center_crop, flip=flip, generator=g)
+                         for im in images]
+                placed.append(list(zip(images, spots)))
+                keys.append([latent_key(item.key, f"image{i}", pl) for i, pl in zip(order, spots)])
                 prompts.append(["" if drop else item.caption] * k)
                 scores.append([float(item.scores[i]) for i in order])
                 weights.append(1.0)
                 continue
             if self.kind == "feedback":
-                img = prepare_image(item.image, self.resolution, center_crop=self.center_crop,
-                                    random_flip=self.random_flip, generator=g)
-                prepared.append([img])
-                keys.append([latent_key(item.key, "image", img)])
+                spot = place_image(item.image.width, item.image.height, res, center_crop=self.center_crop,
+                                   random_flip=self.random_flip, generator=g)
+                placed.append([(item.image, spot)])
+                keys.append([latent_key(item.key, "image", spot)])
                 prompts.append(["" if drop else item.prompt])
                 desirable.append(bool(item.desirable))
                 weights.append(1.0)
                 continue
-            w, l = prepare_pair(item, self.resolution, center_crop=self.center_crop,
-                                random_flip=self.random_flip, generator=g)
+            w, l = place_pair(item, res, center_crop=self.center_crop, random_flip=self.random_flip, generator=g)
             if self.kind == "chosen":
-                prepared.append([w])
+                placed.append([(item.chosen, w)])
                 keys.append([latent_key(item.key, "chosen", w)])
                 prompts.append(["" if drop else item.prompt])
             else:
-                prepared.append([w, l])
+                placed.append([(item.chosen, w), (item.rejected, l)])
                 keys.append([latent_key(item.key, "chosen", w), latent_key(item.key, "rejected", l)])
                 p_l = item.prompt_rejected if item.prompt_rejected is not None else item.prompt
                 prompts.append(["" if drop else item.prompt, "" if drop else p_l])
                 sc = getattr(item, "scores", None)
                 scores.append(list(sc) if sc is not None else [float("nan")] * 2)
             weights.append(float(getattr(item, "weight", 1.0)))
-        group = len(prepared[0])
+        group = len(placed[0])
         if self.kind == "feedback-pairs":  # per-row feedback and weights: [winners, losers]
             desirable = [True] * len(items) + [False] * len(items)
             weights = weights * 2
         # group-major layout: [all winners, all losers]
-        rows = [prepared[i][j] for j in range(group) for i in range(len(items))]
+        rows = [placed[i][j] for j in range(group) for i in range(len(items))]
         row_keys = [keys[i][j] for j in range(group) for i in range(len(items))]
         row_prompts = [prompts[i][j] for j in range(group) for i in range(len(items))]
         row_scores = [scores[i][j] for j in range(group) for i in range(len(items))] if scores else None
 
         device = self.backbone.device
-        latents = self.encode_latents(torch.stack([r.pixels for r in rows]), row_keys).to(device)
+        latents = self.encode_latents(lambda idx: torch.stack([render(*rows[i], res) for i in idx]), row_keys)
+        latents = latents.to(device)
         cond = self.encode_text(row_prompts).to(device)
         if getattr(self.backbone, "family", None) == "sdxl":
             cond.time_ids = self.backbone.time_ids(
-                torch.tensor([r.original_size for r in rows]), torch.tensor([r.crop_top_left for r in rows]),
-                (self.resolution, self.resolution)).to(device)
+                torch.tensor([pl.original_size for _, pl in rows]), torch.tensor([pl.crop_top_left for _, pl in rows]),
+                (res, res)).to(device)
 
         fp = self.backbone.forward_process
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(device, latents.dtype)
@@ -142,15 +146,20 @@ class TrainingData:
 
     # ---- encoding through the cache
     @torch.no_grad()
-    def encode_latents(self, pixels: torch.Tensor, keys: list[str]) -> torch.Tensor:
-        """VAE latents ``[N, C, h, w]`` of ``pixels`` ``[N, 3, H, W]`` in [-1, 1] (the posterior mean)."""
+    def encode_latents(self, pixels: torch.Tensor | Callable[[list[int]], torch.Tensor], keys: list[str]
+                       ) -> torch.Tensor:
+        """VAE latents ``[N, C, h, w]`` (the posterior mean) of the ``N`` images named by ``keys``.
+
+        ``pixels``: ``[N, 3, H, W]`` in [-1, 1], or a function giving the pixels of the rows at the given
+        indices; it is called for the cache misses only, so a cached step decodes no image."""
         encode = lambda px: self.backbone.encode_images(px.to(self.backbone.device), sample=False).float().cpu()  # noqa: E731
+        pixels_of = pixels if callable(pixels) else (lambda idx: pixels[idx])
         if self.cache is None:
-            return encode(pixels)
+            return encode(pixels_of(list(range(len(keys)))))
         found = self.cache.get_latents(keys)
         missing = [i for i, k in enumerate(keys) if k not in found]
         if missing:
-            fresh = encode(pixels[missing])
+            fresh = encode(pixels_of(missing))
             self.cache.put_latents({keys[i]: fresh[j] for j, i in enumerate(missing)})
             found.update({keys[i]: fresh[j] for j, i in enumerate(missing)})
         return torch.stack([found[k] for k in keys])
@@ -172,7 +181,10 @@ class TrainingData:
 
 
 def load_training_data(recipe, kind: str, backbone, output_dir: Path, accelerator=None) -> TrainingData:
-    """Read the recipe's data source into memory (small and medium sets) and set up the cache."""
+    """Read the recipe's data source into memory and set up the latent cache.
+
+    Images are kept as their checked file bytes (:class:`~diffalign.data.pairs.EncodedImage`) and decoded
+    only when a step misses the cache, so memory grows with the compressed size of the set."""
     from diffalign.data.cache import LatentCache
     from diffalign.data.pairs import DataStats
 
@@ -183,15 +195,16 @@ def load_training_data(recipe, kind: str, backbone, output_dir: Path, accelerato
     if d.format == "pickapic":
         from diffalign.data.pickapic import read_pickapic
 
-        items = read_pickapic(d.source, split=d.split, drop_ties=d.drop_ties, strict=d.strict, stats=stats)
+        items = read_pickapic(d.source, split=d.split, drop_ties=d.drop_ties, strict=d.strict, stats=stats,
+                              decode=False)
     elif d.format == "jsonl":
         from diffalign.data.jsonl import read_jsonl_pairs
 
-        items = read_jsonl_pairs(d.source, strict=d.strict, stats=stats)
+        items = read_jsonl_pairs(d.source, strict=d.strict, stats=stats, decode=False)
     elif d.format == "feedback":
         from diffalign.data.kto import read_feedback
 
-        items = read_feedback(d.source, strict=d.strict, stats=stats)
+        items = read_feedback(d.source, strict=d.strict, stats=stats, decode=False)
     elif d.format == "ranked":
         items = _ranked_items(d.source, stats)
     else:

@@ -53,3 +53,12 @@ def test_crop_content_matches_coordinates():
     img.putdata([(x, 0, 0) for _ in range(20) for x in range(100)])
     out = prepare_image(img, 20, crop=(0, 37))
     assert abs((out.pixels[0, :, 0].mean().item() + 1) * 127.5 - 37) < 1.5
+
+
+def test_flipped_crop_content_is_the_mirrored_crop():
+    img = Image.new("RGB", (80, 20))
+    img.putdata([(x, 0, 0) for _ in range(20) for x in range(80)])
+    out = prepare_image(img, 20, crop=(0, 10), flip=True)  # columns 10..29, mirrored
+    red = (out.pixels[0, 0] + 1) * 127.5
+    assert abs(red[0].item() - 29) < 1 and abs(red[-1].item() - 10) < 1
+    assert out.crop_top_left == (0, 50)  # the same crop seen from the mirrored image's left edge

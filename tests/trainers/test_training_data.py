@@ -1,0 +1,76 @@
+"""Training data holds images as file bytes and decodes only what a step encodes for the first time."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from structured_helpers import tiny_backbone
+
+from diffalign.data.pairs import EncodedImage, PreferencePair
+from diffalign.data.pickapic import write_pickapic_parquet
+from diffalign.trainers.config import recipe_from_dict
+from diffalign.trainers.data import load_training_data
+
+
+def _png(size, seed) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    return tiny_backbone(tmp_path_factory.mktemp("data") / "sd")
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    rows = [{"caption": f"shape {i}", "jpg_0": _png((48, 32), i), "jpg_1": _png((32, 40), 100 + i), "label_0": 1.0}
+            for i in range(6)]  # non-square, of two sizes: random crops and flips differ per image
+    path = write_pickapic_parquet(rows, tmp_path / "pairs.parquet")
+    return recipe_from_dict({"data": {"source": str(path), "resolution": 32, "center_crop": False,
+                                      "random_flip": True},
+                             "train": {"batch_size": 6, "output_dir": str(tmp_path / "run"), "seed": 3}})
+
+
+def _count_decodes(monkeypatch) -> list:
+    calls = []
+    real = EncodedImage.decode
+    monkeypatch.setattr(EncodedImage, "decode", lambda self: calls.append(1) or real(self))
+    return calls
+
+
+def test_batches_from_encoded_images_equal_batches_from_decoded_ones(backbone, recipe, tmp_path):
+    data = load_training_data(recipe, "pairs", backbone, tmp_path)
+    assert all(isinstance(im, EncodedImage) for p in data.items for im in (p.chosen, p.rejected))
+    encoded = data.batch(1, 0, 0, 1)
+    data.items = [PreferencePair(p.prompt, p.chosen.decode(), p.rejected.decode(), key=p.key) for p in data.items]
+    data.cache = None
+    decoded = data.batch(1, 0, 0, 1)
+    torch.testing.assert_close(encoded.latents, decoded.latents)
+    assert torch.equal(encoded.noise, decoded.noise) and torch.equal(encoded.timesteps, decoded.timesteps)
+    assert encoded.prompts == decoded.prompts
+
+    # and both are the VAE latents of prepare_pair's crops and flips, drawn from each example's generator
+    from diffalign.data.transforms import prepare_pair
+    from diffalign.trainers.data import _stable_seed
+
+    prepared = [prepare_pair(data.item_at(pos), 32, center_crop=False, random_flip=True,
+                             generator=torch.Generator().manual_seed(_stable_seed(3, "example", pos)))
+                for pos in data.positions(1, 0, 0, 1)]
+    pixels = torch.stack([w.pixels for w, _ in prepared] + [l.pixels for _, l in prepared])
+    assert any(w.flipped for w, _ in prepared) and any(not w.flipped for w, _ in prepared)
+    torch.testing.assert_close(encoded.latents, backbone.encode_images(pixels, sample=False).float())
+
+
+def test_a_step_whose_latents_are_cached_decodes_no_image(backbone, recipe, tmp_path, monkeypatch):
+    data = load_training_data(recipe, "pairs", backbone, tmp_path)
+    calls = _count_decodes(monkeypatch)
+    first = data.batch(0, 0, 0, 1)
+    assert len(calls) == 12  # 6 pairs, two images each
+    again = data.batch(0, 0, 0, 1)  # the same examples, crops and flips: all in the cache
+    assert len(calls) == 12
+    torch.testing.assert_close(again.latents, first.latents)
