@@ -244,14 +244,13 @@ def eval_config_from_dict(raw: dict[str, Any]) -> EvalConfig:
 
 
 def load_eval_config(path: str | Path | None, overrides: list[str] | None = None) -> EvalConfig:
-    """Read an eval recipe (or start from the defaults with ``None``) and apply ``section.key=value`` overrides."""
-    from diffalign.trainers.config import apply_overrides
+    """Read an eval recipe (a path or a bundled recipe's name, e.g. ``eval-shapes``; or start from the defaults
+    with ``None``) and apply ``section.key=value`` overrides."""
+    from diffalign.trainers.config import apply_overrides, resolve_recipe
 
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"eval recipe {path} does not exist")
+        path = resolve_recipe(path)
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"eval recipe {path} must be a YAML mapping of sections")

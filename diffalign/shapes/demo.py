@@ -26,8 +26,8 @@ import torch
 
 ACCEPTS_OVERRIDES = True  # recipe overrides, e.g. --train.max_steps=50
 
-RECIPE = Path(__file__).resolve().parents[2] / "pipelines" / "shapes-diffusion-dpo.yaml"
-BUNDLED_CANDIDATES = Path(__file__).resolve().parents[2] / "datasets" / "shapes-candidates" / "candidates.parquet"
+RECIPE = "shapes-diffusion-dpo.yaml"  # bundled (pipelines/)
+BUNDLED_CANDIDATES = Path(__file__).resolve().parent / "assets" / "candidates" / "candidates.parquet"  # datasets/...
 # the settings the bundled candidates were sampled with (`diffalign shapes candidates`, its defaults)
 BUNDLED_SETTINGS = {"seed": 0, "images_per_prompt": 4, "sample_steps": 20, "guidance_scale": 5.0, "max_prompts": 400}
 
@@ -265,7 +265,7 @@ def training_candidates(pipe, prompts, cfg: DemoConfig) -> tuple[Candidates, str
     if cfg.candidates == "bundled" and bundled_candidates_match(cfg):
         stored = Candidates.load(BUNDLED_CANDIDATES)
         if spot_check(pipe, prompts, stored, cfg):
-            print(f"candidates: the bundled base-model samples ({BUNDLED_CANDIDATES.parent.name}; "
+            print("candidates: the bundled base-model samples (shapes-candidates; "
                   f"{min(cfg.spot_check_prompts, len(prompts))} prompts re-sampled and matched); "
                   "--candidates sample samples all of them again")
             return _first(stored, len(prompts)), "bundled (spot-checked)"

@@ -35,7 +35,6 @@ from diffalign.text.rewriter import RewriteConfig
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
-PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
@@ -128,7 +127,7 @@ class ShapesRewriterConfig:
 def _load_recipe(name: str, overrides: list[str]):
     from diffalign.trainers.config import load_recipe
 
-    return load_recipe(PIPELINES / name, overrides)
+    return load_recipe(name, overrides)
 
 
 def pair_margins(model_dir: Path, rows: list[dict]) -> torch.Tensor:

@@ -179,13 +179,30 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     )
 
 
+BUNDLED_RECIPES = Path(__file__).resolve().parents[1] / "pipelines"  # the repository's pipelines/, in the wheel too
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe file: ``path`` itself if it exists, else a recipe shipped with diffalign named by its bare
+    name, with or without ``.yaml`` (``shapes-mapo``, ``sdxl-diffusion-dpo.yaml``); a
+    ``FileNotFoundError`` otherwise."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.parent == Path("."):
+        for name in (path.name, f"{path.name}.yaml"):
+            if (BUNDLED_RECIPES / name).is_file():
+                return BUNDLED_RECIPES / name
+    raise FileNotFoundError(f"recipe {path} does not exist (nor is it one of the bundled recipes: "
+                            f"{', '.join(sorted(p.stem for p in BUNDLED_RECIPES.glob('*.yaml')))})")
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe YAML (or start empty with ``None``) and apply dotted overrides."""
+    """Read a recipe YAML (a path or a bundled recipe's name, :func:`resolve_recipe`; or start empty with
+    ``None``) and apply dotted overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe {path} does not exist")
+        path = resolve_recipe(path)
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"recipe {path} must be a YAML mapping of sections")
