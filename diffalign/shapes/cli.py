@@ -1,4 +1,4 @@
-"""`diffalign shapes pretrain | pretrain-reward | render | candidates`: the Shapes world's own tools."""
+"""`diffalign shapes pretrain | pretrain-reward | render | candidates | label`: the Shapes world's own tools."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("tool", choices=["pretrain", "pretrain-reward", "render", "candidates"],
+    parser.add_argument("tool", choices=["pretrain", "pretrain-reward", "render", "candidates", "label"],
                         help="pretrain: the bundled base model; pretrain-reward: the bundled learned reward; "
                              "render: ground-truth images for prompts of the grammar; candidates: base-model "
-                             "samples per training prompt with their oracle utilities (the efficacy tests' data)")
+                             "samples per training prompt with their oracle utilities (the efficacy tests' data); "
+                             "label: oracle-labelled training data from candidates (Pick-a-Pic pairs or KTO "
+                             "feedback), for any shapes-*.yaml recipe")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the tool's own arguments (--help for them)")
 
 
@@ -20,6 +22,8 @@ def run(args: argparse.Namespace) -> int:
         from diffalign.shapes.pretrain_reward import main
     elif args.tool == "candidates":
         main = candidates_main
+    elif args.tool == "label":
+        main = label_main
     else:
         main = render_main
     return main(args.args)
@@ -72,4 +76,36 @@ def candidates_main(argv: list[str] | None = None) -> int:
                               num_inference_steps=a.sample_steps, guidance_scale=d.guidance_scale)
     path = (cands if a.keep_all else cands.extremes()).save(a.out)
     print(f"wrote {len(prompts)} prompts' candidates to {path}")
+    return 0
+
+
+def label_main(argv: list[str] | None = None) -> int:
+    """Label candidates with the oracle as the demo and the efficacy tests do: Pick-a-Pic pairs (each prompt's
+    best and worst candidate) or per-image KTO feedback (liked above the median utility)."""
+    from pathlib import Path
+
+    from diffalign.shapes.demo import BUNDLED_CANDIDATES, Candidates, preference_rows, write_feedback_data, \
+        write_preference_data
+    from diffalign.shapes.oracle import Oracle
+
+    p = argparse.ArgumentParser(prog="diffalign shapes label")
+    p.add_argument("--out", required=True, help="folder to write train.parquet (pairs) or feedback.jsonl into")
+    p.add_argument("--candidates", default="bundled",
+                   help="a parquet from `diffalign shapes candidates`, or 'bundled' (the demo's own samples)")
+    p.add_argument("--format", choices=["pickapic", "feedback"], default="pickapic")
+    p.add_argument("--noise", type=float, default=0.1, help="the oracle's label noise (the demo's 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the oracle's noise")
+    p.add_argument("--flip", action="store_true", help="reverse every label (the control run)")
+    a = p.parse_args(argv)
+    cands = Candidates.load(BUNDLED_CANDIDATES if a.candidates == "bundled" else Path(a.candidates))
+    oracle, out = Oracle(noise=a.noise, seed=a.seed), Path(a.out)
+    if a.format == "feedback":
+        path = write_feedback_data(cands, oracle, out, flip=a.flip)
+        print(f"wrote per-image feedback on {sum(map(len, cands.images))} images to {path} "
+              f"(train with --data.source={path} --data.format=feedback)")
+    else:
+        path = out / "train.parquet"
+        counts = write_preference_data(preference_rows(cands, oracle, flip=a.flip), path)
+        print(f"wrote {len(cands.prompts)} oracle-labelled pairs to {path} (labels {counts}; "
+              f"train with --data.source={path})")
     return 0

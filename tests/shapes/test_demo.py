@@ -164,3 +164,28 @@ def test_demo_uses_the_bundled_candidates_after_a_spot_check(tmp_path, monkeypat
     assert source == "sampled" and "do not match" in capsys.readouterr().out
     assert len(got.images[0]) == 4  # all samples of a fresh draw, not the stored best and worst
     assert not demo.bundled_candidates_match(demo.DemoConfig(sample_steps=10))
+
+
+def test_shapes_label_writes_the_efficacy_tests_pairs_and_kto_feedback(tmp_path):
+    from diffalign.data import read_feedback, read_pickapic
+    from diffalign.shapes.demo import BUNDLED_CANDIDATES
+
+    cands = Candidates.load(BUNDLED_CANDIDATES)
+    with redirect_stdout(io.StringIO()) as out:
+        assert main(["shapes", "label", "--out", str(tmp_path / "pairs")]) == 0
+    assert "400 oracle-labelled pairs" in out.getvalue()
+    pairs = list(read_pickapic(tmp_path / "pairs" / "train.parquet", drop_ties=False))
+    expected = preference_rows(cands, Oracle(noise=0.1, seed=0))  # what the efficacy tests train on
+    assert [p.prompt for p in pairs] == [r["caption"] for r in expected]
+    winners = [r["jpg_0"] if r["label_0"] >= 0.5 else r["jpg_1"] for r in expected]
+    assert all(np.array_equal(np.asarray(p.chosen), np.asarray(decode_image(w, "w"))) for p, w in zip(pairs, winners))
+
+    assert main(["shapes", "label", "--out", str(tmp_path / "flip"), "--flip", "--noise", "0"]) == 0
+    assert main(["shapes", "label", "--out", str(tmp_path / "clean"), "--noise", "0"]) == 0
+    clean, flip = (list(read_pickapic(tmp_path / d / "train.parquet")) for d in ("clean", "flip"))  # ties out
+    assert len(clean) == len(flip) > 390
+    assert all(np.array_equal(np.asarray(a.chosen), np.asarray(b.rejected)) for a, b in zip(clean, flip))
+
+    assert main(["shapes", "label", "--out", str(tmp_path / "fb"), "--format", "feedback"]) == 0
+    samples = list(read_feedback(tmp_path / "fb" / "feedback.jsonl"))
+    assert len(samples) == 800 and 0.3 < np.mean([s.desirable for s in samples]) < 0.7  # median split, 10% noise
