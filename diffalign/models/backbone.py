@@ -50,6 +50,13 @@ class Backbone:
         self.pipeline = pipeline
         self.denoiser: torch.nn.Module = getattr(pipeline, self.denoiser_name)
         self.vae = pipeline.vae
+        denoiser_in = getattr(self.denoiser.config, "in_channels", None)
+        latent = getattr(self.vae.config, "latent_channels", None) or getattr(self.vae.config, "z_dim", None)
+        if denoiser_in is not None and latent is not None and denoiser_in != latent:
+            raise ValueError(
+                f"{type(pipeline).__name__}: its {self.denoiser_name} takes {denoiser_in} input channels but the VAE's "
+                f"latents have {latent}: an inpainting, image-to-image/video or otherwise image-conditioned "
+                "checkpoint. diffalign trains text-to-image (and text-to-video) denoisers on noisy latents alone.")
         self.scheduler = pipeline.scheduler
         self.forward_process = forward_process_from_scheduler(pipeline.scheduler)
         self._reference_copy: torch.nn.Module | None = None

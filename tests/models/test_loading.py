@@ -67,3 +67,20 @@ def test_task_variant_maps_to_family(tmp_path):
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLImg2ImgPipeline"}))
     assert detect_family(folder) == "sdxl"
+
+
+def test_an_image_conditioned_checkpoint_is_refused_with_a_clear_error(tmp_path, tiny_folder):
+    """An inpainting UNet (9 input channels: latents, mask, masked image) saved under a text-to-image
+    pipeline class loads in diffusers but cannot be trained on noisy latents alone."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path / "inpaint"
+    shutil.copytree(tiny_folder("sd"), folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config.update(in_channels=9)
+    UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    with pytest.raises(ValueError, match="unet takes 9 input channels but the VAE's latents have 4: an inpainting"):
+        load_backbone(folder)
+    assert load_backbone(tiny_folder("sd")).denoiser.config.in_channels == 4
