@@ -137,7 +137,7 @@ def load_clip(path: str | Path) -> torch.Tensor:
         try:
             array = np.stack([np.asarray(f.convert("RGB")) for f in load_video(str(path))])
         except ImportError as e:
-            raise ImportError(f"{path}: reading {path.suffix} needs imageio (pip install imageio imageio-ffmpeg), "
+            raise ImportError(f"{path}: reading {path.suffix} needs imageio (pip install 'diffalign[video]'), "
                               "or store clips as .npy frame arrays") from e
     elif not path.exists():
         raise FileNotFoundError(f"clip {path} does not exist")
