@@ -1,14 +1,14 @@
 """Efficacy on the Shapes world, MaPO (``pipelines/shapes-mapo.yaml``, as it is): trained from the bundled
 base model on the same oracle-labelled pairs as Diffusion-DPO, it raises the oracle's held-out win rate
-over base significantly, and it beats the same run on flipped labels significantly (``efficacy_helpers``).
+over base significantly, the same run on flipped labels is below base, and aligned beats that control
+significantly (``efficacy_helpers``).
 
-The flipped-label control is not asserted to fall below base: MaPO's ``L_w`` term fine-tunes the model on
-its own samples whichever way the labels point, and that alone does not cost it against base. On the
-build machine: aligned 0.583 over base (95% CI 0.524-0.642; ShapesEval 0.285 -> 0.389), flipped labels
-0.507 (0.441-0.585; ShapesEval 0.396, so the fidelity gain is that fine-tuning's, not the labels'),
-aligned over flipped 0.615 (0.557-0.666). With training seed 1: aligned 0.597 (0.520-0.669), flipped 0.517,
-aligned over flipped 0.649 (0.595-0.697). 600 steps of 4 pairs put the control below base at seed 0
-(0.469) but not at seed 1 (0.549, aligned 0.507), so this recipe stays (README, Shapes table).
+On the build machine (training seed 0, as here): aligned 0.615 over base (95% CI 0.550-0.676; ShapesEval
+0.285 -> 0.396), flipped labels 0.483 (0.418-0.556), aligned over flipped 0.691 (0.628-0.743). The control's
+fall below base is small and not significant on its own: MaPO's ``L_w`` term fine-tunes the model on its
+own samples whichever way the labels point (ShapesEval 0.347 on flipped labels). Other training seeds
+(README, Shapes table): seed 1 aligned 0.597 (0.536-0.658), control 0.514, aligned over control 0.590
+(0.532-0.642); seed 2 none of the three claims (0.531, 0.545, 0.521).
 """
 
 import pytest
@@ -17,6 +17,6 @@ from efficacy_helpers import assert_labels_beat_flipped_labels, labels_and_flipp
 pytestmark = [pytest.mark.slow, pytest.mark.slow_cost(9)]
 
 
-def test_mapo_raises_the_heldout_win_rate_and_beats_its_flipped_label_control(world, tmp_path):
+def test_mapo_raises_the_heldout_win_rate_and_flipped_labels_lower_it(world, tmp_path):
     runs = labels_and_flipped_runs(world, tmp_path, "shapes-mapo.yaml")
-    assert_labels_beat_flipped_labels("mapo", world, *runs, control_below_base=False)
+    assert_labels_beat_flipped_labels("mapo", world, *runs)
