@@ -26,7 +26,8 @@ import torch
 
 ACCEPTS_OVERRIDES = True  # recipe overrides, e.g. --train.max_steps=50
 
-RECIPE = "shapes-diffusion-dpo.yaml"  # bundled (pipelines/)
+# the bundled recipe itself (pipelines/), not a file of that name in the working directory
+RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "shapes-diffusion-dpo.yaml"
 BUNDLED_CANDIDATES = Path(__file__).resolve().parent / "assets" / "candidates" / "candidates.parquet"  # datasets/...
 # the settings the bundled candidates were sampled with (`diffalign shapes candidates`, its defaults)
 BUNDLED_SETTINGS = {"seed": 0, "images_per_prompt": 4, "sample_steps": 20, "guidance_scale": 5.0, "max_prompts": 400}
