@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from diffalign.core.forward import FlowMatchingForward
 from diffalign.core.likelihood import elbo_loglik
 from diffalign.objectives import DPO_LOSS_TYPES, dpo_loss
 from diffalign.trainers.method import Method, StepOutput, TrainBatch, dpo_metrics, weighted_mean
@@ -17,7 +18,8 @@ class InPOConfig:
         beta: DPO strength on ``ℓ = −½L``: 5000 in the official SDXL launcher, 2000 for SD1.5.
         num_inversion_steps: grid of the DDIM inversion (10 in the original, SD1.5 and SDXL); a pair at
             timestep t takes one model call per grid level below t, plus one.
-        eta: noise added after every inversion step, ``η·s·z`` (0.1 in the original).
+        eta: noise added after every inversion step, ``η·s·z``; ``None`` (default): 0.1 on DDPM-type models
+            (the original's SD1.5/SDXL value), 0 on flow models (SD3), where no such noise is defined.
         invert_with: ``"policy"`` (the original: the UNet being trained, without gradients) or
             ``"reference"``.
         guidance_scale: classifier-free guidance during the inversion (the original: none, 1.0).
@@ -27,7 +29,7 @@ class InPOConfig:
 
     beta: float = 5000.0
     num_inversion_steps: int = 10
-    eta: float = 0.1
+    eta: float | None = None
     invert_with: str = "policy"
     guidance_scale: float = 1.0
     loss_type: str = "sigmoid"
@@ -49,9 +51,16 @@ class InPO(Method):
     name = "inpo"
     config_class = InPOConfig
 
+    @property
+    def eta(self) -> float:
+        """The configured ``eta``, or the default for this backbone's forward process."""
+        if self.config.eta is not None:
+            return self.config.eta
+        return 0.0 if isinstance(self.backbone.forward_process, FlowMatchingForward) else 0.1
+
     def loss(self, batch: TrainBatch) -> StepOutput:
         c = self.config
-        batch = self.invert_batch(batch, model=c.invert_with, num_steps=c.num_inversion_steps, eta=c.eta,
+        batch = self.invert_batch(batch, model=c.invert_with, num_steps=c.num_inversion_steps, eta=self.eta,
                                   guidance_scale=c.guidance_scale)
         policy_errors, ref_errors = self.errors(batch), self.errors(batch, reference=True)
         pw, pl = elbo_loglik(policy_errors).chunk(2)

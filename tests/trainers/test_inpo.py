@@ -76,3 +76,19 @@ def test_eta_noise_is_a_function_of_the_batch(backbone):
 def test_config_is_checked():
     with pytest.raises(ValueError, match="invert_with"):
         build_method({"name": "inpo", "invert_with": "ema"}, None)
+
+
+def test_default_eta_is_the_originals_on_ddim_models_and_zero_on_flow_models(backbone, tiny_folder):
+    import math
+
+    from diffalign.models import load_backbone
+
+    assert build_method({"name": "inpo"}, backbone).eta == 0.1  # SD: the original's value
+    sd3 = load_backbone(tiny_folder("sd3"))
+    sd3.add_lora(rank=4)
+    method = build_method({"name": "inpo", "beta": 500.0}, sd3)
+    assert method.eta == 0.0
+    loss = float(method.loss(group_batch(sd3, PROMPTS, seed=1)).loss)  # trains on SD3 with the defaults
+    assert loss == pytest.approx(math.log(2), abs=1e-5)  # LoRA at zero: policy = reference
+    with pytest.raises(ValueError, match="use eta=0 for flow models"):  # an explicit eta stays an error
+        build_method({"name": "inpo", "eta": 0.1}, sd3).loss(group_batch(sd3, PROMPTS, seed=1))
