@@ -51,9 +51,7 @@ class EncodedImage:
 
     def decode(self) -> Image.Image:
         """The RGB image."""
-        img = Image.open(io.BytesIO(self.data))
-        img.load()
-        return img.convert("RGB")
+        return decode_image(self.data, "an EncodedImage")
 
 
 ImageLike = Image.Image | EncodedImage
