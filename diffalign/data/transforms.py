@@ -9,7 +9,7 @@ describes the image the model actually sees.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ class Placement:
 class PreparedImage(Placement):
     """A :class:`Placement` with its ``pixels``: ``[3, R, R]`` in [-1, 1]."""
 
-    pixels: torch.Tensor | None = None
+    pixels: torch.Tensor = field(kw_only=True)
 
 
 def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
