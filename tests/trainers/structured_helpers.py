@@ -65,6 +65,19 @@ def lora_grad_norm(bb) -> float:
     return float(sum(p.grad.norm() ** 2 for p in bb.trainable_parameters() if p.grad is not None) ** 0.5)
 
 
+def beta_scaled_tolerance(beta: float, *errors: torch.Tensor, ulps: float = 4.0) -> float:
+    """Absolute tolerance for a loss whose logits are ``β/2`` times a difference of fp32 denoising errors.
+
+    Each error ``[N]`` is exact only to a few ulps of its size: another batching (the hand computation
+    calls the model row group by row group) or another CPU kernel (AVX2, AVX-512, scalar) sums in
+    another order. A logit ``-β/2·((Lw − Ll) − (Rw − Rl))`` carries four of them, so its own error is
+    up to ``β/2 · 4·ulps·ε32·max|L|``; every loss here is a mean of terms whose slope in their logit is
+    at most 1, so that bound holds for the loss too. A bare ``rel=1e-4`` on such a loss checks the kernels,
+    not the formula (the logit's rounding is amplified β/2 times)."""
+    scale = max(float(e.detach().abs().max()) for e in errors)
+    return 0.5 * beta * 4 * ulps * torch.finfo(torch.float32).eps * scale
+
+
 def assert_ln2_at_init_with_gradient(bb, out, min_grad_norm: float = 0.0) -> None:
     """At initialisation (policy == reference) a DPO-form loss is ln 2 and still moves the LoRA weights;
     leaves the gradients cleared."""

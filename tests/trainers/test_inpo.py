@@ -1,6 +1,13 @@
 import pytest
 import torch
-from structured_helpers import assert_ln2_at_init_with_gradient, group_batch, move_lora, swap_groups, tiny_backbone
+from structured_helpers import (
+    assert_ln2_at_init_with_gradient,
+    beta_scaled_tolerance,
+    group_batch,
+    move_lora,
+    swap_groups,
+    tiny_backbone,
+)
 
 from diffalign.core.inversion import invert
 from diffalign.core.likelihood import denoising_error
@@ -33,15 +40,17 @@ def test_loss_is_dpo_on_the_inverted_latents_by_hand(backbone):
             with backbone.reference():
                 lr = denoising_error(backbone.predict(inv.x_t, batch.timesteps, batch.cond), inv.target)
         (pw, pl), (rw, rl) = lp.chunk(2), lr.chunk(2)
-        z = -0.5 * beta * ((pw - pl) - (rw - rl))
+        z = -0.5 * beta * ((pw - pl) - (rw - rl)).double()
         expect = float(-torch.nn.functional.logsigmoid(z).mean())
-        assert float(out.loss) == pytest.approx(expect, rel=1e-4)
+        tol = beta_scaled_tolerance(beta, lp, lr)
+        assert float(out.loss) == pytest.approx(expect, abs=tol)
         # not the forward-process latents
         direct = build_method({"name": "diffusion-dpo", "beta": beta}, backbone).loss(batch)
         assert abs(float(direct.loss) - float(out.loss)) > 1e-4
         # swapped labels flip the sign of the logit: the loss becomes that of -z
         swapped = build_method({"name": "inpo", "eta": 0.0, "beta": beta}, backbone).loss(swap_groups(batch))
-        assert float(swapped.loss) == pytest.approx(float(-torch.nn.functional.logsigmoid(-z).mean()), rel=1e-4)
+        assert float(swapped.loss) == pytest.approx(float(-torch.nn.functional.logsigmoid(-z).mean()), abs=tol)
+        assert abs(float(swapped.loss) - float(out.loss)) > 10 * tol
     finally:
         move_lora(backbone, 0.0)
 
@@ -57,7 +66,8 @@ def test_any_batch_size_equals_pairs_one_at_a_time(backbone):
             one = group_batch(backbone, [[p[i]] for p in PROMPTS], t=[int(batch.timesteps[i])])
             one.latents = batch.latents[[i, 3 + i]]
             singles.append(float(method.loss(one).loss))
-        assert whole == pytest.approx(sum(singles) / 3, rel=1e-4)
+        # batch size changes how the kernels sum: equal up to the logits' fp32 rounding (errors are O(1))
+        assert whole == pytest.approx(sum(singles) / 3, abs=beta_scaled_tolerance(method.config.beta, torch.ones(1)))
     finally:
         move_lora(backbone, 0.0)
 
