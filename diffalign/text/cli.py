@@ -236,6 +236,9 @@ def format_shapes_results(r: dict) -> str:
     """The Shapes rewriter run as a short table (README's output)."""
     lines = [f"train captions {r['train_captions']}, pairs {r['pairs']['pairs']}; held-out captions "
              f"{r['heldout_captions']}, pairs {r['heldout_pairs']['pairs']}"]
+    if "train_pair_margin" in r:
+        t = r["train_pair_margin"]
+        lines.append(f"training pairs: mean margin sft {t['sft']:+.2f} -> dpo {t['dpo']:+.2f}")
     if "heldout_pair_accuracy" in r:
         a, m = r["heldout_pair_accuracy"], r["heldout_pair_margin"]
         lines.append(f"held-out pairs: P(logp(chosen) > logp(rejected)) sft {a['sft']:.2f} -> dpo {a['dpo']:.2f}; "

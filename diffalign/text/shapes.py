@@ -200,9 +200,12 @@ def run_shapes_rewriter(cfg: ShapesRewriterConfig) -> dict:
         f"model.pretrained={sft}", f"data.source={out / 'pairs.jsonl'}", f"train.output_dir={out / 'dpo'}",
         f"train.max_steps={cfg.dpo_steps}", f"train.seed={cfg.seed}", *cfg.overrides])) / "final"
 
-    # 5a. held-out pairs: preference of the DPO model over the SFT model's
+    # 5b. held-out pairs: preference of the DPO model over the SFT model's
     results: dict = {"train_captions": len(train_prompts), "heldout_captions": len(heldout),
                      "pairs": pair_summary, "heldout_pairs": held_summary}
+    # 5a. the training pairs: what DPO optimises (its margin must rise over the SFT model's)
+    t_sft, t_dpo = pair_margins(sft, rows), pair_margins(dpo, rows)
+    results["train_pair_margin"] = {"sft": float(t_sft.mean()), "dpo": float(t_dpo.mean())}
     if held_rows:
         m_sft, m_dpo = pair_margins(sft, held_rows), pair_margins(dpo, held_rows)
         results["heldout_pair_accuracy"] = {"sft": float((m_sft > 0).float().mean()),
@@ -210,7 +213,7 @@ def run_shapes_rewriter(cfg: ShapesRewriterConfig) -> dict:
                                             "dpo_above_sft": float((m_dpo > m_sft).float().mean())}
         results["heldout_pair_margin"] = {"sft": float(m_sft.mean()), "dpo": float(m_dpo.mean())}
 
-    # 5b. images of held-out captions: unrewritten vs SFT and DPO rewrites (greedy), same seeds
+    # 5c. images of held-out captions: unrewritten vs SFT and DPO rewrites (greedy), same seeds
     seeds = [1234 + j for j in range(cfg.eval_seeds)]
     flat = [x for x in heldout for _ in seeds]
     flat_seeds = seeds * len(heldout)
