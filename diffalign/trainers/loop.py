@@ -63,7 +63,7 @@ def setup(recipe: Recipe, accelerator: Accelerator | None = None) -> Run:
 
 def setup_backbone(recipe: Recipe, accelerator: Accelerator | None = None) -> tuple[Accelerator, object]:
     """The accelerator (seeded) and the backbone on its device, with a LoRA or full fine-tuning enabled."""
-    from diffalign.models import load_backbone
+    from diffalign.models.loading import load_backbone, resolve_pretrained
 
     cfg = recipe.train
     accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
@@ -104,19 +104,6 @@ def setup_optimizer(recipe: Recipe, accelerator: Accelerator, backbone) -> tuple
     accelerator.register_for_checkpointing(lr_scheduler)
     _register_checkpoint_hooks(accelerator, backbone)
     return optimizer, lr_scheduler
-
-
-def resolve_pretrained(name: str) -> str:
-    """``bundled:NAME`` names a model shipped in the package (``diffalign/shapes/assets/NAME``);
-    anything else (hub id or folder) is passed to diffusers unchanged."""
-    if not name.startswith("bundled:"):
-        return name
-    import diffalign.shapes
-
-    path = Path(diffalign.shapes.__file__).parent / "assets" / name.split(":", 1)[1]
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"{name}: no bundled model at {path}")
-    return str(path)
 
 
 def train(recipe: Recipe, *, setup_fn=setup) -> Path:

@@ -107,8 +107,7 @@ def load_prompts(spec: str | Sequence[str], options: dict[str, Any] | None = Non
     if not isinstance(spec, str):
         prompts = [str(p) for p in spec]
     else:
-        from diffalign.eval.cli import prompts_fields
-        from diffalign.eval.prompts import load_prompt_set
+        from diffalign.eval.prompts import load_prompt_set, prompts_fields
 
         where, options = prompts_fields(spec), dict(options or {})
         if where["name"] == "shapes":

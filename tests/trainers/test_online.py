@@ -344,7 +344,7 @@ def _online_recipes() -> dict[str, object]:
 
 
 def test_every_online_method_has_a_recipe_with_valid_options():
-    from diffalign.eval.cli import prompts_fields
+    from diffalign.eval.prompts import prompts_fields
     from diffalign.rewards import list_rewards
     from diffalign.trainers import METHODS, ONLINE_METHODS
 
