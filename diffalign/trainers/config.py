@@ -88,6 +88,11 @@ class TrainConfig:
 
     ``batch_size`` is per process, in pairs (or samples for KTO/SFT); the effective batch is
     ``batch_size × gradient_accumulation_steps × num_processes``.
+
+    ``report_to``: experiment trackers, as accelerate's ``log_with``: ``None``/``"none"`` (default:
+    ``metrics.jsonl`` only, nothing leaves the machine), ``"tensorboard"``, ``"wandb"``, another
+    accelerate tracker name, a list of them (or a comma-separated string), or ``"all"``. Every
+    ``metrics.jsonl`` row goes to them at its step; the logs live in ``<output_dir>/logs/``.
     """
 
     output_dir: str = "runs/run"
@@ -114,6 +119,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     resume: str | None = None
     log_every: int = 1
+    report_to: str | list[str] | None = None
 
 
 @dataclass
