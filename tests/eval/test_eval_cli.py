@@ -245,8 +245,8 @@ def test_geneval_prompts_without_detector_generate_and_say_so(tiny_sd, tmp_path,
 
 
 def test_detector_choice():
-    from diffalign.shapes.geneval import ShapesDetector
     from diffalign.eval.scoring import build_detector
+    from diffalign.shapes.geneval import ShapesDetector
 
     detector, colors = build_detector("shapes")
     assert isinstance(detector, ShapesDetector) and colors is None
