@@ -208,14 +208,19 @@ def flat_config(recipe: Recipe) -> dict[str, int | float | str | bool]:
 @contextlib.contextmanager
 def tracking(run):
     """Start the accelerator's trackers (``train.report_to``) with the flat recipe as their config, and
-    end them (flushing the logs) when the loop ends, normally or not. Nothing without trackers."""
+    end them (flushing the logs) when the loop ends, normally or not. Nothing without trackers.
+
+    A resumed run (``run.global_step`` > 0) tells TensorBoard to purge the earlier events from the
+    step after the checkpoint on, as ``metrics.jsonl`` drops its lines after the checkpoint."""
     acc = run.accelerator
     if not acc.log_with:
         yield
         return
     name = run.output_dir.name
-    acc.init_trackers(TRACKER_PROJECT, config=flat_config(run.recipe),
-                      init_kwargs={"wandb": {"name": name}, "comet_ml": {"experiment_name": name}})
+    init_kwargs = {"wandb": {"name": name}, "comet_ml": {"experiment_name": name}}
+    if run.global_step > 0:
+        init_kwargs["tensorboard"] = {"purge_step": run.global_step + 1}
+    acc.init_trackers(TRACKER_PROJECT, config=flat_config(run.recipe), init_kwargs=init_kwargs)
     try:
         yield
     finally:
