@@ -166,8 +166,8 @@ def log_with(report_to: str | Sequence[str] | None) -> list[str] | str | None:
     """``train.report_to`` as accelerate's ``log_with``: None for ``None``/``"none"``, ``"all"``, or a
     list of tracker names (a comma-separated string is split); an unknown name is an error here,
     before any model loads."""
-    from accelerate.utils import LoggerType
     from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
 
     if report_to is None:
         return None
