@@ -113,14 +113,14 @@ def _is_geneval_layout(folder: Path) -> bool:
 def read_images(images: str | os.PathLike, prompts: str | os.PathLike | None = None) -> list[ImageItem]:
     """The images of a GenEval-layout folder, of a flat folder with a ``prompts`` file, or of a parquet
     file (layouts in the module docstring). Errors name the file and the image without a prompt."""
-    from diffalign.rewards.cli import InputError, list_images, parquet_images, read_prompts
+    from diffalign.rewards.scoring import InputError, list_images, parquet_images, read_prompts
 
     path = Path(images)
     if path.is_dir() and _is_geneval_layout(path):
         if prompts is not None:
             raise InputError(f"{path}: a GenEval-layout folder takes its prompts from NNNNN/metadata.jsonl; "
                              "do not pass --prompts")
-        from diffalign.eval.scoring import read_folder
+        from diffalign.data.generated import read_folder
 
         items = [ImageItem(im.path.relative_to(path).as_posix(), im.prompt, im.path) for im in read_folder(path)]
     elif path.is_dir():
@@ -281,7 +281,7 @@ def label(images: str | os.PathLike, rewards: Mapping[str, object], out: str | o
     """Score every image of ``images`` with ``rewards`` (``{name: RewardModel}``), combine the scores
     and write preference pairs (Pick-a-Pic parquet) or ranked lists to ``out``; see the module
     docstring for the layouts, the combination and the filter. Returns the counts."""
-    from diffalign.rewards.cli import score_images
+    from diffalign.rewards.scoring import score_images
 
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")

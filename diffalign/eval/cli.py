@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diffalign.eval.prompts import prompts_fields
+
 if TYPE_CHECKING:
     from diffalign.eval.config import EvalConfig
 
@@ -71,21 +73,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="original-centered: the share of the guidance scale given to the original prompt")
 
 
-def prompts_fields(value: str) -> dict[str, Any]:
-    """``--prompts`` → ``{"name": ..., "path": ...}``: a set name, ``NAME:PATH``, or a prompt file."""
-    from diffalign.eval.prompts import PROMPT_SETS
-
-    if value in PROMPT_SETS:
-        return {"name": value, "path": None}
-    name, sep, path = value.partition(":")
-    if sep and name in PROMPT_SETS:
-        return {"name": name, "path": path}
-    if Path(value).suffix in (".txt", ".jsonl"):
-        return {"name": "file", "path": value}
-    raise ValueError(f"--prompts {value!r}: not a prompt set ({', '.join(PROMPT_SETS)}), NAME:PATH, or a .txt/.jsonl "
-                     "file of prompts")
-
-
 def flag_fields(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """The recipe fields the flags set: ``{section: {key: value}}``."""
     out: dict[str, dict[str, Any]] = {}
@@ -105,7 +92,7 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
     import yaml
 
     from diffalign.eval.config import eval_config_from_dict
-    from diffalign.trainers.config import apply_overrides
+    from diffalign.recipes import apply_overrides
 
     raw: dict[str, Any] = {}
     if args.recipe:

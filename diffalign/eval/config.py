@@ -246,7 +246,7 @@ def eval_config_from_dict(raw: dict[str, Any]) -> EvalConfig:
 def load_eval_config(path: str | Path | None, overrides: list[str] | None = None) -> EvalConfig:
     """Read an eval recipe (a path or a bundled recipe's name, e.g. ``eval-shapes``; or start from the defaults
     with ``None``) and apply ``section.key=value`` overrides."""
-    from diffalign.trainers.config import apply_overrides, resolve_recipe
+    from diffalign.recipes import apply_overrides, resolve_recipe
 
     raw: dict[str, Any] = {}
     if path is not None:

@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffalign.data.generated import METADATA_FILE
+
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
@@ -72,7 +74,6 @@ SEED_STRIDE = 10_000
 SEED_RULE = (f"seed = base_seed + {SEED_STRIDE} * prompt_index + sample_index, prompt_index = the prompt's position "
              "in the full prompt set; one CPU torch.Generator per image")
 GENERATION_FILE = "generation.json"
-METADATA_FILE = "metadata.jsonl"
 # settings that change the pixels: a folder holding images made with other values is not resumed
 RESUME_KEYS = ("model", "lora", "finetuned", "family", "scheduler", "dtype", "variant", "revision",
                "num_inference_steps", "guidance_scale", "height", "width", "negative_prompt", "base_seed",
@@ -304,8 +305,7 @@ def load_eval_pipeline(pretrained: str, *, lora: str | None = None, finetuned: s
     ``.safetensors`` file or a hub id) or a fine-tuned denoiser (a folder holding ``unet/`` or
     ``transformer/``, as a full fine-tune's ``final/``), and another scheduler class by name
     (``DPMSolverMultistepScheduler``, built from the pipeline's scheduler config)."""
-    from diffalign.models.loading import load_backbone
-    from diffalign.trainers.loop import resolve_pretrained
+    from diffalign.models.loading import load_backbone, resolve_pretrained
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

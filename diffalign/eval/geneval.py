@@ -386,18 +386,3 @@ class TransformersDetector:
         result = self.processor.post_process_object_detection(
             outputs, threshold=self.min_score, target_sizes=[(image.height, image.width)])[0]
         return detections_from_post_processed(result, self.model.config.id2label, self.label_map)
-
-
-class ShapesDetector:
-    """The Shapes world's exact segmenter as a GenEval detector (ShapesEval through this protocol).
-
-    Every object gets score 1.0 and its exact colour (so no CLIP is needed); objects come largest
-    first, so "most confident first" means "largest first", as in ShapesEval."""
-
-    name = "shapes-segmenter (non-official)"
-
-    def detect(self, image) -> list[Detection]:
-        from diffalign.shapes.evaluate import detect
-
-        found = sorted(detect(image), key=lambda d: -d.area)
-        return [Detection(d.shape, 1.0, tuple(float(v) for v in d.bbox), None, d.color) for d in found]

@@ -409,6 +409,20 @@ def load_prompt_set(name: str, path: str | os.PathLike | None = None, cache_dir:
     return LOADERS[name](path=path, cache_dir=cache_dir, verify=verify, **options)
 
 
+def prompts_fields(value: str) -> dict[str, str | None]:
+    """``--prompts`` (or an on-line method's ``prompts``) → ``{"name": ..., "path": ...}``: a set name,
+    ``NAME:PATH``, or a prompt file."""
+    if value in PROMPT_SETS:
+        return {"name": value, "path": None}
+    name, sep, path = value.partition(":")
+    if sep and name in PROMPT_SETS:
+        return {"name": name, "path": path}
+    if Path(value).suffix in (".txt", ".jsonl"):
+        return {"name": "file", "path": value}
+    raise ValueError(f"--prompts {value!r}: not a prompt set ({', '.join(PROMPT_SETS)}), NAME:PATH, or a .txt/.jsonl "
+                     "file of prompts")
+
+
 def geneval_object_names(path: str | os.PathLike | None = None,
                          cache_dir: str | os.PathLike | None = None) -> list[str]:
     """GenEval's 80 COCO class names (``object_names.txt``), in detector-index order."""

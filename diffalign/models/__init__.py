@@ -2,11 +2,11 @@
 
 from diffalign.models.backbone import Backbone
 from diffalign.models.base import Conditioning
-from diffalign.models.loading import FAMILIES, detect_family, load_backbone
+from diffalign.models.loading import FAMILIES, detect_family, load_backbone, resolve_pretrained
 from diffalign.models.sd import SDBackbone
 from diffalign.models.sd3 import SD3Backbone
 from diffalign.models.sdxl import SDXLBackbone
 from diffalign.models.video import VideoBackbone, WanBackbone
 
 __all__ = ["FAMILIES", "Backbone", "Conditioning", "SD3Backbone", "SDBackbone", "SDXLBackbone", "VideoBackbone",
-           "WanBackbone", "detect_family", "load_backbone"]
+           "WanBackbone", "detect_family", "load_backbone", "resolve_pretrained"]

@@ -1,4 +1,5 @@
-"""Pick the backbone family of a hub id or folder from its ``model_index.json``."""
+"""Load a backbone by name: ``bundled:NAME`` models, and the family of a hub id or folder from its
+``model_index.json``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ from diffalign.models.video import WanBackbone
 
 FAMILIES: dict[str, type[Backbone]] = {b.family: b for b in (SDBackbone, SDXLBackbone, SD3Backbone, WanBackbone)}
 _BY_PIPELINE = {b.pipeline_class_name: b.family for b in FAMILIES.values()}
+# the models shipped in the package (the Shapes world's base models); a path, so models/ imports nothing of shapes/
+BUNDLED_MODELS = Path(__file__).resolve().parents[1] / "shapes" / "assets"
+
+
+def resolve_pretrained(name: str) -> str:
+    """``bundled:NAME`` names a model shipped in the package (``diffalign/shapes/assets/NAME``);
+    anything else (hub id or folder) is passed to diffusers unchanged."""
+    if not name.startswith("bundled:"):
+        return name
+    path = BUNDLED_MODELS / name.split(":", 1)[1]
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{name}: no bundled model at {path}")
+    return str(path)
 
 
 def detect_family(name_or_path: str | Path, revision: str | None = None) -> str:

@@ -106,11 +106,10 @@ class TextData:
 
 def setup(recipe: Recipe, accelerator=None):
     """Model (+ LoRA or a frozen reference copy), method, tokenised data, optimizer: a loop ``Run``."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from diffalign.text.model import CausalLM
-    from diffalign.trainers.loop import Run, setup_optimizer
+    from diffalign.trainers.loop import Run, make_accelerator, setup_optimizer
 
     cfg = recipe.train
     if cfg.validation_prompts:
@@ -121,7 +120,7 @@ def setup(recipe: Recipe, accelerator=None):
                          f"(got {recipe.data.format!r})")
     if not recipe.model.pretrained:
         raise ValueError("model.pretrained must name a causal LM (hub id or local folder)")
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = accelerator or make_accelerator(recipe)
     set_seed(cfg.seed)
     lm = CausalLM.from_pretrained(recipe.model.pretrained, revision=recipe.model.revision)
     method: TextMethod = build_text_method(recipe.method, lm)

@@ -215,8 +215,7 @@ def bench_sampling(recipe, batches: int = 5, warmup: int = 1, num_steps: int = 2
     """Time ``batches`` calls of ``sample_trajectory`` (``batch_size`` trajectories of ``num_steps``
     steps each) on the recipe's model; returns trajectories/s and peak memory as a dict."""
     from diffalign.core.sampling import make_sampler, sample_trajectory
-    from diffalign.models import load_backbone
-    from diffalign.trainers.loop import resolve_pretrained
+    from diffalign.models.loading import load_backbone, resolve_pretrained
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(recipe.train.mixed_precision, torch.float32)

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from diffalign.recipes import apply_overrides, resolve_recipe
+
 
 @dataclass
 class ModelConfig:
@@ -86,6 +88,11 @@ class TrainConfig:
 
     ``batch_size`` is per process, in pairs (or samples for KTO/SFT); the effective batch is
     ``batch_size × gradient_accumulation_steps × num_processes``.
+
+    ``report_to``: experiment trackers, as accelerate's ``log_with``: ``None``/``"none"`` (default:
+    ``metrics.jsonl`` only, nothing leaves the machine), ``"tensorboard"``, ``"wandb"``, another
+    accelerate tracker name, a list of them (or a comma-separated string), or ``"all"``. Every
+    ``metrics.jsonl`` row goes to them at its step; the logs live in ``<output_dir>/logs/``.
     """
 
     output_dir: str = "runs/run"
@@ -112,6 +119,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     resume: str | None = None
     log_every: int = 1
+    report_to: str | list[str] | None = None
 
 
 @dataclass
@@ -147,23 +155,6 @@ def _build(cls, values: dict[str, Any], where: str):
     return cls(**values)
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested dict, in place."""
-    for item in overrides:
-        item = item.removeprefix("--")
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like --section.key=value")
-        dotted, value = item.split("=", 1)
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {p!r} is not a section")
-        node[leaf] = yaml.safe_load(value) if value != "" else ""
-    return raw
-
-
 def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     unknown = set(raw) - {"model", "data", "train", "method", "eval"}
     if unknown:
@@ -177,24 +168,6 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
         method=method,
         eval=dict(raw.get("eval") or {}),
     )
-
-
-BUNDLED_RECIPES = Path(__file__).resolve().parents[1] / "pipelines"  # the repository's pipelines/, in the wheel too
-
-
-def resolve_recipe(path: str | Path) -> Path:
-    """A recipe file: ``path`` itself if it exists, else a recipe shipped with diffalign named by its bare
-    name, with or without ``.yaml`` (``shapes-mapo``, ``sdxl-diffusion-dpo.yaml``); a
-    ``FileNotFoundError`` otherwise."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.parent == Path("."):
-        for name in (path.name, f"{path.name}.yaml"):
-            if (BUNDLED_RECIPES / name).is_file():
-                return BUNDLED_RECIPES / name
-    raise FileNotFoundError(f"recipe {path} does not exist (nor is it one of the bundled recipes: "
-                            f"{', '.join(sorted(p.stem for p in BUNDLED_RECIPES.glob('*.yaml')))})")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:

@@ -61,12 +61,24 @@ def setup(recipe: Recipe, accelerator: Accelerator | None = None) -> Run:
     return Run(recipe, accelerator, backbone, method, data, optimizer, lr_scheduler, output_dir)
 
 
-def setup_backbone(recipe: Recipe, accelerator: Accelerator | None = None) -> tuple[Accelerator, object]:
-    """The accelerator (seeded) and the backbone on its device, with a LoRA or full fine-tuning enabled."""
-    from diffalign.models import load_backbone
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    """The run's accelerator: mixed precision, and the trackers of ``train.report_to`` logging under
+    ``<output_dir>/logs/`` (started by :func:`tracking`)."""
+    from accelerate.utils import ProjectConfiguration
 
     cfg = recipe.train
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    output_dir = Path(cfg.output_dir)
+    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with(cfg.report_to),
+                       project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                           logging_dir=str(output_dir / "logs")))
+
+
+def setup_backbone(recipe: Recipe, accelerator: Accelerator | None = None) -> tuple[Accelerator, object]:
+    """The accelerator (seeded) and the backbone on its device, with a LoRA or full fine-tuning enabled."""
+    from diffalign.models.loading import load_backbone, resolve_pretrained
+
+    cfg = recipe.train
+    accelerator = accelerator or make_accelerator(recipe)
     set_seed(cfg.seed)
     backbone = load_backbone(resolve_pretrained(recipe.model.pretrained), family=recipe.model.family,
                              revision=recipe.model.revision, variant=recipe.model.variant)
@@ -106,19 +118,6 @@ def setup_optimizer(recipe: Recipe, accelerator: Accelerator, backbone) -> tuple
     return optimizer, lr_scheduler
 
 
-def resolve_pretrained(name: str) -> str:
-    """``bundled:NAME`` names a model shipped in the package (``diffalign/shapes/assets/NAME``);
-    anything else (hub id or folder) is passed to diffusers unchanged."""
-    if not name.startswith("bundled:"):
-        return name
-    import diffalign.shapes
-
-    path = Path(diffalign.shapes.__file__).parent / "assets" / name.split(":", 1)[1]
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"{name}: no bundled model at {path}")
-    return str(path)
-
-
 def train(recipe: Recipe, *, setup_fn=setup) -> Path:
     """Run a recipe to the end; returns the run directory (with ``final/``).
 
@@ -136,25 +135,107 @@ def train(recipe: Recipe, *, setup_fn=setup) -> Path:
     metrics_path = run.output_dir / "metrics.jsonl"
     nonfinite_in_a_row = 0
     progress = tqdm(total=cfg.max_steps, initial=run.global_step, desc="train", disable=not acc.is_main_process)
-    while run.global_step < cfg.max_steps:
-        row = train_step(run)
-        nonfinite_in_a_row = 0 if not row["skipped"] else nonfinite_in_a_row + 1
-        if acc.is_main_process:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            progress.update(1)
-            progress.set_postfix(loss=f"{row['loss']:.4f}")
-            if row["skipped"]:
-                print(f"step {run.global_step}: non-finite loss, step skipped ({nonfinite_in_a_row} in a row)")
-        if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-            raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row at step {run.global_step}; stopping "
-                               f"(train.max_nonfinite_steps={cfg.max_nonfinite_steps}). Lower the learning rate or beta.")
-        if cfg.checkpointing_steps and run.global_step % cfg.checkpointing_steps == 0:
-            save_checkpoint(run)
-        if cfg.validation_steps and cfg.validation_prompts and run.global_step % cfg.validation_steps == 0:
-            log_validation(run)
-    progress.close()
-    return save_final(run)
+    with tracking(run):
+        while run.global_step < cfg.max_steps:
+            row = train_step(run)
+            nonfinite_in_a_row = 0 if not row["skipped"] else nonfinite_in_a_row + 1
+            if acc.is_main_process:
+                log_metrics(run, metrics_path, row)
+                progress.update(1)
+                progress.set_postfix(loss=f"{row['loss']:.4f}")
+                if row["skipped"]:
+                    print(f"step {run.global_step}: non-finite loss, step skipped ({nonfinite_in_a_row} in a row)")
+            if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row at step {run.global_step}; "
+                                   f"stopping (train.max_nonfinite_steps={cfg.max_nonfinite_steps}). Lower the "
+                                   "learning rate or beta.")
+            if cfg.checkpointing_steps and run.global_step % cfg.checkpointing_steps == 0:
+                save_checkpoint(run)
+            if cfg.validation_steps and cfg.validation_prompts and run.global_step % cfg.validation_steps == 0:
+                log_validation(run)
+        progress.close()
+        return save_final(run)
+
+
+# ---------------------------------------------------------------- metrics and trackers
+
+TRACKER_PROJECT = "diffalign"  # accelerate's project name: TensorBoard logs go to <output_dir>/logs/diffalign/
+
+
+def log_with(report_to: str | Sequence[str] | None) -> list[str] | str | None:
+    """``train.report_to`` as accelerate's ``log_with``: None for ``None``/``"none"``, ``"all"``, or a
+    list of tracker names (a comma-separated string is split); an unknown name is an error here,
+    before any model loads."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    if report_to is None:
+        return None
+    names = [n.strip() for n in report_to.split(",")] if isinstance(report_to, str) else [str(n) for n in report_to]
+    names = [n for n in names if n and n.lower() != "none"]
+    if not names:
+        return None
+    if "all" in names:
+        return "all"
+    known = sorted(t.value for t in LoggerType if t.value != "all")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"train.report_to: unknown tracker(s) {unknown}; choose from none, all, {', '.join(known)}")
+    missing = [n for n in names if n not in {str(t) for t in get_available_trackers()}]
+    if missing:
+        raise ImportError(f"train.report_to: {', '.join(missing)} not installed (pip install {' '.join(missing)})")
+    return names
+
+
+def flat_config(recipe: Recipe) -> dict[str, int | float | str | bool]:
+    """The recipe as one flat ``{"train.learning_rate": 1e-05, ...}`` mapping of scalars (the trackers'
+    hyperparameters; lists and None are written as JSON text)."""
+    out: dict[str, int | float | str | bool] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, (bool, int, float, str)):
+            out[prefix] = value
+        else:
+            out[prefix] = json.dumps(value, default=str)
+
+    walk("", recipe.to_dict())
+    return out
+
+
+@contextlib.contextmanager
+def tracking(run):
+    """Start the accelerator's trackers (``train.report_to``) with the flat recipe as their config, and
+    end them (flushing the logs) when the loop ends, normally or not. Nothing without trackers.
+
+    A resumed run (``run.global_step`` > 0) tells TensorBoard to purge the earlier events from the
+    step after the checkpoint on, as ``metrics.jsonl`` drops its lines after the checkpoint."""
+    acc = run.accelerator
+    if not acc.log_with:
+        yield
+        return
+    name = run.output_dir.name
+    init_kwargs = {"wandb": {"name": name}, "comet_ml": {"experiment_name": name}}
+    if run.global_step > 0:
+        init_kwargs["tensorboard"] = {"purge_step": run.global_step + 1}
+    acc.init_trackers(TRACKER_PROJECT, config=flat_config(run.recipe), init_kwargs=init_kwargs)
+    try:
+        yield
+    finally:
+        acc.end_training()
+
+
+def log_metrics(run, metrics_path: Path, row: dict) -> None:
+    """Append ``row`` to ``metrics.jsonl`` and send its numbers to the trackers at ``row["step"]``
+    (main process). Shared by the offline and the online loop."""
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if run.accelerator.log_with:
+        scalars = {k: float(v) for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float))}
+        run.accelerator.log(scalars, step=row["step"])
 
 
 def save_final(run) -> Path:
@@ -344,5 +425,13 @@ def log_validation(run: Run) -> Path | None:
     path = run.output_dir / "validation" / f"step-{run.global_step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, cols=min(4, len(images))).save(path)
+    for tracker in run.accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.log_images({"validation": np.stack([np.asarray(im.convert("RGB")) for im in images])},
+                               step=run.global_step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"validation": images}, step=run.global_step)
     return path
 

@@ -107,8 +107,7 @@ def load_prompts(spec: str | Sequence[str], options: dict[str, Any] | None = Non
     if not isinstance(spec, str):
         prompts = [str(p) for p in spec]
     else:
-        from diffalign.eval.cli import prompts_fields
-        from diffalign.eval.prompts import load_prompt_set
+        from diffalign.eval.prompts import load_prompt_set, prompts_fields
 
         where, options = prompts_fields(spec), dict(options or {})
         if where["name"] == "shapes":
@@ -323,7 +322,7 @@ def setup(recipe: Recipe, accelerator=None) -> OnlineRun:
 
 def train(recipe: Recipe) -> Path:
     """Run an on-line recipe to the end; returns the run directory (with ``final/``)."""
-    from diffalign.trainers.loop import _maybe_resume, log_validation, save_final
+    from diffalign.trainers.loop import _maybe_resume, log_metrics, log_validation, save_final, tracking
 
     run = setup(recipe)
     cfg, acc = recipe.train, run.accelerator
@@ -338,45 +337,45 @@ def train(recipe: Recipe) -> Path:
     metrics_path = run.output_dir / "metrics.jsonl"
     progress = tqdm(total=cfg.max_steps, initial=run.global_step, desc="train", disable=not acc.is_main_process)
     nonfinite_in_a_row = 0
-    while run.global_step < cfg.max_steps:
-        start_step, complete = run.global_step, True
-        progress.set_description(f"epoch {run.epoch}: sample")
-        try:
-            rollout = run_rollout(run)
-        except StopForInput as e:
-            progress.close()
-            if acc.is_main_process:
-                print(e)
-            return run.output_dir
-        progress.set_description(f"epoch {run.epoch}: train")
-        for inner, plan in enumerate(epoch_plans(run, rollout)):
-            for micros in plan:
-                if run.global_step >= cfg.max_steps:
-                    complete = False
-                    break
-                row = online_step(run, rollout, micros)
-                row.update({"epoch": run.epoch, "inner_epoch": inner, **rollout.metrics})
-                nonfinite_in_a_row = 0 if not row["skipped"] else nonfinite_in_a_row + 1
+    with tracking(run):
+        while run.global_step < cfg.max_steps:
+            start_step, complete = run.global_step, True
+            progress.set_description(f"epoch {run.epoch}: sample")
+            try:
+                rollout = run_rollout(run)
+            except StopForInput as e:
+                progress.close()
                 if acc.is_main_process:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{row['loss']:.4f}")
-                if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                    raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row at step {run.global_step}; "
-                                       f"stopping (train.max_nonfinite_steps={cfg.max_nonfinite_steps}). Lower the "
-                                       "learning rate.")
-                if cfg.validation_steps and cfg.validation_prompts and run.global_step % cfg.validation_steps == 0:
-                    log_validation(run)
-        if not complete:  # max_steps reached inside the epoch: no end-of-epoch state, no checkpoint
-            break
-        run.method.end_epoch(run, run.epoch)
-        run.epoch += 1
-        every = cfg.checkpointing_steps
-        if every and run.global_step // every > start_step // every:
-            save_online_checkpoint(run)
-    progress.close()
-    return save_final(run)
+                    print(e)
+                return run.output_dir
+            progress.set_description(f"epoch {run.epoch}: train")
+            for inner, plan in enumerate(epoch_plans(run, rollout)):
+                for micros in plan:
+                    if run.global_step >= cfg.max_steps:
+                        complete = False
+                        break
+                    row = online_step(run, rollout, micros)
+                    row.update({"epoch": run.epoch, "inner_epoch": inner, **rollout.metrics})
+                    nonfinite_in_a_row = 0 if not row["skipped"] else nonfinite_in_a_row + 1
+                    if acc.is_main_process:
+                        log_metrics(run, metrics_path, row)
+                        progress.update(1)
+                        progress.set_postfix(loss=f"{row['loss']:.4f}")
+                    if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                        raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row at step "
+                                           f"{run.global_step}; stopping (train.max_nonfinite_steps="
+                                           f"{cfg.max_nonfinite_steps}). Lower the learning rate.")
+                    if cfg.validation_steps and cfg.validation_prompts and run.global_step % cfg.validation_steps == 0:
+                        log_validation(run)
+            if not complete:  # max_steps reached inside the epoch: no end-of-epoch state, no checkpoint
+                break
+            run.method.end_epoch(run, run.epoch)
+            run.epoch += 1
+            every = cfg.checkpointing_steps
+            if every and run.global_step // every > start_step // every:
+                save_online_checkpoint(run)
+        progress.close()
+        return save_final(run)
 
 
 def run_rollout(run: OnlineRun) -> Rollout:

@@ -14,9 +14,9 @@ from eval_helpers import report_images
 from PIL import Image
 
 from diffalign.cli import main
+from diffalign.data.generated import read_folder
 from diffalign.eval.compare import paired_comparison
 from diffalign.eval.eval_report import prompt_grid
-from diffalign.eval.scoring import read_folder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -131,7 +131,8 @@ def shapes_lora(tmp_path_factory):
 
 @pytest.mark.slow
 def test_shapes_recipe_base_vs_lora(shapes_lora, tmp_path, capsys):
-    from diffalign.eval.geneval import ShapesDetector, evaluate_image
+    from diffalign.eval.geneval import evaluate_image
+    from diffalign.shapes.geneval import ShapesDetector
     from diffalign.rewards import load_reward
     from diffalign.shapes.evaluate import shapes_eval
 
@@ -244,8 +245,8 @@ def test_geneval_prompts_without_detector_generate_and_say_so(tiny_sd, tmp_path,
 
 
 def test_detector_choice():
-    from diffalign.eval.geneval import ShapesDetector
     from diffalign.eval.scoring import build_detector
+    from diffalign.shapes.geneval import ShapesDetector
 
     detector, colors = build_detector("shapes")
     assert isinstance(detector, ShapesDetector) and colors is None

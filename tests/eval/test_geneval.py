@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffalign.eval.geneval import (COLORS, CLIPColorClassifier, Detection, GenEvalConfig, ShapesDetector,
-                                    TransformersDetector, detections_from_post_processed, evaluate_geneval,
-                                    geneval_score, relative_position, select_objects)
+from diffalign.eval.geneval import (COLORS, CLIPColorClassifier, Detection, GenEvalConfig, TransformersDetector,
+                                    detections_from_post_processed, evaluate_geneval, geneval_score,
+                                    relative_position, select_objects)
+from diffalign.shapes.geneval import ShapesDetector
 
 # real lines of GenEval's evaluation_metadata.jsonl
 SINGLE = {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"}

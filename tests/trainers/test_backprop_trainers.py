@@ -198,7 +198,7 @@ def _backprop_recipes() -> list[str]:
 
 
 def test_every_backprop_recipe_has_valid_options_a_registered_reward_and_prompts():
-    from diffalign.eval.cli import prompts_fields
+    from diffalign.eval.prompts import prompts_fields
     from diffalign.rewards import list_rewards
 
     assert {"shapes-draft.yaml", "shapes-refl.yaml", "sd15-alignprop.yaml", "sd15-draft-lv.yaml", "sdxl-draft.yaml",

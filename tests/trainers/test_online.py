@@ -177,6 +177,20 @@ def test_grpo_run_writes_the_run_and_lora_loads_in_diffusers(tiny_models, tmp_pa
     assert abs(before - after).max() > 1e-4
 
 
+def test_report_to_tensorboard_logs_the_online_rows(tiny_models, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(_args(tiny_models["sd"], out, "grpo", *GRPO, "--train.max_steps=2", "--train.checkpointing_steps=0",
+                      "--train.report_to=tensorboard")) == 0
+    rows = read_metrics(out)
+    events = EventAccumulator(str(out / "logs" / "diffalign"), size_guidance={"scalars": 0})
+    events.Reload()
+    for key in ("loss", "reward_mean", "epoch"):
+        assert [(e.step, e.value) for e in events.Scalars(key)] == \
+            [(r["step"], pytest.approx(r[key], rel=1e-6, abs=1e-12)) for r in rows], key
+
+
 def test_flow_grpo_on_sd3_with_kl(tiny_models, tmp_path):
     out = tmp_path / "run"
     args = _args(tiny_models["sd3"], out, "flow-grpo", "--method.reward=brightness", "--method.prompts_per_epoch=1",
@@ -344,7 +358,7 @@ def _online_recipes() -> dict[str, object]:
 
 
 def test_every_online_method_has_a_recipe_with_valid_options():
-    from diffalign.eval.cli import prompts_fields
+    from diffalign.eval.prompts import prompts_fields
     from diffalign.rewards import list_rewards
     from diffalign.trainers import METHODS, ONLINE_METHODS
 

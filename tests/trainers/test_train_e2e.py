@@ -127,3 +127,51 @@ def test_validation_images_are_written_at_intervals(tiny_models, pair_parquet, t
 
     grid = Image.open(out / "validation" / "step-2.png")
     assert grid.width > grid.height  # two images side by side
+
+
+def test_report_to_tensorboard_logs_the_metrics_rows(tiny_models, pair_parquet, tmp_path):
+    """``--train.report_to=tensorboard``: event files under the run directory hold, per step, the same
+    scalars as metrics.jsonl, and the validation images."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = _train(tiny_models["sd"], pair_parquet, tmp_path / "run", "--train.max_steps=3",
+                 "--train.report_to=tensorboard", "--train.validation_steps=3",
+                 "--train.validation_prompts=[a yellow disc]", "--train.validation_num_inference_steps=2")
+    rows = read_metrics(out)
+    logs = out / "logs" / "diffalign"
+    assert list(logs.glob("events.out.tfevents.*")), f"no event file in {logs}"
+    events = EventAccumulator(str(logs), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    for key in ("loss", "lr", "implicit_acc", "reward_margin"):
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        assert logged == [(r["step"], pytest.approx(r[key], rel=1e-6, abs=1e-12)) for r in rows], key
+    assert [e.step for e in events.Images("validation")] == [3]
+    assert (out / "validation" / "step-3.png").is_file()
+
+
+
+def test_report_to_tensorboard_after_resume_holds_the_rows_of_metrics_jsonl(tiny_models, pair_parquet, tmp_path):
+    """A run logged to step 3 with its checkpoint at 2, resumed to 4: metrics.jsonl drops step 3 and logs
+    it again; TensorBoard purges the old step 3 (purge_step), so both read the same."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = ["--train.report_to=tensorboard", "--train.lr_scheduler=constant", "--train.checkpointing_steps=2"]
+    _train(tiny_models["sd"], pair_parquet, tmp_path / "run", "--train.max_steps=3", *common)
+    out = _train(tiny_models["sd"], pair_parquet, tmp_path / "run", "--train.max_steps=4", "--resume", "latest",
+                 "--train.checkpointing_steps=0", *common[:2])
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    events = EventAccumulator(str(out / "logs" / "diffalign"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == \
+        [(r["step"], pytest.approx(r["loss"], rel=1e-6, abs=1e-12)) for r in rows]
+
+def test_report_to_names_are_checked_before_any_model_loads():
+    from diffalign.trainers.loop import log_with
+
+    assert log_with(None) is None and log_with("none") is None and log_with([]) is None
+    assert log_with("tensorboard") == ["tensorboard"]
+    assert log_with(["tensorboard"]) == ["tensorboard"]
+    assert log_with("all") == "all"
+    with pytest.raises(ValueError, match="train.report_to: unknown tracker"):
+        log_with("tensorbored")

@@ -1,0 +1,47 @@
+"""Recipe files, for ``diffalign train`` and ``diffalign eval`` alike: find a recipe by path or by the name of
+one shipped with diffalign, and apply ``--section.key=value`` overrides to its sections.
+
+What the sections mean is the reader's business (:mod:`diffalign.trainers.config` for training,
+:mod:`diffalign.eval.config` for evaluation); this module knows only files and dotted keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BUNDLED_RECIPES = Path(__file__).resolve().parent / "pipelines"  # the repository's pipelines/, in the wheel too
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe file: ``path`` itself if it exists, else a recipe shipped with diffalign named by its bare
+    name, with or without ``.yaml`` (``shapes-mapo``, ``sdxl-diffusion-dpo.yaml``); a
+    ``FileNotFoundError`` otherwise."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.parent == Path("."):
+        for name in (path.name, f"{path.name}.yaml"):
+            if (BUNDLED_RECIPES / name).is_file():
+                return BUNDLED_RECIPES / name
+    raise FileNotFoundError(f"recipe {path} does not exist (nor is it one of the bundled recipes: "
+                            f"{', '.join(sorted(p.stem for p in BUNDLED_RECIPES.glob('*.yaml')))})")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        item = item.removeprefix("--")
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like --section.key=value")
+        dotted, value = item.split("=", 1)
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p!r} is not a section")
+        node[leaf] = yaml.safe_load(value) if value != "" else ""
+    return raw
