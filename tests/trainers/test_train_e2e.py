@@ -111,10 +111,22 @@ def test_other_methods_train_on_the_same_loop(method, keys, tiny_models, pair_pa
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_nonfinite_losses_skip_steps_then_stop_with_a_clear_error(tiny_models, pair_parquet, tmp_path):
+def test_nonfinite_losses_skip_steps_then_stop_with_a_clear_error(tiny_models, pair_parquet, tmp_path, monkeypatch):
+    from diffalign.trainers.config import ConfigError
+    from diffalign.trainers.dpo import DiffusionDPO
+
+    with pytest.raises(ConfigError, match="option beta must be > 0, not nan"):  # a NaN β is refused at load
+        _train(tiny_models["sd"], pair_parquet, tmp_path / "nan", "--method.beta=.nan")
+    loss = DiffusionDPO.loss
+
+    def nan_loss(self, batch):  # a loss that blows up at every step
+        out = loss(self, batch)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(DiffusionDPO, "loss", nan_loss)
     with pytest.raises(RuntimeError, match="non-finite losses in a row"):
-        _train(tiny_models["sd"], pair_parquet, tmp_path / "nan", "--train.max_steps=5", "--method.beta=.nan",
-               "--train.max_nonfinite_steps=2")
+        _train(tiny_models["sd"], pair_parquet, tmp_path / "nan", "--train.max_steps=5", "--train.max_nonfinite_steps=2")
     rows = read_metrics(tmp_path / "nan")
     assert [r["skipped"] for r in rows] == [True, True]
     assert not (tmp_path / "nan" / "final").exists()
