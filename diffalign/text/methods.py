@@ -18,6 +18,7 @@ Per-pair ``weight`` (Sem-DPO's semantic weight) multiplies each pair's loss (wei
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -279,4 +280,4 @@ def build_text_method(spec, lm) -> TextMethod:
     if entry.kind != "text":
         raise ValueError(f"method {section.name!r} is not a text method (its kind is {entry.kind!r}); "
                          f"text methods: {sorted(methods('text'))}")
-    return entry.method_class(section.config, lm)
+    return entry.method_class(copy.deepcopy(section.config), lm)

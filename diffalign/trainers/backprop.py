@@ -32,6 +32,7 @@ Recipe (``diffalign train pipelines/shapes-draft.yaml``)::
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -491,7 +492,7 @@ def build_backprop_method(recipe: Recipe, backbone, accelerator=None) -> RewardB
     from diffalign.trainers.registry import get_method, method_section
 
     section = method_section(recipe.method)
-    cls, config = get_method(section.name).method_class, section.config
+    cls, config = get_method(section.name).method_class, copy.deepcopy(section.config)
     if cls.kind != "backprop":
         raise ValueError(f"method {section.name!r} is not a reward-backprop method (its kind is {cls.kind!r})")
     if cls is not ReFL:

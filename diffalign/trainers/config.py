@@ -252,26 +252,30 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def build_dataclass(cls, values: Mapping[str, Any], where: str, *, what: str = "key"):
+def _label(where: str, name: str, method: bool) -> str:
+    return f"{where} option {name}" if method else f"{where}.{name}"
+
+
+def build_dataclass(cls, values: Mapping[str, Any], where: str, *, method: bool = False):
     """``cls(**values)`` with every value checked (:func:`coerce`); an unknown key is a
-    :class:`ConfigError` listing the known ones. ``where`` names the section in messages."""
+    :class:`ConfigError` listing the known ones. ``where`` names the section (``"train"``) or, with
+    ``method=True``, the method whose options these are (``"method 'mapo'"``)."""
+    word = "option" if method else "key"
     if not isinstance(values, Mapping):
-        raise ConfigError(f"{where} must be a mapping of {what}s, not {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
+        raise ConfigError(f"{where} must be a mapping of {word}s, not {values!r}")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(fields))
+    if unknown and method:
+        raise ConfigError(f"bad option for {where}: unknown option(s) {unknown}; known options: "
+                          f"{', '.join(sorted(fields)) or '(none)'}")
     if unknown:
-        known = ", ".join(sorted(fields)) or "(none)"
-        if what == "key":
-            raise ConfigError(f"unknown key(s) {sorted(unknown)} in section '{where}'; known: {sorted(fields)}")
-        raise ConfigError(f"bad option for {where}: unknown {what}(s) {sorted(unknown)}; known {what}s: {known}")
+        raise ConfigError(f"unknown key(s) {unknown} in section '{where}'; known: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
-    prefix = where if what == "key" else f"{where} {what}"
-    checked = {name: coerce(value, hints[name], f"{prefix} {name}" if what != "key" else f"{where}.{name}")
-               for name, value in values.items()}
+    checked = {name: coerce(value, hints[name], _label(where, name, method)) for name, value in values.items()}
     try:
         return cls(**checked)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"bad {what} for {where}: {e}") from None
+        raise ConfigError(f"bad {word} for {where}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -330,14 +334,15 @@ RANGES: dict[str, dict[str, Range]] = {
 
 
 def check_ranges(config, where: str, section: str = "method") -> None:
-    """A :class:`ConfigError` for the first numeric field of ``config`` outside its :data:`RANGES` entry."""
+    """A :class:`ConfigError` for the first numeric field of ``config`` outside its :data:`RANGES`
+    entry for ``section`` (``where`` names it in the message, as in :func:`build_dataclass`)."""
     rules = RANGES[section]
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if f.name in rules and isinstance(value, (int, float)) and not isinstance(value, bool):
             if value not in rules[f.name]:
-                name = f"{where} option {f.name}" if section == "method" else f"{where}.{f.name}"
-                raise ConfigError(f"{name} must be {rules[f.name]}, not {value!r}")
+                raise ConfigError(f"{_label(where, f.name, section == 'method')} must be {rules[f.name]}, "
+                                  f"not {value!r}")
 
 
 def _build(cls, values: dict[str, Any], where: str):

@@ -18,6 +18,7 @@ not pay for them.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,7 @@ def build_config(name: str, options: Mapping[str, Any]) -> Any:
     out-of-range values are one :class:`ConfigError` (naming the known options)."""
     entry = get_method(name)
     where = f"method {name!r}"
-    config = build_dataclass(entry.config_class, dict(options), where, what="option")
+    config = build_dataclass(entry.config_class, dict(options), where, method=True)
     check_ranges(config, where)
     return config
 
@@ -126,7 +127,8 @@ def build_method(spec: Mapping[str, Any], backbone) -> Any:
     """``{"name": "diffusion-dpo", "beta": 5000, ...}`` (or a :class:`MethodSection`) → the method
     on ``backbone`` (an image backbone, or a causal LM for text methods)."""
     section = method_section(spec)
-    return get_method(section.name).method_class(section.config, backbone)
+    # a copy: the recipe's config stays as loaded (config.yaml)
+    return get_method(section.name).method_class(copy.deepcopy(section.config), backbone)
 
 
 def trainer_for(kind: str) -> Callable[[Any], Path]:

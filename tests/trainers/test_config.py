@@ -139,13 +139,17 @@ def test_unknown_method_is_a_config_error_listing_the_methods():
 
 
 def test_good_values_are_kept_and_coerced():
-    r = load_recipe(None, ["method.name=grpo", "method.eta=null", "method.timestep_fraction=1", "train.learning_rate=1e-5",
+    r = load_recipe(None, ["method.name=grpo", "method.eta=null", "method.timestep_fraction=1",
+                           "train.learning_rate=1e-5",
                            "data.caption_dropout=1", "method.reward={pickscore: 1}"])
     assert r.method["eta"] is None and r.method["timestep_fraction"] == 1.0 and r.train.learning_rate == 1e-5
     assert r.data.caption_dropout == 1.0 and r.method["reward"] == {"pickscore": 1.0}
 
 
-@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "pipelines").glob("*.yaml") if not p.name.startswith("eval-")))
+TRAINING_RECIPES = sorted(p.name for p in (REPO / "pipelines").glob("*.yaml") if not p.name.startswith("eval-"))
+
+
+@pytest.mark.parametrize("path", TRAINING_RECIPES)
 def test_every_bundled_recipe_loads_typed_and_round_trips(path, tmp_path):
     from diffalign.trainers.registry import get_method
 

@@ -126,7 +126,8 @@ def test_nonfinite_losses_skip_steps_then_stop_with_a_clear_error(tiny_models, p
 
     monkeypatch.setattr(DiffusionDPO, "loss", nan_loss)
     with pytest.raises(RuntimeError, match="non-finite losses in a row"):
-        _train(tiny_models["sd"], pair_parquet, tmp_path / "nan", "--train.max_steps=5", "--train.max_nonfinite_steps=2")
+        _train(tiny_models["sd"], pair_parquet, tmp_path / "nan", "--train.max_steps=5",
+               "--train.max_nonfinite_steps=2")
     rows = read_metrics(tmp_path / "nan")
     assert [r["skipped"] for r in rows] == [True, True]
     assert not (tmp_path / "nan" / "final").exists()
