@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from run_helpers import read_metrics
 
 from diffalign.cli import main
@@ -31,7 +32,9 @@ def test_dpo_lora_runs_and_loads_in_plain_diffusers(family, tiny_models, pair_pa
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
     assert rows[0]["implicit_acc"] == 0.5
     assert {"lr", "implicit_acc", "reward_margin"} <= set(rows[-1])
-    assert (out / "config.yaml").is_file()
+    written = yaml.safe_load((out / "config.yaml").read_text())  # the resolved recipe, every default written out
+    assert written["method"] == {"name": "diffusion-dpo", "beta": float(BETA[family]), "loss_type": "sigmoid",
+                                 "loss_weights": None, "label_smoothing": 0.0}
 
     no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}  # SD3 without T5, as users load it
     pipe = DiffusionPipeline.from_pretrained(tiny_models[family], **no_t5)
