@@ -80,10 +80,12 @@ def _sft_nll(lp, weights: torch.Tensor) -> torch.Tensor:
 
 
 class TextMethod:
-    """Base class: subclasses set ``name``, ``config_class``, ``data_kind`` and implement ``loss``."""
+    """Base class: a subclass registers with ``@register_method(name, ConfigClass, kind="text")``
+    (:mod:`diffalign.trainers.registry`), sets ``data_kind`` and implements ``loss``."""
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    kind: ClassVar[str]  # set by register_method
     data_kind: ClassVar[str] = "pairs"  # "pairs" | "feedback" | "completion"
     uses_reference: ClassVar[bool] = True
 

@@ -178,6 +178,7 @@ class OnlineMethod:
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    kind: ClassVar[str]  # set by register_method
     units_per_sample: ClassVar[int] = 1  # trajectories per unit (2 for D3PO's pairs)
     trains_on_steps: ClassVar[bool] = True  # needs stochastic sampler steps (SePPO does not)
 
