@@ -50,14 +50,29 @@ def detect_family(name_or_path: str | Path, revision: str | None = None) -> str:
     raise ValueError(f"{name_or_path}: unsupported pipeline {cls!r}; supported: {sorted(_BY_PIPELINE)}")
 
 
+def _class_name(folder: str | Path) -> str:
+    import json
+
+    return json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name") or "?"
+
+
 def load_backbone(name_or_path: str | Path, family: str | None = None, **kwargs) -> Backbone:
     """A backbone from a hub id or a local diffusers folder, as a user types it.
 
-    ``family`` (``"sd"``, ``"sdxl"``, ``"sd3"``, ``"wan"``) is detected unless given; ``kwargs``
+    ``family`` (``"sd"``, ``"sdxl"``, ``"sd3"``, ``"wan"``) is detected unless given; a given family
+    that does not match a local folder's ``model_index.json`` is an error naming both. ``kwargs``
     (``torch_dtype``, ``variant``, ``revision``, pipeline components) go to :meth:`Backbone.from_pretrained`.
     """
     if family is None:
         family = detect_family(name_or_path, kwargs.get("revision"))
     if family not in FAMILIES:
         raise ValueError(f"unknown backbone family {family!r}; choose from {sorted(FAMILIES)}")
+    if (Path(name_or_path) / "model_index.json").is_file():
+        try:
+            found = detect_family(name_or_path)
+        except ValueError:  # a pipeline class we do not map: trust the family given
+            found = family
+        if found != family:
+            raise ValueError(f"model.family is {family!r} but {name_or_path}/model_index.json is a {found!r} "
+                             f"pipeline ({_class_name(name_or_path)}); set model.family={found} or leave it unset")
     return FAMILIES[family].from_pretrained(name_or_path, **kwargs)

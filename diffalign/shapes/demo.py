@@ -283,7 +283,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from diffalign.shapes.grammar import sample_prompt
     from diffalign.shapes.oracle import Oracle
     from diffalign.trainers.config import load_recipe
-    from diffalign.trainers.loop import train
+    from diffalign.trainers.registry import run_recipe
 
     t_start = time.time()
     out = Path(cfg.output_dir)
@@ -302,7 +302,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     # 3. Diffusion-DPO with LoRA, through the normal recipe
     recipe = load_recipe(cfg.recipe or RECIPE, [
         f"data.source={data_path}", f"train.output_dir={out / 'train'}", f"train.seed={cfg.seed}", *cfg.overrides])
-    run_dir = train(recipe)
+    run_dir = run_recipe(recipe)
 
     # 4. base vs aligned on held-out prompts, same seeds
     from diffalign.eval.generate import generate

@@ -18,6 +18,7 @@ Per-pair ``weight`` (Sem-DPO's semantic weight) multiplies each pair's loss (wei
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,6 +27,7 @@ import torch
 from diffalign.objectives import dpo_loss, kto_loss, loss_terms, orpo_loss, simpo_loss
 from diffalign.text.logprobs import TokenBatch
 from diffalign.trainers.method import StepOutput, weighted_mean
+from diffalign.trainers.registry import register_method
 
 
 @dataclass
@@ -78,10 +80,12 @@ def _sft_nll(lp, weights: torch.Tensor) -> torch.Tensor:
 
 
 class TextMethod:
-    """Base class: subclasses set ``name``, ``config_class``, ``data_kind`` and implement ``loss``."""
+    """Base class: a subclass registers with ``@register_method(name, ConfigClass, kind="text")``
+    (:mod:`diffalign.trainers.registry`), sets ``data_kind`` and implements ``loss``."""
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    kind: ClassVar[str]  # set by register_method
     data_kind: ClassVar[str] = "pairs"  # "pairs" | "feedback" | "completion"
     uses_reference: ClassVar[bool] = True
 
@@ -99,9 +103,8 @@ class TextSFTConfig(TextConfig):
     """Supervised fine-tuning on completions (the prompt is masked), e.g. (prompt, rewrite) pairs."""
 
 
+@register_method("text-sft", TextSFTConfig, kind="text")
 class TextSFT(TextMethod):
-    name = "text-sft"
-    config_class = TextSFTConfig
     data_kind = "completion"
     uses_reference = False
 
@@ -134,10 +137,8 @@ class TextDPOConfig(TextConfig):
         return loss_terms(self.loss_type, self.loss_weights)
 
 
+@register_method("text-dpo", TextDPOConfig, kind="text")
 class TextDPO(TextMethod):
-    name = "text-dpo"
-    config_class = TextDPOConfig
-
     def __init__(self, config: TextDPOConfig, lm):
         super().__init__(config, lm)
         config.terms()  # fail at construction on a bad loss_type
@@ -181,9 +182,8 @@ class TextKTOConfig(TextConfig):
     undesirable_weight: float = 1.0
 
 
+@register_method("text-kto", TextKTOConfig, kind="text")
 class TextKTO(TextMethod):
-    name = "text-kto"
-    config_class = TextKTOConfig
     data_kind = "feedback"
 
     def loss(self, batch: TextBatch) -> StepOutput:
@@ -233,9 +233,8 @@ class TextSimPOConfig(TextConfig):
     sft_weight: float = 0.0
 
 
+@register_method("text-simpo", TextSimPOConfig, kind="text")
 class TextSimPO(TextMethod):
-    name = "text-simpo"
-    config_class = TextSimPOConfig
     uses_reference = False
 
     def loss(self, batch: TextBatch) -> StepOutput:
@@ -260,9 +259,8 @@ class TextORPOConfig(TextConfig):
     beta: float = 0.1
 
 
+@register_method("text-orpo", TextORPOConfig, kind="text")
 class TextORPO(TextMethod):
-    name = "text-orpo"
-    config_class = TextORPOConfig
     uses_reference = False
 
     def loss(self, batch: TextBatch) -> StepOutput:
@@ -274,18 +272,14 @@ class TextORPO(TextMethod):
         return StepOutput(weighted_mean(out.losses, batch.weights), metrics)
 
 
-TEXT_METHODS: dict[str, type[TextMethod]] = {m.name: m for m in (TextSFT, TextDPO, TextKTO, TextSimPO, TextORPO)}
+def build_text_method(spec, lm) -> TextMethod:
+    """``{"name": "text-dpo", "beta": 0.1, ...}`` (or a recipe's method section) → a text method
+    (registered with ``kind="text"``) on ``lm``, with its checked config dataclass."""
+    from diffalign.trainers.registry import get_method, method_section, methods
 
-
-def build_text_method(spec: dict, lm) -> TextMethod:
-    """``{"name": "text-dpo", "beta": 0.1, ...}`` → a method with its config dataclass."""
-    spec = dict(spec)
-    name = spec.pop("name", None)
-    if name not in TEXT_METHODS:
-        raise ValueError(f"unknown text method {name!r}; choose from {sorted(TEXT_METHODS)}")
-    cls = TEXT_METHODS[name]
-    try:
-        config = cls.config_class(**spec)
-    except TypeError as e:
-        raise ValueError(f"bad option for method {name!r}: {e}") from None
-    return cls(config, lm)
+    section = method_section(spec)
+    entry = get_method(section.name)
+    if entry.kind != "text":
+        raise ValueError(f"method {section.name!r} is not a text method (its kind is {entry.kind!r}); "
+                         f"text methods: {sorted(methods('text'))}")
+    return entry.method_class(copy.deepcopy(section.config), lm)

@@ -148,7 +148,7 @@ def setup(recipe: Recipe, accelerator=None):
 
 
 def train(recipe: Recipe) -> Path:
-    """Train a text recipe (methods of :data:`diffalign.text.methods.TEXT_METHODS`) to the end;
+    """Train a text recipe (a method registered with ``kind="text"``) to the end;
     returns the run directory (``final/`` holds the adapter or model and the tokenizer)."""
     from diffalign.trainers.loop import train as loop_train
 

@@ -32,8 +32,9 @@ Recipe (``diffalign train pipelines/shapes-draft.yaml``)::
 
 from __future__ import annotations
 
+import copy
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -51,6 +52,7 @@ from diffalign.trainers.config import Recipe
 from diffalign.trainers.data import _stable_seed
 from diffalign.trainers.method import Method, StepOutput, TrainBatch
 from diffalign.trainers.online import load_prompts
+from diffalign.trainers.registry import register_method
 
 
 def run_positions(step: int, micro: int, process: int, num_processes: int, batch_size: int,
@@ -349,12 +351,10 @@ class RewardBackprop(Method):
         return {"height": r, "width": r}
 
 
+@register_method("alignprop", AlignPropConfig, kind="backprop")
 class AlignProp(RewardBackprop):
     """AlignProp (:class:`AlignPropConfig`): the whole chain, or the last ``T − k`` steps with a
     random ``k`` drawn once per trajectory."""
-
-    name = "alignprop"
-    config_class = AlignPropConfig
 
     def __init__(self, config: AlignPropConfig, backbone, reward=None):
         if config.truncation not in ("none", "gaussian", "uniform"):
@@ -385,11 +385,9 @@ class AlignProp(RewardBackprop):
         return out.images, batch.prompts, {"grad_steps": torch.tensor(float(len(out.grad_steps)))}
 
 
+@register_method("draft", DRaFTConfig, kind="backprop")
 class DRaFT(RewardBackprop):
     """DRaFT-K (:class:`DRaFTConfig`): gradients through the last ``k`` steps."""
-
-    name = "draft"
-    config_class = DRaFTConfig
 
     def images(self, batch):
         cfg = self.config
@@ -400,11 +398,9 @@ class DRaFT(RewardBackprop):
         return out.images, batch.prompts, {"grad_steps": torch.tensor(float(len(out.grad_steps)))}
 
 
+@register_method("draft-lv", DRaFTLVConfig, kind="backprop")
 class DRaFTLV(RewardBackprop):
     """DRaFT-LV (:class:`DRaFTLVConfig`): DRaFT-1 plus ``n`` re-noised one-step copies per prompt."""
-
-    name = "draft-lv"
-    config_class = DRaFTLVConfig
 
     def __init__(self, config: DRaFTLVConfig, backbone, reward=None):
         if config.n < 0:
@@ -431,13 +427,11 @@ class DRaFTLV(RewardBackprop):
         return torch.cat(images), prompts, {}
 
 
+@register_method("refl", ReFLConfig, kind="backprop")
 class ReFL(RewardBackprop):
     """ReFL (:class:`ReFLConfig`): the reward on a one-step x̂0 from a random late step, plus
     ``pretrain_weight`` × the denoising loss on a batch of ``pretrain_data`` (anything with
     ``batch(step, micro, process, num_processes) -> TrainBatch``)."""
-
-    name = "refl"
-    config_class = ReFLConfig
 
     def __init__(self, config: ReFLConfig, backbone, reward=None, pretrain_data=None):
         super().__init__(config, backbone, reward)
@@ -476,9 +470,6 @@ class ReFL(RewardBackprop):
         return self.config.pretrain_weight * pretrain, {"pretrain_loss": pretrain.detach()}
 
 
-METHODS: dict[str, type[RewardBackprop]] = {m.name: m for m in (AlignProp, DRaFT, DRaFTLV, ReFL)}
-
-
 def load_backprop_reward(spec: str | dict[str, float], kwargs: dict[str, Any] | None = None):
     """The reward model(s) in differentiable mode, frozen. ``{name: weight}`` gives a weighted sum
     of raw scores (no normalisation; ``kwargs`` go to every factory)."""
@@ -496,18 +487,14 @@ def load_backprop_reward(spec: str | dict[str, float], kwargs: dict[str, Any] | 
 
 
 def build_backprop_method(recipe: Recipe, backbone, accelerator=None) -> RewardBackprop:
-    """The recipe's method (``recipe.method["name"]`` in :data:`METHODS`) with its reward and, for
-    ReFL, its pre-training data."""
-    spec = dict(recipe.method)
-    name = spec.pop("name")
-    if name not in METHODS:
-        raise ValueError(f"unknown reward-backprop method {name!r}; choose from {sorted(METHODS)}")
-    cls = METHODS[name]
-    known = {f.name for f in fields(cls.config_class)}
-    unknown = set(spec) - known
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for method {name!r}; known: {sorted(known)}")
-    config = cls.config_class(**spec)
+    """The recipe's reward-backprop method (registered with ``kind="backprop"``) with its reward and,
+    for ReFL, its pre-training data."""
+    from diffalign.trainers.registry import get_method, method_section
+
+    section = method_section(recipe.method)
+    cls, config = get_method(section.name).method_class, copy.deepcopy(section.config)
+    if cls.kind != "backprop":
+        raise ValueError(f"method {section.name!r} is not a reward-backprop method (its kind is {cls.kind!r})")
     if cls is not ReFL:
         return cls(config, backbone)
     pretrain = None
@@ -559,7 +546,6 @@ def train(recipe: Recipe) -> Path:
 
 
 __all__ = [
-    "METHODS",
     "AlignProp",
     "AlignPropConfig",
     "DRaFT",

@@ -290,18 +290,17 @@ def summary(result: dict) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffalign.trainers import ONLINE_METHODS
-    from diffalign.trainers.backprop import METHODS as BACKPROP_METHODS
     from diffalign.trainers.config import load_recipe
+    from diffalign.trainers.registry import get_method
 
     recipe = load_recipe(None if args.recipe == "-" else args.recipe, list(args.overrides))
-    name = recipe.method.get("name")
+    kind = get_method(recipe.method["name"]).kind
     if args.sampling:
         result = bench_sampling(recipe, batches=args.steps, warmup=args.warmup, num_steps=args.num_steps,
                                 batch_size=args.batch_size, eta=args.eta, guidance_scale=args.guidance_scale)
-    elif name in {m.name for m in ONLINE_METHODS}:
+    elif kind == "online":
         result = bench_online(recipe, steps=args.steps, warmup=args.warmup)
-    elif name in BACKPROP_METHODS:
+    elif kind == "backprop":
         result = bench_backprop(recipe, steps=args.steps, warmup=args.warmup)
     else:
         result = bench(recipe, steps=args.steps, warmup=args.warmup)

@@ -13,8 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffalign.trainers import run_recipe
     from diffalign.trainers.config import load_recipe
+    from diffalign.trainers.registry import run_recipe
 
     overrides = list(getattr(args, "overrides", []))
     if args.resume:

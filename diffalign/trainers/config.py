@@ -8,12 +8,19 @@ train:  {output_dir: runs/sd15-dpo, max_steps: 2000, learning_rate: 1.0e-5}
 ```
 
 Any field can be overridden on the command line as ``--train.max_steps=10``. Each method's own knobs
-live in its config dataclass (``DiffusionDPOConfig``, ``MaPOConfig``, ...) in its module.
+live in its config dataclass (``DiffusionDPOConfig``, ``MaPOConfig``, ...) in its module, registered
+with the method (:mod:`diffalign.trainers.registry`). A recipe is checked whole when it loads, before
+any model loads: unknown keys or options, wrong types and out-of-range values (:data:`RANGES`) are one
+:class:`ConfigError` naming the field; the ``method`` section becomes the method's typed config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +28,10 @@ from typing import Any
 import yaml
 
 from diffalign.recipes import apply_overrides, resolve_recipe
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run as written: an unknown key or option, a wrong type, a value out of range."""
 
 
 @dataclass
@@ -122,45 +133,242 @@ class TrainConfig:
     report_to: str | list[str] | None = None
 
 
+class MethodSection(Mapping):
+    """A recipe's ``method`` section: the method's ``name`` and its typed ``config`` (every option,
+    defaults included).
+
+    It reads like the mapping it was written as: ``section["name"]``, ``section["beta"]``,
+    ``section.get("beta")``, and ``dict(section)`` is ``{"name": ..., **every option}``.
+    """
+
+    def __init__(self, name: str, config: Any):
+        self.name = name
+        self.config = config
+        self._fields = tuple(f.name for f in dataclasses.fields(config))
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "name":
+            return self.name
+        if key in self._fields:
+            return getattr(self.config, key)
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        yield "name"
+        yield from self._fields
+
+    def __len__(self) -> int:
+        return 1 + len(self._fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self.config)}
+
+    def __repr__(self) -> str:
+        return f"MethodSection({self.name!r}, {self.config!r})"
+
+
 @dataclass
 class Recipe:
-    """A whole run: model, data, method (``name`` plus that method's knobs), training loop."""
+    """A whole run: model, data, method (``name`` plus that method's knobs), training loop.
+
+    ``method`` may be given as a mapping (``{"name": "mapo", "beta": 0.1}``); it is checked and
+    becomes a :class:`MethodSection` with the method's typed config.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    method: dict[str, Any] = field(default_factory=lambda: {"name": "diffusion-dpo"})
+    method: MethodSection = field(default_factory=lambda: {"name": "diffusion-dpo"})
     eval: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        from diffalign.trainers.registry import method_section
+
+        self.method = method_section(self.method)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every section resolved, each default written out (what ``config.yaml`` holds)."""
+        return {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
+                "train": dataclasses.asdict(self.train), "method": self.method.to_dict(), "eval": dict(self.eval)}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _build(cls, values: dict[str, Any], where: str):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
-    if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} in section '{where}'; known: {sorted(fields)}")
-    values = dict(values)
-    for name, value in values.items():
-        # YAML reads "1e-5" (no dot) as a string: coerce strings for numeric fields
-        if isinstance(value, str) and str(fields[name].type).split(" |")[0] in ("float", "int"):
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is None and isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against the type ``hint`` (``int``, ``float``, ``bool``, ``str``, unions,
+    ``list[...]``, ``dict[...]``, ``Literal``), converted where that is lossless: an int for a float, a
+    numeric string for a number (YAML reads ``1e-5`` as a string). A :class:`ConfigError` otherwise."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
             try:
-                values[name] = float(value) if "float" in str(fields[name].type) else int(value)
+                return coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{where} must be {' or '.join(_type_name(a) for a in args)}, not {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {list(args)}, not {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, not {value!r}")
+        return value
+    if hint in (int, float):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value) if hint is float or not value.strip().lstrip("+-").isdigit() else int(value)
             except ValueError:
-                raise ValueError(f"{where}.{name} must be a number, not {value!r}") from None
-    return cls(**values)
+                raise ConfigError(f"{where} must be a number, not {value!r}") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ConfigError(f"{where} must be {'a number' if hint is float else 'an integer'}, not {value!r}")
+        if hint is float:
+            return float(number)
+        if isinstance(number, float) and not (math.isfinite(number) and number.is_integer()):
+            raise ConfigError(f"{where} must be an integer, not {value!r}")
+        return int(number)
+    if hint is str:
+        if not isinstance(value, str):
+            hint_bool = " (YAML reads yes/no/on/off as booleans: quote it)" if isinstance(value, bool) else ""
+            raise ConfigError(f"{where} must be a string, not {value!r}{hint_bool}")
+        return value
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, not {value!r}")
+        item = args[0] if args else Any
+        return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping, not {value!r}")
+        kt, vt = args if len(args) == 2 else (Any, Any)
+        return {coerce(k, kt, f"{where} key"): coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise ConfigError(f"{where} must be {_type_name(hint)}, not {value!r}")
+    return value
+
+
+def _label(where: str, name: str, method: bool) -> str:
+    return f"{where} option {name}" if method else f"{where}.{name}"
+
+
+def build_dataclass(cls, values: Mapping[str, Any], where: str, *, method: bool = False):
+    """``cls(**values)`` with every value checked (:func:`coerce`); an unknown key is a
+    :class:`ConfigError` listing the known ones. ``where`` names the section (``"train"``) or, with
+    ``method=True``, the method whose options these are (``"method 'mapo'"``)."""
+    word = "option" if method else "key"
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where} must be a mapping of {word}s, not {values!r}")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(fields))
+    if unknown and method:
+        raise ConfigError(f"bad option for {where}: unknown option(s) {unknown}; known options: "
+                          f"{', '.join(sorted(fields)) or '(none)'}")
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in section '{where}'; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    checked = {name: coerce(value, hints[name], _label(where, name, method)) for name, value in values.items()}
+    try:
+        return cls(**checked)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad {word} for {where}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: ``low``/``high`` bounds, each open or closed."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        above = x > self.low if self.low_open else x >= self.low
+        below = x < self.high if self.high_open else x <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return "> 0" if self.low == 0 and self.low_open else f">= {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+PROBABILITY = Range(0, 1)
+UNIT_OPEN_LOW = Range(0, 1, low_open=True)
+BETA_HIGH_OPEN = Range(0, 1, high_open=True)
+
+# Allowed ranges, by field name, in every method config that has the field (None is always allowed
+# where the type allows it) and per recipe section. β is a KL / temperature weight: positive.
+RANGES: dict[str, dict[str, Range]] = {
+    "method": {
+        "beta": POSITIVE, "kl_beta": NON_NEGATIVE, "label_smoothing": PROBABILITY,
+        "timestep_fraction": UNIT_OPEN_LOW, "truncation_mean": PROBABILITY, "truncation_std": NON_NEGATIVE,
+        "num_steps": POSITIVE, "num_inversion_steps": POSITIVE, "renoise_steps": NON_NEGATIVE,
+        "steps_per_update": POSITIVE, "num_inner_epochs": POSITIVE, "prompts_per_epoch": POSITIVE,
+        "images_per_prompt": POSITIVE, "sample_batch_size": POSITIVE, "resolution": POSITIVE,
+        "buffer_size": POSITIVE, "min_count": POSITIVE, "steps_per_epoch": POSITIVE, "snapshot_every": POSITIVE,
+        "max_pool": POSITIVE, "max_length": POSITIVE, "k": POSITIVE, "n": NON_NEGATIVE,
+        "eta": NON_NEGATIVE, "guidance_scale": NON_NEGATIVE, "clip_range": POSITIVE, "eps": NON_NEGATIVE,
+        "adv_eps": NON_NEGATIVE, "adv_clip_max": POSITIVE, "win_rate_temperature": POSITIVE,
+        "desirable_weight": NON_NEGATIVE, "undesirable_weight": NON_NEGATIVE, "pretrain_weight": NON_NEGATIVE,
+        "sft_weight": NON_NEGATIVE, "tie_margin": NON_NEGATIVE, "loss_scale": POSITIVE, "scale": POSITIVE,
+    },
+    "model": {"lora_rank": NON_NEGATIVE, "lora_alpha": POSITIVE},
+    "data": {"resolution": POSITIVE, "caption_dropout": PROBABILITY, "max_samples": POSITIVE},
+    "train": {
+        "max_steps": POSITIVE, "batch_size": POSITIVE, "gradient_accumulation_steps": POSITIVE,
+        "learning_rate": POSITIVE, "lr_warmup_steps": NON_NEGATIVE, "adam_beta1": BETA_HIGH_OPEN,
+        "adam_beta2": BETA_HIGH_OPEN, "adam_epsilon": POSITIVE, "weight_decay": NON_NEGATIVE,
+        "max_grad_norm": NON_NEGATIVE, "checkpointing_steps": NON_NEGATIVE, "checkpoints_total_limit": POSITIVE,
+        "validation_steps": NON_NEGATIVE, "validation_num_inference_steps": POSITIVE,
+        "validation_guidance_scale": NON_NEGATIVE, "max_nonfinite_steps": POSITIVE, "log_every": POSITIVE,
+    },
+}
+
+
+def check_ranges(config, where: str, section: str = "method") -> None:
+    """A :class:`ConfigError` for the first numeric field of ``config`` outside its :data:`RANGES`
+    entry for ``section`` (``where`` names it in the message, as in :func:`build_dataclass`)."""
+    rules = RANGES[section]
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in rules and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value not in rules[f.name]:
+                raise ConfigError(f"{_label(where, f.name, section == 'method')} must be {rules[f.name]}, "
+                                  f"not {value!r}")
+
+
+def _build(cls, values: dict[str, Any], where: str):
+    config = build_dataclass(cls, values, where)
+    check_ranges(config, where, section=where)
+    return config
 
 
 def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     unknown = set(raw) - {"model", "data", "train", "method", "eval"}
     if unknown:
         raise ValueError(f"unknown recipe section(s) {sorted(unknown)}; expected model, data, train, method, eval")
-    method = dict(raw.get("method") or {})
-    method.setdefault("name", "diffusion-dpo")
+    from diffalign.trainers.registry import method_section
+
+    method = raw.get("method") or {}
+    if not isinstance(method, Mapping):
+        raise ConfigError(f"the method section must be a mapping with a 'name', not {method!r}")
+    method = method_section({"name": "diffusion-dpo", **method})  # typed and checked before any model loads
     return Recipe(
         model=_build(ModelConfig, raw.get("model") or {}, "model"),
         data=_build(DataConfig, raw.get("data") or {}, "data"),
@@ -172,7 +380,8 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe YAML (a path or a bundled recipe's name, :func:`resolve_recipe`; or start empty with
-    ``None``) and apply dotted overrides."""
+    ``None``), apply dotted overrides and check the whole of it (a :class:`ConfigError`, before any
+    model loads); the ``method`` section becomes the method's typed config."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = resolve_recipe(path)

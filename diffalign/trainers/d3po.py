@@ -47,6 +47,7 @@ from diffalign.models.base import Conditioning
 from diffalign.trainers.method import StepOutput, weighted_mean
 from diffalign.trainers.online import (Micro, OnlineMethod, Rollout, RolloutConfig, StopForInput, build_reward,
                                        gather_float, load_prompts, stable_seed)
+from diffalign.trainers.registry import register_method
 
 LABEL_SOURCES = ("reward", "oracle", "file")
 
@@ -102,11 +103,10 @@ class LabelsNeeded(StopForInput):
     """``file`` mode sampled a rollout that has no human labels yet."""
 
 
+@register_method("d3po", D3POConfig, kind="online")
 class D3PO(OnlineMethod):
     """D3PO on pairs of trajectories from one initial noise (module docstring)."""
 
-    name = "d3po"
-    config_class = D3POConfig
     units_per_sample = 2
 
     def __init__(self, config: D3POConfig, backbone):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from diffalign.core.likelihood import elbo_loglik
 from diffalign.objectives import DPO_LOSS_TYPES, dpo_loss
 from diffalign.trainers.method import Method, StepOutput, TrainBatch, dpo_metrics, weighted_mean
+from diffalign.trainers.registry import register_method
 
 
 @dataclass
@@ -29,6 +30,7 @@ class DCPOConfig:
             raise ValueError(f"unknown loss_type {self.loss_type!r}; choose from {DPO_LOSS_TYPES}")
 
 
+@register_method("dcpo", DCPOConfig, kind="offline")
 class DCPO(Method):
     """Diffusion-DPO where the winner is conditioned on its caption ``c_w`` and the loser on its own
     ``c_l`` (Pick-a-Pic column ``caption_1`` / JSONL field ``prompt_rejected``)::
@@ -40,8 +42,6 @@ class DCPO(Method):
     pairs whose two captions differ (0 means the data has no loser captions: plain Diffusion-DPO).
     """
 
-    name = "dcpo"
-    config_class = DCPOConfig
     _warned = False
 
     def loss(self, batch: TrainBatch) -> StepOutput:

@@ -41,6 +41,7 @@ from diffalign.core.sampling import gaussian_kl, transition_log_probs
 from diffalign.trainers.method import StepOutput
 from diffalign.trainers.online import (Micro, OnlineMethod, Rollout, RolloutConfig, build_reward, gather_float,
                                        load_prompts)
+from diffalign.trainers.registry import register_method
 
 ADVANTAGE_MODES = ("prompt_buffer", "group", "group_global_std", "batch")
 
@@ -186,11 +187,9 @@ def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
     return torch.maximum(unclipped, clipped), ratio
 
 
+@register_method("ddpo", DDPOConfig, kind="online")
 class DDPO(OnlineMethod):
     """Policy gradient with PPO clipping on stored trajectories (module docstring)."""
-
-    name = "ddpo"
-    config_class = DDPOConfig
 
     def __init__(self, config: DDPOConfig, backbone):
         super().__init__(config, backbone)
@@ -292,16 +291,16 @@ def _gather_texts(acc, texts: list[str]) -> list[str]:
     return list(gather_object(list(texts)))
 
 
+@register_method("grpo", GRPOConfig, kind="online")
 class GRPO(DDPO):
-    name = "grpo"
-    config_class = GRPOConfig
+    """DDPO with group-relative advantages (:class:`GRPOConfig`)."""
 
 
+@register_method("flow-grpo", FlowGRPOConfig, kind="online")
 class FlowGRPO(DDPO):
-    name = "flow-grpo"
-    config_class = FlowGRPOConfig
+    """Flow-GRPO on flow models' SDE sampler (:class:`FlowGRPOConfig`)."""
 
 
+@register_method("pref-grpo", PrefGRPOConfig, kind="online")
 class PrefGRPO(DDPO):
-    name = "pref-grpo"
-    config_class = PrefGRPOConfig
+    """Pref-GRPO: group win rates as rewards (:class:`PrefGRPOConfig`)."""

@@ -28,6 +28,7 @@ from diffalign.core.likelihood import denoising_error, elbo_loglik
 from diffalign.objectives import DPO_LOSS_TYPES, dpo_loss
 from diffalign.trainers.data import TrainingData, _stable_seed
 from diffalign.trainers.method import Method, StepOutput, TrainBatch
+from diffalign.trainers.registry import register_method
 
 
 @dataclass
@@ -101,11 +102,10 @@ def densedpo_loss(policy_errors: torch.Tensor, ref_errors: torch.Tensor, labels:
     return StepOutput(loss, metrics)
 
 
+@register_method("densedpo", DenseDPOConfig, kind="video")
 class DenseDPO(Method):
     """Segment-level DPO on video pairs (a :class:`SegmentBatch`)."""
 
-    name = "densedpo"
-    config_class = DenseDPOConfig
     data_kind = "segment-pairs"
 
     def segment_errors(self, batch: SegmentBatch, *, reference: bool = False) -> torch.Tensor:
@@ -210,8 +210,8 @@ def load_video_pair_data(recipe, backbone, output_dir: Path) -> VideoPairData:
 def setup(recipe, accelerator=None):
     """The shared loop's :class:`~diffalign.trainers.loop.Run` with a video backbone and segment-pair data."""
     from diffalign.models.video import VideoBackbone
-    from diffalign.trainers import build_method
     from diffalign.trainers.loop import Run, setup_backbone, setup_optimizer
+    from diffalign.trainers.registry import build_method
 
     if recipe.train.validation_steps and recipe.train.validation_prompts:
         raise ValueError("densedpo: validation sampling is image-only in the shared loop; set "

@@ -15,6 +15,7 @@ from diffalign.trainers.method import (
     dpo_metrics,
     weighted_mean,
 )
+from diffalign.trainers.registry import register_method
 
 
 @dataclass
@@ -68,9 +69,7 @@ def diffusion_dpo_loss(
     return StepOutput(total, dpo_metrics(out.logits, out.chosen_rewards, out.rejected_rewards, policy_errors, ref_errors))
 
 
+@register_method("diffusion-dpo", DiffusionDPOConfig, kind="offline")
 class DiffusionDPO(Method):
-    name = "diffusion-dpo"
-    config_class = DiffusionDPOConfig
-
     def loss(self, batch: TrainBatch) -> StepOutput:
         return diffusion_dpo_loss(self.errors(batch), self.errors(batch, reference=True), batch.weights, self.config)

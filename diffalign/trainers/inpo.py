@@ -8,6 +8,7 @@ from diffalign.core.forward import FlowMatchingForward
 from diffalign.core.likelihood import elbo_loglik
 from diffalign.objectives import DPO_LOSS_TYPES, dpo_loss
 from diffalign.trainers.method import Method, StepOutput, TrainBatch, dpo_metrics, weighted_mean
+from diffalign.trainers.registry import register_method
 
 
 @dataclass
@@ -42,14 +43,12 @@ class InPOConfig:
             raise ValueError(f"unknown loss_type {self.loss_type!r}; choose from {DPO_LOSS_TYPES}")
 
 
+@register_method("inpo", InPOConfig, kind="offline")
 class InPO(Method):
     """Each image of a pair is DDIM-inverted to the pair's timestep t (no gradients); the noise
     target is re-parametrised so the inverted latent is exactly ``x_t``; then the Diffusion-DPO loss
     ``−log σ(−½β((Lθw − Lθl) − (Lrw − Lrl)))`` on those latents. Any batch size: every row is
     inverted to its own t in one batched walk."""
-
-    name = "inpo"
-    config_class = InPOConfig
 
     @property
     def eta(self) -> float:

@@ -10,6 +10,7 @@ from diffalign.core.inversion import invert, inversion_levels, reparametrised_ta
 from diffalign.core.likelihood import denoising_error, elbo_loglik
 from diffalign.objectives import dpo_loss
 from diffalign.trainers.method import Method, StepOutput, TrainBatch, batch_generator, dpo_metrics, weighted_mean
+from diffalign.trainers.registry import register_method
 
 STEP_WEIGHTINGS = ("uniform", "inverse_alpha")
 
@@ -49,6 +50,7 @@ class InversionDPOConfig:
             raise ValueError(f"steps_per_update must be >= 1 or None, got {self.steps_per_update}")
 
 
+@register_method("inversion-dpo", InversionDPOConfig, kind="offline")
 class InversionDPO(Method):
     """Every image is inverted along the whole grid (no gradients). At each visited latent ``x_k``
     (level ``t_k``) the target is the re-parametrised noise ``ε̂_k`` that gives ``x_k`` from ``x0``;
@@ -63,9 +65,6 @@ class InversionDPO(Method):
     its target is the reference's own prediction at the same point, so that ``L_ref ≡ 0`` and the
     gradient is exactly zero at initialisation.
     """
-
-    name = "inversion-dpo"
-    config_class = InversionDPOConfig
 
     def loss(self, batch: TrainBatch) -> StepOutput:
         c = self.config

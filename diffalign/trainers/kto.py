@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from diffalign.core.likelihood import elbo_loglik
 from diffalign.objectives import kto_loss
 from diffalign.trainers.method import Method, StepOutput, TrainBatch, weighted_mean
+from diffalign.trainers.registry import register_method
 
 
 @dataclass
@@ -33,9 +34,8 @@ class DiffusionKTOConfig:
     paired_noise: bool = False
 
 
+@register_method("kto", DiffusionKTOConfig, kind="offline")
 class DiffusionKTO(Method):
-    name = "kto"
-    config_class = DiffusionKTOConfig
 
     @property
     def data_kind(self) -> str:

@@ -24,10 +24,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from diffalign.trainers import build_method
 from diffalign.trainers.config import Recipe
 from diffalign.trainers.data import TrainingData, load_training_data
 from diffalign.trainers.method import Method, StepOutput
+from diffalign.trainers.registry import build_method
 
 CHECKPOINT_PREFIX = "step-"
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from diffalign.objectives import mapo_loss
 from diffalign.trainers.method import Method, StepOutput, TrainBatch, weighted_mean
+from diffalign.trainers.registry import register_method
 
 
 @dataclass
@@ -21,11 +22,10 @@ class MaPOConfig:
     snr_value: float = 0.5
 
 
+@register_method("mapo", MaPOConfig, kind="offline")
 class MaPO(Method):
     """``L_w − β·log σ(T·(f(L_w) − f(L_l)))``: no reference model, no second forward pass."""
 
-    name = "mapo"
-    config_class = MaPOConfig
     uses_reference = False
 
     def loss(self, batch: TrainBatch) -> StepOutput:

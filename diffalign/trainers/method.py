@@ -57,10 +57,13 @@ class StepOutput:
 
 
 class Method:
-    """Base class: subclasses set ``name``, ``config_class``, ``data_kind`` and implement ``loss``."""
+    """Base class: a subclass registers with ``@register_method(name, ConfigClass, kind="offline")``
+    (:mod:`diffalign.trainers.registry`, which sets ``name`` and ``config_class``), sets ``data_kind``
+    and implements ``loss``."""
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    kind: ClassVar[str]  # set by register_method
     data_kind: ClassVar[str] = "pairs"  # "pairs" | "feedback" | "feedback-pairs" | "chosen" | "ranked"
     uses_reference: ClassVar[bool] = True
 

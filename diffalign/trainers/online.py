@@ -169,14 +169,15 @@ class Rollout:
 class OnlineMethod:
     """Base class of the on-line methods: ``rollout`` (no grad), ``plan`` and ``loss``.
 
-    Subclasses set ``name`` and ``config_class`` (a :class:`RolloutConfig` subclass) and implement
+    Subclasses register with ``@register_method(name, config, kind="online")`` (a
+    :class:`RolloutConfig` subclass; :func:`diffalign.trainers.online.train` runs them) and implement
     :meth:`rollout` and :meth:`loss`; :meth:`plan` defaults to shuffled units × shuffled
     stochastic steps (:func:`trajectory_plan`).
     """
 
     name: ClassVar[str]
     config_class: ClassVar[type]
-    loop: ClassVar[str] = "online"   # diffalign.trainers.online runs these methods
+    kind: ClassVar[str]  # set by register_method
     units_per_sample: ClassVar[int] = 1  # trajectories per unit (2 for D3PO's pairs)
     trains_on_steps: ClassVar[bool] = True  # needs stochastic sampler steps (SePPO does not)
 
@@ -307,8 +308,8 @@ class OnlineRun:
 def setup(recipe: Recipe, accelerator=None) -> OnlineRun:
     """Backbone with its LoRA, the method (sampler, reward, prompts) and the optimizer, built with
     the offline loop's helpers."""
-    from diffalign.trainers import build_method
     from diffalign.trainers.loop import setup_backbone, setup_optimizer
+    from diffalign.trainers.registry import build_method
 
     accelerator, backbone = setup_backbone(recipe, accelerator)
     method = build_method(recipe.method, backbone)

@@ -9,6 +9,7 @@ import torch
 from diffalign.core.likelihood import elbo_loglik
 from diffalign.objectives.ranked import exponential_gains, ranked_dpo_loss
 from diffalign.trainers.method import Method, StepOutput, TrainBatch, weighted_mean
+from diffalign.trainers.registry import register_method
 
 GAINS = ("scores", "ranks")
 
@@ -34,14 +35,13 @@ class RankDPOConfig:
             raise ValueError(f"gain must be one of {GAINS}, not {self.gain!r}")
 
 
+@register_method("rankdpo", RankDPOConfig, kind="offline")
 class RankDPO(Method):
     """Each prompt's ``K`` images (best first, sharing noise and timestep) get implicit rewards
     ``r_i = β(ℓθ_i − ℓref_i)``; every ordered pair ``i < j`` contributes ``−log σ(r_i − r_j)``
     weighted by ``ΔDCG_ij = |G_i − G_j|·|1/log2(1+i) − 1/log2(1+j)|``. Data: ``data.format: ranked``
     (``diffalign data label --format ranked``)."""
 
-    name = "rankdpo"
-    config_class = RankDPOConfig
     data_kind = "ranked"
 
     def loss(self, batch: TrainBatch) -> StepOutput:

@@ -63,6 +63,7 @@ from diffalign.models.base import Conditioning
 from diffalign.objectives import dpo_loss
 from diffalign.trainers.method import StepOutput, TrainBatch
 from diffalign.trainers.online import Micro, OnlineMethod, Rollout, RolloutConfig, load_prompts, stable_seed
+from diffalign.trainers.registry import register_method
 
 REFERENCE_SELECTIONS = ("random", "latest", "initial")
 
@@ -170,11 +171,10 @@ class _Pairs:
     ref_errors: torch.Tensor   # [2b]
 
 
+@register_method("seppo", SePPOConfig, kind="online")
 class SePPO(OnlineMethod):
     """SePPO: winners from data, losers sampled by a previous checkpoint (module docstring)."""
 
-    name = "seppo"
-    config_class = SePPOConfig
     trains_on_steps = False
 
     def __init__(self, config: SePPOConfig, backbone):

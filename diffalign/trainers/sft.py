@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from diffalign.objectives import sft_loss
 from diffalign.trainers.method import Method, StepOutput, TrainBatch, weighted_mean
+from diffalign.trainers.registry import register_method
 
 
 @dataclass
@@ -13,9 +14,8 @@ class SFTConfig:
     """SFT on the winner of each pair: the plain denoising loss. No knobs."""
 
 
+@register_method("sft", SFTConfig, kind="offline")
 class SFT(Method):
-    name = "sft"
-    config_class = SFTConfig
     data_kind = "chosen"
     uses_reference = False
 

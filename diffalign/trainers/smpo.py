@@ -10,6 +10,7 @@ from diffalign.core.likelihood import elbo_loglik
 from diffalign.objectives import dpo_loss
 from diffalign.objectives.ranked import smoothed_beta_scale
 from diffalign.trainers.method import Method, StepOutput, TrainBatch, dpo_metrics, weighted_mean
+from diffalign.trainers.registry import register_method
 
 PICKSCORE_MIN, PICKSCORE_MAX = 0.11543526, 0.28201571  # the original's normalisation of PickScore/100
 
@@ -46,6 +47,7 @@ class SmPOConfig:
             raise ValueError(f"score_max ({self.score_max}) must exceed score_min ({self.score_min})")
 
 
+@register_method("smpo", SmPOConfig, kind="offline")
 class SmPO(Method):
     """InPO-style pairs (ReNoise inversion, re-parametrised target) with β scaled per pair by the
     smoothed preference of the two images' reward scores::
@@ -56,9 +58,6 @@ class SmPO(Method):
     image gets κ < 0. Needs ``score_0``/``score_1`` (Pick-a-Pic parquet, as ``diffalign data label``
     writes) or ``score_chosen``/``score_rejected`` (JSONL).
     """
-
-    name = "smpo"
-    config_class = SmPOConfig
 
     def loss(self, batch: TrainBatch) -> StepOutput:
         c = self.config

@@ -14,6 +14,7 @@ from diffalign.models.base import Conditioning
 from diffalign.objectives import DPO_LOSS_TYPES, dpo_loss, kto_loss
 from diffalign.text.perturb import KINDS, perturb_caption
 from diffalign.trainers.method import Method, StepOutput, TrainBatch, batch_generator, dpo_metrics, weighted_mean
+from diffalign.trainers.registry import register_method
 
 FORMS = ("dpo", "kto")
 
@@ -69,6 +70,7 @@ def negative_captions(prompts: list[str], rng: random.Random, kinds, vocab=None)
     return out
 
 
+@register_method("tpo", TPOConfig, kind="offline")
 class TPO(Method):
     """Rows are the chosen images with their captions (any pair data: its winners; ``data_kind =
     "chosen"``). Each caption ``c`` gets a perturbed ``c'`` (:func:`negative_captions`); the same
@@ -80,8 +82,6 @@ class TPO(Method):
     Rows with no usable negative (dropped caption) get weight 0.
     """
 
-    name = "tpo"
-    config_class = TPOConfig
     data_kind = "chosen"
 
     def loss(self, batch: TrainBatch) -> StepOutput:

@@ -84,3 +84,11 @@ def test_an_image_conditioned_checkpoint_is_refused_with_a_clear_error(tmp_path,
     with pytest.raises(ValueError, match="unet takes 9 input channels but the VAE's latents have 4: an inpainting"):
         load_backbone(folder)
     assert load_backbone(tiny_folder("sd")).denoiser.config.in_channels == 4
+
+
+def test_a_family_that_does_not_match_the_folder_names_both(tiny_folder):
+    folder = tiny_folder("sd")
+    with pytest.raises(ValueError, match=r"model.family is 'sdxl' but .*model_index.json is a 'sd' pipeline "
+                                         r"\(StableDiffusionPipeline\)"):
+        load_backbone(folder, family="sdxl")
+    assert type(load_backbone(folder, family="sd")) is SDBackbone  # a matching family loads

@@ -123,10 +123,11 @@ def test_text_recipe_errors(tiny_lm_dir, pairs_file, tmp_path):
 
 def test_diffalign_train_runs_a_text_recipe(tiny_lm_dir, pairs_file, tmp_path):
     from diffalign.cli import main
-    from diffalign.text.methods import TEXT_METHODS
-    from diffalign.trainers import TEXT_METHOD_NAMES
+    from diffalign.text import trainer
+    from diffalign.trainers.registry import methods, trainer_for
 
-    assert set(TEXT_METHOD_NAMES) == set(TEXT_METHODS)
+    assert set(methods("text")) == {"text-sft", "text-dpo", "text-kto", "text-simpo", "text-orpo"}
+    assert trainer_for("text") is trainer.train  # `diffalign train` routes text methods to the text trainer
     out = tmp_path / "run"
     assert main(["train", "-", f"--model.pretrained={tiny_lm_dir}", "--model.lora_rank=4", f"--data.source={pairs_file}",
                  "--data.format=trl", "--method.name=text-dpo", "--train.max_steps=1", "--train.batch_size=2",

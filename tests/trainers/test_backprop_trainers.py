@@ -13,7 +13,6 @@ from run_helpers import PROMPTS, read_metrics
 
 from diffalign.cli import main
 from diffalign.trainers.backprop import (
-    METHODS,
     AlignProp,
     PromptBatch,
     PromptData,
@@ -21,6 +20,9 @@ from diffalign.trainers.backprop import (
     load_prompts,
 )
 from diffalign.trainers.config import load_recipe
+from diffalign.trainers.registry import methods
+
+METHODS = {name: entry.method_class for name, entry in methods("backprop").items()}  # the reward-backprop methods
 
 
 def _args(model_dir, out, method, *extra):
@@ -92,9 +94,11 @@ def test_run_writes_the_run_dir_and_the_lora_loads_in_plain_diffusers(method, ti
 
 
 def test_train_dispatches_backprop_methods_and_rejects_unknown_options(tiny_models, tmp_path):
-    from diffalign.trainers import TRAINERS
+    from diffalign.trainers import backprop
+    from diffalign.trainers.registry import get_method, trainer_for
 
-    assert {TRAINERS[m] for m in METHODS} == {"diffalign.trainers.backprop"}
+    assert set(METHODS) == {"alignprop", "draft", "draft-lv", "refl"}
+    assert {get_method(m).kind for m in METHODS} == {"backprop"} and trainer_for("backprop") is backprop.train
     with pytest.raises(ValueError, match="unknown option.*'kk'"):
         main(_args(tiny_models["sd"], tmp_path / "x", "draft", "--method.kk=1", "--train.max_steps=1"))
     with pytest.raises(ValueError, match="reward_sign"):

@@ -11,7 +11,7 @@ from diffalign import testing
 from diffalign.cli import main
 from diffalign.data.video import read_video_pairs, save_clip
 from diffalign.models import load_backbone
-from diffalign.trainers import METHODS, TRAINERS, build_method, run_recipe
+from diffalign.trainers import METHODS, build_method, run_recipe
 from diffalign.trainers.config import recipe_from_dict
 from diffalign.trainers.densedpo import (
     DenseDPOConfig,
@@ -58,7 +58,10 @@ def test_registered_with_a_recipe():
 
     from diffalign.trainers.config import load_recipe
 
-    assert "densedpo" in METHODS and TRAINERS["densedpo"] == "diffalign.trainers.densedpo"
+    from diffalign.trainers import densedpo
+    from diffalign.trainers.registry import get_method, trainer_for
+
+    assert "densedpo" in METHODS and get_method("densedpo").kind == "video" and trainer_for("video") is densedpo.train
     recipe = load_recipe(Path(__file__).resolve().parents[2] / "pipelines" / "wan-densedpo.yaml")
     assert recipe.data.format == "video-segments" and recipe.model.pretrained.startswith("Wan-AI/")
     spec = dict(recipe.method)

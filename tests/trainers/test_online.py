@@ -349,10 +349,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _online_recipes() -> dict[str, object]:
-    from diffalign.trainers import ONLINE_METHODS
     from diffalign.trainers.config import load_recipe
+    from diffalign.trainers.registry import methods
 
-    names = {m.name for m in ONLINE_METHODS}
+    names = set(methods("online"))
     recipes = {p.name: load_recipe(p) for p in sorted((REPO / "pipelines").glob("*.yaml")) if not p.name.startswith("eval-")}
     return {name: r for name, r in recipes.items() if r.method.get("name") in names}
 
@@ -360,10 +360,11 @@ def _online_recipes() -> dict[str, object]:
 def test_every_online_method_has_a_recipe_with_valid_options():
     from diffalign.eval.prompts import prompts_fields
     from diffalign.rewards import list_rewards
-    from diffalign.trainers import METHODS, ONLINE_METHODS
+    from diffalign.trainers import METHODS
+    from diffalign.trainers.registry import methods
 
     recipes = _online_recipes()
-    assert {m.name for m in ONLINE_METHODS} <= {r.method["name"] for r in recipes.values()}
+    assert set(methods("online")) <= {r.method["name"] for r in recipes.values()}
     assert {"shapes-grpo.yaml", "shapes-d3po.yaml", "shapes-seppo.yaml"} <= set(recipes)
     for name, recipe in recipes.items():
         spec = dict(recipe.method)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from run_helpers import read_metrics
 
 from diffalign.cli import main
@@ -31,7 +32,9 @@ def test_dpo_lora_runs_and_loads_in_plain_diffusers(family, tiny_models, pair_pa
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
     assert rows[0]["implicit_acc"] == 0.5
     assert {"lr", "implicit_acc", "reward_margin"} <= set(rows[-1])
-    assert (out / "config.yaml").is_file()
+    written = yaml.safe_load((out / "config.yaml").read_text())  # the resolved recipe, every default written out
+    assert written["method"] == {"name": "diffusion-dpo", "beta": float(BETA[family]), "loss_type": "sigmoid",
+                                 "loss_weights": None, "label_smoothing": 0.0}
 
     no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}  # SD3 without T5, as users load it
     pipe = DiffusionPipeline.from_pretrained(tiny_models[family], **no_t5)
@@ -111,9 +114,22 @@ def test_other_methods_train_on_the_same_loop(method, keys, tiny_models, pair_pa
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_nonfinite_losses_skip_steps_then_stop_with_a_clear_error(tiny_models, pair_parquet, tmp_path):
+def test_nonfinite_losses_skip_steps_then_stop_with_a_clear_error(tiny_models, pair_parquet, tmp_path, monkeypatch):
+    from diffalign.trainers.config import ConfigError
+    from diffalign.trainers.dpo import DiffusionDPO
+
+    with pytest.raises(ConfigError, match="option beta must be > 0, not nan"):  # a NaN β is refused at load
+        _train(tiny_models["sd"], pair_parquet, tmp_path / "nan", "--method.beta=.nan")
+    loss = DiffusionDPO.loss
+
+    def nan_loss(self, batch):  # a loss that blows up at every step
+        out = loss(self, batch)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(DiffusionDPO, "loss", nan_loss)
     with pytest.raises(RuntimeError, match="non-finite losses in a row"):
-        _train(tiny_models["sd"], pair_parquet, tmp_path / "nan", "--train.max_steps=5", "--method.beta=.nan",
+        _train(tiny_models["sd"], pair_parquet, tmp_path / "nan", "--train.max_steps=5",
                "--train.max_nonfinite_steps=2")
     rows = read_metrics(tmp_path / "nan")
     assert [r["skipped"] for r in rows] == [True, True]
