@@ -13,7 +13,7 @@ What is checked:
 
 1. no cycle among ``module`` edges (an import-time cycle);
 2. no cycle among ``module`` + ``function`` edges either (a dependency cycle hidden in a function
-   is still a cycle), except the :data:`PENDING` edges below, which must stay function-level;
+   is still a cycle);
 3. layer rules over all three kinds: models/ imports nothing from trainers/, eval/, data/ (nor
    rewards/, shapes/, text/); core/ and objectives/ nothing from trainers/, eval/, data/ (nor
    rewards/, shapes/, text/); eval/, data/ and rewards/ nothing from trainers/; data/ and rewards/
@@ -34,18 +34,6 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "diffalign"
 
 MODULE, FUNCTION, TYPE_CHECKING = "module", "function", "type-checking"
-
-# Function-level edges allowed to close a cycle for now: method modules that the package __init__
-# imports (to register their classes) call back, from their trainer functions, into the package's
-# ``build_method`` and into the offline loop (which imports ``build_method`` from the package). The
-# method registry of issue #19 (methods register themselves; one engine builds the run) removes
-# these; delete an entry when its edge is gone.
-PENDING = {
-    ("diffalign.trainers.densedpo", "diffalign.trainers"),
-    ("diffalign.trainers.densedpo", "diffalign.trainers.loop"),
-    ("diffalign.trainers.online", "diffalign.trainers"),
-    ("diffalign.trainers.online", "diffalign.trainers.loop"),
-}
 
 # package -> packages it must not import (any edge kind)
 FORBIDDEN = {
@@ -144,8 +132,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def _graph(edges, kinds: set[str], skip=frozenset()) -> dict[str, set[str]]:
-    return {a: {b for b, k in targets.items() if k & kinds and (a, b) not in skip} for a, targets in edges.items()}
+def _graph(edges, kinds: set[str]) -> dict[str, set[str]]:
+    return {a: {b for b, k in targets.items() if k & kinds} for a, targets in edges.items()}
 
 
 def _show(cycle: list[str], edges) -> str:
@@ -172,13 +160,8 @@ def test_no_import_time_cycle(edges):
 
 
 def test_no_cycle_with_function_level_imports(edges):
-    cycle = find_cycle(_graph(edges, {MODULE, FUNCTION}, skip=PENDING))
+    cycle = find_cycle(_graph(edges, {MODULE, FUNCTION}))
     assert cycle is None, "import cycle (counting imports inside functions):\n  " + _show(cycle, edges)
-
-
-def test_pending_edges_stay_inside_functions(edges):
-    for a, b in PENDING:
-        assert MODULE not in edges[a].get(b, set()), f"{a} -> {b} became a module-level import"
 
 
 def test_layers_run_one_way(edges):
@@ -190,6 +173,17 @@ def test_layers_run_one_way(edges):
             if other in FORBIDDEN.get(layer, ()):
                 bad.append(f"{a} -> {b} ({', '.join(sorted(kinds))})")
     assert not bad, "imports against the layers:\n  " + "\n  ".join(sorted(bad))
+
+
+# the applications above the registry: what may import it (it imports every method and trainer)
+REGISTRY_USERS = {"diffalign.trainers", "diffalign.trainers.cli", "diffalign.trainers.bench", "diffalign.shapes.demo",
+                  "diffalign.text.cli", "diffalign.text.shapes"}
+
+
+def test_the_registry_is_above_the_engine(edges):
+    """cli → registry → engine: no method, loop or data module imports the registry back."""
+    bad = [a for a, targets in edges.items() if "diffalign.trainers.registry" in targets and a not in REGISTRY_USERS]
+    assert not bad, f"below the registry, yet importing it: {sorted(bad)}"
 
 
 def test_only_the_cli_imports_command_line_modules(edges):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from diffalign.trainers.config import load_recipe, resolve_recipe
+from diffalign.recipes import resolve_recipe
+from diffalign.trainers.registry import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -162,7 +162,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--section.key=value overrides are for `rewrite train`, not `rewrite {args.action}`")
     if args.action == "train":
         from diffalign.text.trainer import train
-        from diffalign.trainers.config import load_recipe
+        from diffalign.trainers.registry import load_recipe
 
         if args.resume:
             overrides.append(f"train.resume={args.resume}")

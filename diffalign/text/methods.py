@@ -18,7 +18,6 @@ Per-pair ``weight`` (Sem-DPO's semantic weight) multiplies each pair's loss (wei
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,8 +25,7 @@ import torch
 
 from diffalign.objectives import dpo_loss, kto_loss, loss_terms, orpo_loss, simpo_loss
 from diffalign.text.logprobs import TokenBatch
-from diffalign.trainers.method import StepOutput, weighted_mean
-from diffalign.trainers.registry import register_method
+from diffalign.trainers.method import REGISTERED, StepOutput, register_method, weighted_mean
 
 
 @dataclass
@@ -272,14 +270,12 @@ class TextORPO(TextMethod):
         return StepOutput(weighted_mean(out.losses, batch.weights), metrics)
 
 
-def build_text_method(spec, lm) -> TextMethod:
-    """``{"name": "text-dpo", "beta": 0.1, ...}`` (or a recipe's method section) → a text method
-    (registered with ``kind="text"``) on ``lm``, with its checked config dataclass."""
-    from diffalign.trainers.registry import get_method, method_section, methods
-
-    section = method_section(spec)
-    entry = get_method(section.name)
-    if entry.kind != "text":
-        raise ValueError(f"method {section.name!r} is not a text method (its kind is {entry.kind!r}); "
-                         f"text methods: {sorted(methods('text'))}")
-    return entry.method_class(copy.deepcopy(section.config), lm)
+def build_text_method(section, lm) -> TextMethod:
+    """A recipe's method section (:class:`~diffalign.trainers.config.MethodSection`, as
+    ``diffalign.trainers.registry.load_recipe`` builds it) → its text method (registered with
+    ``kind="text"``) on ``lm``, with a copy of its checked config dataclass."""
+    if section.kind != "text":
+        text = sorted(n for n, e in REGISTERED.items() if e.kind == "text")
+        raise ValueError(f"method {section.name!r} is not a text method (its kind is {section.kind!r}); "
+                         f"text methods: {text}")
+    return section.build(lm)

@@ -125,7 +125,7 @@ class ShapesRewriterConfig:
 
 
 def _load_recipe(name: str, overrides: list[str]):
-    from diffalign.trainers.config import load_recipe
+    from diffalign.trainers.registry import load_recipe
 
     return load_recipe(name, overrides)
 

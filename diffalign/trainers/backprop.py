@@ -50,9 +50,8 @@ from diffalign.core.sampling import make_sampler, uses_cfg
 from diffalign.models.base import Conditioning
 from diffalign.trainers.config import Recipe
 from diffalign.trainers.data import _stable_seed
-from diffalign.trainers.method import Method, StepOutput, TrainBatch
+from diffalign.trainers.method import Method, StepOutput, TrainBatch, register_method
 from diffalign.trainers.online import load_prompts
-from diffalign.trainers.registry import register_method
 
 
 def run_positions(step: int, micro: int, process: int, num_processes: int, batch_size: int,
@@ -489,10 +488,8 @@ def load_backprop_reward(spec: str | dict[str, float], kwargs: dict[str, Any] | 
 def build_backprop_method(recipe: Recipe, backbone, accelerator=None) -> RewardBackprop:
     """The recipe's reward-backprop method (registered with ``kind="backprop"``) with its reward and,
     for ReFL, its pre-training data."""
-    from diffalign.trainers.registry import get_method, method_section
-
-    section = method_section(recipe.method)
-    cls, config = get_method(section.name).method_class, copy.deepcopy(section.config)
+    section = recipe.method
+    cls, config = section.entry.method_class, copy.deepcopy(section.config)
     if cls.kind != "backprop":
         raise ValueError(f"method {section.name!r} is not a reward-backprop method (its kind is {cls.kind!r})")
     if cls is not ReFL:

@@ -9,9 +9,10 @@ train:  {output_dir: runs/sd15-dpo, max_steps: 2000, learning_rate: 1.0e-5}
 
 Any field can be overridden on the command line as ``--train.max_steps=10``. Each method's own knobs
 live in its config dataclass (``DiffusionDPOConfig``, ``MaPOConfig``, ...) in its module, registered
-with the method (:mod:`diffalign.trainers.registry`). A recipe is checked whole when it loads, before
-any model loads: unknown keys or options, wrong types and out-of-range values (:data:`RANGES`) are one
-:class:`ConfigError` naming the field; the ``method`` section becomes the method's typed config.
+with the method. :func:`diffalign.trainers.registry.load_recipe` checks a recipe whole when it loads,
+before any model loads: unknown keys or options, wrong types and out-of-range values (:data:`RANGES`)
+are one :class:`ConfigError` naming the field; the ``method`` section becomes a :class:`MethodSection`
+with the method's typed config. This module holds the sections and the checks; it knows no method.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from diffalign.recipes import apply_overrides, resolve_recipe
 
 
 class ConfigError(ValueError):
@@ -141,10 +140,23 @@ class MethodSection(Mapping):
     ``section.get("beta")``, and ``dict(section)`` is ``{"name": ..., **every option}``.
     """
 
-    def __init__(self, name: str, config: Any):
+    def __init__(self, name: str, config: Any, entry: Any):
         self.name = name
         self.config = config
+        self.entry = entry  # the registered method (trainers.method.MethodEntry): its class and kind
         self._fields = tuple(f.name for f in dataclasses.fields(config))
+
+    @property
+    def kind(self) -> str:
+        """The kind of step the method needs (``offline``, ``online``, ``backprop``, ``video``, ``text``)."""
+        return self.entry.kind
+
+    def build(self, backbone) -> Any:
+        """The method on ``backbone`` (an image backbone or a causal LM) with a copy of this config (the
+        recipe stays as loaded, for ``config.yaml``)."""
+        import copy
+
+        return self.entry.method_class(copy.deepcopy(self.config), backbone)
 
     def __getitem__(self, key: str) -> Any:
         if key == "name":
@@ -169,22 +181,22 @@ class MethodSection(Mapping):
 
 @dataclass
 class Recipe:
-    """A whole run: model, data, method (``name`` plus that method's knobs), training loop.
+    """A whole run: model, data, method (``name`` plus that method's typed knobs), training loop.
 
-    ``method`` may be given as a mapping (``{"name": "mapo", "beta": 0.1}``); it is checked and
-    becomes a :class:`MethodSection` with the method's typed config.
+    Built by :func:`diffalign.trainers.registry.load_recipe` (or ``recipe_from_dict``), which turns the
+    ``method`` mapping into its :class:`MethodSection`.
     """
 
+    method: MethodSection
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    method: MethodSection = field(default_factory=lambda: {"name": "diffusion-dpo"})
     eval: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        from diffalign.trainers.registry import method_section
-
-        self.method = method_section(self.method)
+        if not isinstance(self.method, MethodSection):
+            raise TypeError("Recipe.method is a MethodSection: build recipes with "
+                            "diffalign.trainers.registry.load_recipe / recipe_from_dict")
 
     def to_dict(self) -> dict[str, Any]:
         """Every section resolved, each default written out (what ``config.yaml`` holds)."""
@@ -353,39 +365,10 @@ def check_ranges(config, where: str, section: str = "method") -> None:
                                   f"not {value!r}")
 
 
-def _build(cls, values: dict[str, Any], where: str):
+def build_section(cls, values: dict[str, Any], where: str):
+    """A recipe section's dataclass ``cls`` from ``values``, checked (types and :data:`RANGES`)."""
     config = build_dataclass(cls, values, where)
     check_ranges(config, where, section=where)
     return config
 
 
-def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
-    unknown = set(raw) - {"model", "data", "train", "method", "eval"}
-    if unknown:
-        raise ValueError(f"unknown recipe section(s) {sorted(unknown)}; expected model, data, train, method, eval")
-    from diffalign.trainers.registry import method_section
-
-    method = raw.get("method") or {}
-    if not isinstance(method, Mapping):
-        raise ConfigError(f"the method section must be a mapping with a 'name', not {method!r}")
-    method = method_section({"name": "diffusion-dpo", **method})  # typed and checked before any model loads
-    return Recipe(
-        model=_build(ModelConfig, raw.get("model") or {}, "model"),
-        data=_build(DataConfig, raw.get("data") or {}, "data"),
-        train=_build(TrainConfig, raw.get("train") or {}, "train"),
-        method=method,
-        eval=dict(raw.get("eval") or {}),
-    )
-
-
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe YAML (a path or a bundled recipe's name, :func:`resolve_recipe`; or start empty with
-    ``None``), apply dotted overrides and check the whole of it (a :class:`ConfigError`, before any
-    model loads); the ``method`` section becomes the method's typed config."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = resolve_recipe(path)
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"recipe {path} must be a YAML mapping of sections")
-    return recipe_from_dict(apply_overrides(raw, overrides or []))

@@ -44,10 +44,18 @@ import torch.nn.functional as F
 
 from diffalign.core.sampling import Trajectory, sampler_from_config, transition_log_probs
 from diffalign.models.base import Conditioning
-from diffalign.trainers.method import StepOutput, weighted_mean
-from diffalign.trainers.online import (Micro, OnlineMethod, Rollout, RolloutConfig, StopForInput, build_reward,
-                                       gather_float, load_prompts, stable_seed)
-from diffalign.trainers.registry import register_method
+from diffalign.trainers.method import StepOutput, register_method, weighted_mean
+from diffalign.trainers.online import (
+    Micro,
+    OnlineMethod,
+    Rollout,
+    RolloutConfig,
+    StopForInput,
+    build_reward,
+    gather_float,
+    load_prompts,
+    stable_seed,
+)
 
 LABEL_SOURCES = ("reward", "oracle", "file")
 

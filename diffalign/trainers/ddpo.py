@@ -38,10 +38,16 @@ from pathlib import Path
 import torch
 
 from diffalign.core.sampling import gaussian_kl, transition_log_probs
-from diffalign.trainers.method import StepOutput
-from diffalign.trainers.online import (Micro, OnlineMethod, Rollout, RolloutConfig, build_reward, gather_float,
-                                       load_prompts)
-from diffalign.trainers.registry import register_method
+from diffalign.trainers.method import StepOutput, register_method
+from diffalign.trainers.online import (
+    Micro,
+    OnlineMethod,
+    Rollout,
+    RolloutConfig,
+    build_reward,
+    gather_float,
+    load_prompts,
+)
 
 ADVANTAGE_MODES = ("prompt_buffer", "group", "group_global_std", "batch")
 

@@ -27,8 +27,7 @@ import torch
 from diffalign.core.likelihood import denoising_error, elbo_loglik
 from diffalign.objectives import DPO_LOSS_TYPES, dpo_loss
 from diffalign.trainers.data import TrainingData, _stable_seed
-from diffalign.trainers.method import Method, StepOutput, TrainBatch
-from diffalign.trainers.registry import register_method
+from diffalign.trainers.method import Method, StepOutput, TrainBatch, register_method
 
 
 @dataclass
@@ -211,7 +210,6 @@ def setup(recipe, accelerator=None):
     """The shared loop's :class:`~diffalign.trainers.loop.Run` with a video backbone and segment-pair data."""
     from diffalign.models.video import VideoBackbone
     from diffalign.trainers.loop import Run, setup_backbone, setup_optimizer
-    from diffalign.trainers.registry import build_method
 
     if recipe.train.validation_steps and recipe.train.validation_prompts:
         raise ValueError("densedpo: validation sampling is image-only in the shared loop; set "
@@ -219,7 +217,7 @@ def setup(recipe, accelerator=None):
     accelerator, backbone = setup_backbone(recipe, accelerator)
     if not isinstance(backbone, VideoBackbone):
         raise TypeError(f"densedpo needs a video backbone (e.g. a Wan text-to-video model), not {backbone.family!r}")
-    method = build_method(recipe.method, backbone)
+    method = recipe.method.build(backbone)
     output_dir = Path(recipe.train.output_dir)
     data = load_video_pair_data(recipe, backbone, output_dir)
     optimizer, lr_scheduler = setup_optimizer(recipe, accelerator, backbone)

@@ -13,9 +13,9 @@ from diffalign.trainers.method import (
     StepOutput,
     TrainBatch,
     dpo_metrics,
+    register_method,
     weighted_mean,
 )
-from diffalign.trainers.registry import register_method
 
 
 @dataclass

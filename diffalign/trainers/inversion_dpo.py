@@ -6,11 +6,18 @@ from dataclasses import dataclass
 
 import torch
 
-from diffalign.core.inversion import invert, inversion_levels, reparametrised_target
+from diffalign.core.inversion import inversion_levels, invert, reparametrised_target
 from diffalign.core.likelihood import denoising_error, elbo_loglik
 from diffalign.objectives import dpo_loss
-from diffalign.trainers.method import Method, StepOutput, TrainBatch, batch_generator, dpo_metrics, weighted_mean
-from diffalign.trainers.registry import register_method
+from diffalign.trainers.method import (
+    Method,
+    StepOutput,
+    TrainBatch,
+    batch_generator,
+    dpo_metrics,
+    register_method,
+    weighted_mean,
+)
 
 STEP_WEIGHTINGS = ("uniform", "inverse_alpha")
 

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from diffalign.trainers.config import Recipe
 from diffalign.trainers.data import TrainingData, load_training_data
 from diffalign.trainers.method import Method, StepOutput
-from diffalign.trainers.registry import build_method
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -54,7 +53,7 @@ class Run:
 
 def setup(recipe: Recipe, accelerator: Accelerator | None = None) -> Run:
     accelerator, backbone = setup_backbone(recipe, accelerator)
-    method = build_method(recipe.method, backbone)
+    method = recipe.method.build(backbone)
     output_dir = Path(recipe.train.output_dir)
     data = load_training_data(recipe, method.data_kind, backbone, output_dir, accelerator)
     optimizer, lr_scheduler = setup_optimizer(recipe, accelerator, backbone)

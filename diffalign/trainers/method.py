@@ -16,6 +16,46 @@ import torch
 from diffalign.core.likelihood import denoising_error
 from diffalign.models.base import Conditioning
 
+# The method table that :func:`register_method` fills, read through :mod:`diffalign.trainers.registry`.
+KINDS: dict[str, str] = {
+    "offline": "an encoded, noised batch of stored data (pairs, feedback, ranked lists) on the offline loop",
+    "online": "rollouts with per-step log-probs, then updates on the stored transitions",
+    "backprop": "sampling with gradients into a differentiable reward",
+    "video": "video pairs with per-segment labels on the offline loop",
+    "text": "a causal language model on TRL-format text data",
+}
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """A registered method: its name, class, config dataclass and kind (a key of :data:`KINDS`)."""
+
+    name: str
+    method_class: type
+    config_class: type
+    kind: str
+
+
+REGISTERED: dict[str, MethodEntry] = {}
+
+
+def register_method(name: str, config: type, *, kind: str):
+    """Class decorator: register a method as ``name`` with its config dataclass and its ``kind`` (image
+    and text methods alike). Sets ``name``, ``config_class`` and ``kind`` on the class (what the
+    trainers read); :mod:`diffalign.trainers.registry` looks methods up by name."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown method kind {kind!r}; choose from {sorted(KINDS)}")
+
+    def decorate(cls: type) -> type:
+        old = REGISTERED.get(name)
+        if old is not None and old.method_class.__qualname__ != cls.__qualname__:
+            raise ValueError(f"method name {name!r} is taken by {old.method_class.__qualname__}")
+        cls.name, cls.config_class, cls.kind = name, config, kind
+        REGISTERED[name] = MethodEntry(name, cls, config, kind)
+        return cls
+
+    return decorate
+
 
 @dataclass
 class TrainBatch:
@@ -58,8 +98,7 @@ class StepOutput:
 
 class Method:
     """Base class: a subclass registers with ``@register_method(name, ConfigClass, kind="offline")``
-    (:mod:`diffalign.trainers.registry`, which sets ``name`` and ``config_class``), sets ``data_kind``
-    and implements ``loss``."""
+    (which sets ``name``, ``config_class`` and ``kind``), sets ``data_kind`` and implements ``loss``."""
 
     name: ClassVar[str]
     config_class: ClassVar[type]

@@ -309,10 +309,9 @@ def setup(recipe: Recipe, accelerator=None) -> OnlineRun:
     """Backbone with its LoRA, the method (sampler, reward, prompts) and the optimizer, built with
     the offline loop's helpers."""
     from diffalign.trainers.loop import setup_backbone, setup_optimizer
-    from diffalign.trainers.registry import build_method
 
     accelerator, backbone = setup_backbone(recipe, accelerator)
-    method = build_method(recipe.method, backbone)
+    method = recipe.method.build(backbone)
     if not isinstance(method, OnlineMethod):
         raise ValueError(f"method {recipe.method['name']!r} is not an on-line method")
     optimizer, lr_scheduler = setup_optimizer(recipe, accelerator, backbone)

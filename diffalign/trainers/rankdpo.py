@@ -8,8 +8,7 @@ import torch
 
 from diffalign.core.likelihood import elbo_loglik
 from diffalign.objectives.ranked import exponential_gains, ranked_dpo_loss
-from diffalign.trainers.method import Method, StepOutput, TrainBatch, weighted_mean
-from diffalign.trainers.registry import register_method
+from diffalign.trainers.method import Method, StepOutput, TrainBatch, register_method, weighted_mean
 
 GAINS = ("scores", "ranks")
 

@@ -1,4 +1,5 @@
-"""The one method registry: every training method, image or text, by name.
+"""The one method registry: every training method, image or text, by name, and the route from a recipe
+to its trainer.
 
 A method registers itself where it is defined::
 
@@ -6,100 +7,71 @@ A method registers itself where it is defined::
     class DiffusionDPO(Method):
         ...
 
-with its config dataclass and the kind of step it needs (:data:`KINDS`). The kind picks the
-trainer that runs it (:func:`run_recipe`); the config class is what a recipe's ``method`` section
-becomes when the recipe loads (:func:`build_config`, called by
-:func:`diffalign.trainers.config.load_recipe` before any model loads).
-
-:func:`methods` imports the modules that define methods (the one place that lists them), lazily:
-importing this module imports no trainer, so commands that do not train (``diffalign score``) do
-not pay for them.
+with its config dataclass and the kind of step it needs (:data:`KINDS`); the decorator and the table
+it fills live in :mod:`diffalign.trainers.method`, below every method. This module sits above them:
+it imports every module that defines methods (the one place that lists them), turns a recipe's
+``method`` section into that method's typed config when the recipe loads (:func:`load_recipe`, before
+any model loads), and runs a recipe with the trainer of its method's kind (:func:`run_recipe`).
+Imports run one way: ``cli → registry → engine (loop, online, ...) → core / objectives → models``.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffalign.trainers.config import ConfigError, MethodSection, build_dataclass, check_ranges
+import yaml
 
-KINDS: dict[str, str] = {
-    "offline": "an encoded, noised batch of stored data (pairs, feedback, ranked lists) on the offline loop",
-    "online": "rollouts with per-step log-probs, then updates on the stored transitions",
-    "backprop": "sampling with gradients into a differentiable reward",
-    "video": "video pairs with per-segment labels on the offline loop",
-    "text": "a causal language model on TRL-format text data",
+# every module that defines methods: their decorators fill the table
+import diffalign.text.methods  # noqa: F401
+import diffalign.trainers.dcpo  # noqa: F401
+import diffalign.trainers.dpo  # noqa: F401
+import diffalign.trainers.inpo  # noqa: F401
+import diffalign.trainers.inversion_dpo  # noqa: F401
+import diffalign.trainers.kto  # noqa: F401
+import diffalign.trainers.mapo  # noqa: F401
+import diffalign.trainers.rankdpo  # noqa: F401
+import diffalign.trainers.sft  # noqa: F401
+import diffalign.trainers.smpo  # noqa: F401
+import diffalign.trainers.tpo  # noqa: F401
+from diffalign.recipes import apply_overrides, resolve_recipe
+from diffalign.text import trainer as text_trainer
+from diffalign.trainers import backprop, d3po, ddpo, densedpo, loop, online, seppo  # noqa: F401
+from diffalign.trainers.config import (
+    ConfigError,
+    DataConfig,
+    MethodSection,
+    ModelConfig,
+    Recipe,
+    TrainConfig,
+    build_dataclass,
+    build_section,
+    check_ranges,
+)
+from diffalign.trainers.method import KINDS, REGISTERED, MethodEntry, register_method
+
+TRAINERS: dict[str, Callable[[Recipe], Path]] = {
+    "offline": loop.train,
+    "online": online.train,
+    "backprop": backprop.train,
+    "video": densedpo.train,
+    "text": text_trainer.train,
 }
-
-
-@dataclass(frozen=True)
-class MethodEntry:
-    """A registered method: its name, class, config dataclass and kind (a key of :data:`KINDS`)."""
-
-    name: str
-    method_class: type
-    config_class: type
-    kind: str
-
-
-_REGISTRY: dict[str, MethodEntry] = {}
-
-
-def register_method(name: str, config: type, *, kind: str) -> Callable[[type], type]:
-    """Class decorator: register a method as ``name`` with its config dataclass and its ``kind``.
-
-    Sets ``name``, ``config_class`` and ``kind`` on the class (what the trainers read)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown method kind {kind!r}; choose from {sorted(KINDS)}")
-
-    def decorate(cls: type) -> type:
-        old = _REGISTRY.get(name)
-        if old is not None and old.method_class.__qualname__ != cls.__qualname__:
-            raise ValueError(f"method name {name!r} is taken by {old.method_class.__qualname__}")
-        cls.name, cls.config_class, cls.kind = name, config, kind
-        _REGISTRY[name] = MethodEntry(name, cls, config, kind)
-        return cls
-
-    return decorate
-
-
-def _import_method_modules() -> None:
-    """Import every module that defines methods: their decorators fill the registry."""
-    import diffalign.text.methods  # noqa: F401
-    import diffalign.trainers.backprop  # noqa: F401
-    import diffalign.trainers.d3po  # noqa: F401
-    import diffalign.trainers.dcpo  # noqa: F401
-    import diffalign.trainers.ddpo  # noqa: F401
-    import diffalign.trainers.densedpo  # noqa: F401
-    import diffalign.trainers.dpo  # noqa: F401
-    import diffalign.trainers.inpo  # noqa: F401
-    import diffalign.trainers.inversion_dpo  # noqa: F401
-    import diffalign.trainers.kto  # noqa: F401
-    import diffalign.trainers.mapo  # noqa: F401
-    import diffalign.trainers.rankdpo  # noqa: F401
-    import diffalign.trainers.seppo  # noqa: F401
-    import diffalign.trainers.sft  # noqa: F401
-    import diffalign.trainers.smpo  # noqa: F401
-    import diffalign.trainers.tpo  # noqa: F401
 
 
 def methods(kind: str | None = None) -> dict[str, MethodEntry]:
     """All registered methods by name (those of one ``kind`` if given), sorted by name."""
-    _import_method_modules()
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown method kind {kind!r}; choose from {sorted(KINDS)}")
-    return {n: e for n, e in sorted(_REGISTRY.items()) if kind is None or e.kind == kind}
+    return {n: e for n, e in sorted(REGISTERED.items()) if kind is None or e.kind == kind}
 
 
 def get_method(name: str | None) -> MethodEntry:
     """The registered method ``name``; a :class:`ConfigError` listing the known ones otherwise."""
-    found = methods()
-    if name not in found:
-        raise ConfigError(f"unknown method {name!r}; choose from {sorted(found)}")
-    return found[name]
+    if name not in REGISTERED:
+        raise ConfigError(f"unknown method {name!r}; choose from {sorted(REGISTERED)}")
+    return REGISTERED[name]
 
 
 def build_config(name: str, options: Mapping[str, Any]) -> Any:
@@ -120,38 +92,58 @@ def method_section(spec: Mapping[str, Any]) -> MethodSection:
         raise ConfigError(f"the method section must be a mapping with a 'name', not {spec!r}")
     options = dict(spec)
     name = options.pop("name", "diffusion-dpo")
-    return MethodSection(name, build_config(name, options))
+    return MethodSection(name, build_config(name, options), get_method(name))
 
 
 def build_method(spec: Mapping[str, Any], backbone) -> Any:
     """``{"name": "diffusion-dpo", "beta": 5000, ...}`` (or a :class:`MethodSection`) → the method
     on ``backbone`` (an image backbone, or a causal LM for text methods)."""
-    section = method_section(spec)
-    # a copy: the recipe's config stays as loaded (config.yaml)
-    return get_method(section.name).method_class(copy.deepcopy(section.config), backbone)
+    return method_section(spec).build(backbone)
 
 
-def trainer_for(kind: str) -> Callable[[Any], Path]:
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    """A whole recipe from its sections, checked (a :class:`ConfigError` names the field); the ``method``
+    section (default ``diffusion-dpo``) becomes the method's typed config."""
+    unknown = set(raw) - {"model", "data", "train", "method", "eval"}
+    if unknown:
+        raise ConfigError(f"unknown recipe section(s) {sorted(unknown)}; expected model, data, train, method, eval")
+    method = raw.get("method") or {}
+    if not isinstance(method, Mapping):
+        raise ConfigError(f"the method section must be a mapping with a 'name', not {method!r}")
+    return Recipe(
+        method=method_section({"name": "diffusion-dpo", **method}),
+        model=build_section(ModelConfig, raw.get("model") or {}, "model"),
+        data=build_section(DataConfig, raw.get("data") or {}, "data"),
+        train=build_section(TrainConfig, raw.get("train") or {}, "train"),
+        eval=dict(raw.get("eval") or {}),
+    )
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML (a path or a bundled recipe's name, :func:`~diffalign.recipes.resolve_recipe`;
+    or start empty with ``None``), apply dotted overrides and check the whole of it (a
+    :class:`ConfigError`, before any model loads); the ``method`` section becomes the method's typed
+    config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = resolve_recipe(path)
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"recipe {path} must be a YAML mapping of sections")
+    return recipe_from_dict(apply_overrides(raw, overrides or []))
+
+
+def trainer_for(kind: str) -> Callable[[Recipe], Path]:
     """The ``train(recipe) -> run dir`` function that runs methods of ``kind``."""
-    if kind == "offline":
-        from diffalign.trainers.loop import train
-    elif kind == "online":
-        from diffalign.trainers.online import train
-    elif kind == "backprop":
-        from diffalign.trainers.backprop import train
-    elif kind == "video":
-        from diffalign.trainers.densedpo import train
-    elif kind == "text":
-        from diffalign.text.trainer import train
-    else:
+    if kind not in TRAINERS:
         raise ValueError(f"unknown method kind {kind!r}; choose from {sorted(KINDS)}")
-    return train
+    return TRAINERS[kind]
 
 
-def run_recipe(recipe) -> Path:
+def run_recipe(recipe: Recipe) -> Path:
     """Train ``recipe`` with the trainer of its method's kind; returns the run directory."""
-    return trainer_for(get_method(recipe.method["name"]).kind)(recipe)
+    return trainer_for(recipe.method.kind)(recipe)
 
 
-__all__ = ["KINDS", "MethodEntry", "build_config", "build_method", "get_method", "method_section", "methods",
-           "register_method", "run_recipe", "trainer_for"]
+__all__ = ["KINDS", "MethodEntry", "TRAINERS", "build_config", "build_method", "get_method", "load_recipe",
+           "method_section", "methods", "recipe_from_dict", "register_method", "run_recipe", "trainer_for"]

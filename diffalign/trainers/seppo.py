@@ -61,9 +61,8 @@ from diffalign.core.likelihood import denoising_error, elbo_loglik
 from diffalign.core.sampling import sample_trajectory
 from diffalign.models.base import Conditioning
 from diffalign.objectives import dpo_loss
-from diffalign.trainers.method import StepOutput, TrainBatch
+from diffalign.trainers.method import StepOutput, TrainBatch, register_method
 from diffalign.trainers.online import Micro, OnlineMethod, Rollout, RolloutConfig, load_prompts, stable_seed
-from diffalign.trainers.registry import register_method
 
 REFERENCE_SELECTIONS = ("random", "latest", "initial")
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diffalign.objectives import sft_loss
-from diffalign.trainers.method import Method, StepOutput, TrainBatch, weighted_mean
-from diffalign.trainers.registry import register_method
+from diffalign.trainers.method import Method, StepOutput, TrainBatch, register_method, weighted_mean
 
 
 @dataclass

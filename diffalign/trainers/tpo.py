@@ -13,8 +13,15 @@ from diffalign.core.likelihood import elbo_loglik
 from diffalign.models.base import Conditioning
 from diffalign.objectives import DPO_LOSS_TYPES, dpo_loss, kto_loss
 from diffalign.text.perturb import KINDS, perturb_caption
-from diffalign.trainers.method import Method, StepOutput, TrainBatch, batch_generator, dpo_metrics, weighted_mean
-from diffalign.trainers.registry import register_method
+from diffalign.trainers.method import (
+    Method,
+    StepOutput,
+    TrainBatch,
+    batch_generator,
+    dpo_metrics,
+    register_method,
+    weighted_mean,
+)
 
 FORMS = ("dpo", "kto")
 

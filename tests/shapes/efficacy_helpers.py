@@ -28,7 +28,7 @@ from diffalign.shapes.demo import (
     preference_rows,
 )
 from diffalign.shapes.oracle import Oracle
-from diffalign.trainers.config import load_recipe
+from diffalign.trainers.registry import load_recipe
 from diffalign.trainers.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -106,7 +106,7 @@ def test_llm_perturbation_falls_back_to_rules_when_the_edit_is_not_minimal():
 def test_llm_perturbation_accepts_a_minimal_llm_edit(tmp_path):
     """An LM trained to answer with the edited caption is taken at its word (source 'llm')."""
     from diffalign.text.trainer import train
-    from diffalign.trainers.config import recipe_from_dict
+    from diffalign.trainers.registry import recipe_from_dict
 
     tok = make_tokenizer()
     make_model(tok).save_pretrained(tmp_path / "lm")

@@ -8,7 +8,7 @@ from diffalign.text.data import load_examples
 from diffalign.text.methods import build_text_method
 from diffalign.text.model import CausalLM
 from diffalign.text.trainer import TextData, train
-from diffalign.trainers.config import recipe_from_dict
+from diffalign.trainers.registry import method_section, recipe_from_dict
 
 PAIRS = [
     {"prompt": "a photo of", "chosen": " a red circle", "rejected": " a blue square"},
@@ -40,7 +40,7 @@ def _recipe(model_dir, data, out, method, **train):
 def test_dpo_loss_is_ln2_at_initialisation_with_gradient(tiny_lm_dir, pairs_file):
     lm = CausalLM.from_pretrained(tiny_lm_dir)
     lm.add_lora(rank=4)
-    method = build_text_method({"name": "text-dpo", "beta": 0.1}, lm)
+    method = build_text_method(method_section({"name": "text-dpo", "beta": 0.1}), lm)
     data = TextData.build(load_examples(str(pairs_file), "pairs"), "pairs", lm.tokenizer, max_length=64,
                           batch_size=4, gradient_accumulation_steps=1, seed=0)
     out = method.loss(data.collate([0, 1, 2, 3]))

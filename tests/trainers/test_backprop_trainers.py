@@ -19,7 +19,7 @@ from diffalign.trainers.backprop import (
     build_backprop_method,
     load_prompts,
 )
-from diffalign.trainers.config import load_recipe
+from diffalign.trainers.registry import load_recipe
 from diffalign.trainers.registry import methods
 
 METHODS = {name: entry.method_class for name, entry in methods("backprop").items()}  # the reward-backprop methods

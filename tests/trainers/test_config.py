@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from diffalign.trainers import build_method
-from diffalign.trainers.config import ConfigError, load_recipe
+from diffalign.trainers.config import ConfigError
+from diffalign.trainers.registry import load_recipe
 from diffalign.trainers.dpo import DiffusionDPOConfig
 
 

@@ -35,7 +35,7 @@ def dcpo_parquet(tmp_path_factory):
 
 
 def test_target_is_v_on_a_v_prediction_model_and_loser_captions_condition_the_losers(vpred, dcpo_parquet, tmp_path):
-    from diffalign.trainers.config import recipe_from_dict
+    from diffalign.trainers.registry import recipe_from_dict
     from diffalign.trainers.data import load_training_data
 
     recipe = recipe_from_dict({"data": {"source": str(dcpo_parquet), "resolution": 32},

@@ -12,7 +12,7 @@ from diffalign.cli import main
 from diffalign.data.video import read_video_pairs, save_clip
 from diffalign.models import load_backbone
 from diffalign.trainers import METHODS, build_method, run_recipe
-from diffalign.trainers.config import recipe_from_dict
+from diffalign.trainers.registry import recipe_from_dict
 from diffalign.trainers.densedpo import (
     DenseDPOConfig,
     VideoPairData,
@@ -56,7 +56,7 @@ def pair_dir(tmp_path_factory, wan_folder):
 def test_registered_with_a_recipe():
     from pathlib import Path
 
-    from diffalign.trainers.config import load_recipe
+    from diffalign.trainers.registry import load_recipe
 
     from diffalign.trainers import densedpo
     from diffalign.trainers.registry import get_method, trainer_for

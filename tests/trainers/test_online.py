@@ -222,7 +222,7 @@ def _count_denoiser_calls(backbone):
 def test_stored_log_probs_are_reused(tiny_models, tmp_path, method, extra, per_micro):
     """Before any update the rollout's log-probs serve as the old policy (PPO) and as the reference
     (D3PO): one denoiser call per micro-batch, none for the reference; the ratio is exactly 1."""
-    from diffalign.trainers.config import load_recipe
+    from diffalign.trainers.registry import load_recipe
     from diffalign.trainers.online import epoch_plans, online_step, run_rollout, setup
 
     args = _args(tiny_models["sd"], tmp_path / "run", method, *extra, "--train.max_steps=4")
@@ -349,7 +349,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _online_recipes() -> dict[str, object]:
-    from diffalign.trainers.config import load_recipe
+    from diffalign.trainers.registry import load_recipe
     from diffalign.trainers.registry import methods
 
     names = set(methods("online"))

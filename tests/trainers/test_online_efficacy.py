@@ -67,7 +67,7 @@ def heldout():
 
 def _train(out, method: str, *overrides: str):
     from diffalign.trainers import run_recipe
-    from diffalign.trainers.config import load_recipe
+    from diffalign.trainers.registry import load_recipe
 
     recipe = load_recipe(None, [
         "model.pretrained=bundled:shapes-sd-base", "model.lora_rank=4", f"method.name={method}",

@@ -45,7 +45,7 @@ def ranked_jsonl(tmp_path_factory):
 
 
 def test_ranked_lists_become_rank_major_batches(backbone, ranked_jsonl, tmp_path):
-    from diffalign.trainers.config import recipe_from_dict
+    from diffalign.trainers.registry import recipe_from_dict
     from diffalign.trainers.data import load_training_data
 
     recipe = recipe_from_dict({"data": {"source": str(ranked_jsonl), "format": "ranked", "resolution": 32},

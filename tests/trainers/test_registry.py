@@ -53,9 +53,12 @@ def test_register_method_refuses_an_unknown_kind_and_a_taken_name():
 def test_run_recipe_routes_by_kind(name, module, monkeypatch):
     import importlib
 
-    from diffalign.trainers.config import load_recipe
+    from diffalign.trainers import registry
+    from diffalign.trainers.registry import load_recipe
 
-    monkeypatch.setattr(importlib.import_module(module), "train", lambda recipe: ("ran", recipe.method["name"]))
+    kind = get_method(name).kind
+    assert registry.trainer_for(kind) is importlib.import_module(module).train
+    monkeypatch.setitem(registry.TRAINERS, kind, lambda recipe: ("ran", recipe.method["name"]))
     assert run_recipe(load_recipe(None, [f"method.name={name}"])) == ("ran", name)
 
 
@@ -70,10 +73,13 @@ def _run(code: str) -> None:
 
 
 def test_importing_the_package_imports_no_method_and_scoring_no_trainer():
-    _run("import sys; import diffalign.trainers, diffalign.trainers.config, diffalign.trainers.registry\n"
+    _run("import sys; import diffalign.trainers, diffalign.trainers.config\n"
          "loaded = sorted(m for m in sys.modules if m.startswith(('diffalign.trainers.', 'diffalign.text')))\n"
-         "assert loaded == ['diffalign.trainers.config', 'diffalign.trainers.registry'], loaded\n"
+         "assert loaded == ['diffalign.trainers.config'], loaded\n"
          "assert 'torch' not in sys.modules")
+    # the registry is where the methods load, all of them (it is what `diffalign train` imports)
+    _run("import sys; import diffalign.trainers.registry\n"
+         "assert {'diffalign.trainers.dpo', 'diffalign.trainers.loop', 'diffalign.text.methods'} <= set(sys.modules)")
     _run("import sys; from diffalign.cli import main\n"
          "try: main(['score', '--help'])\n"
          "except SystemExit: pass\n"

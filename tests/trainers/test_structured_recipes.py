@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from diffalign.trainers import METHODS
-from diffalign.trainers.config import load_recipe
+from diffalign.trainers.registry import load_recipe
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 NAMES = ("inpo", "inversion-dpo", "smpo", "rankdpo", "dcpo", "tpo")
