@@ -24,10 +24,9 @@ Per-pair ``weight`` (Sem-DPO's semantic weight) multiplies each pair's loss (wei
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
-
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -173,7 +172,7 @@ class TextDPOConfig(TextConfig):
         label_smoothing: ε of ``robust`` DPO. As in TRL 1.16, ``sigmoid`` ignores it unless
             ``conservative`` is set.
         conservative: ``sigmoid`` becomes conservative DPO (cDPO, ``−(1−ε)·log σ(z) − ε·log σ(−z)``,
-            TRL ≤ 0.28's ``sigmoid`` with ``label_smoothing``). Off by default (TRL 1.16's form).
+            older TRL releases' ``sigmoid`` with ``label_smoothing``). Off by default (TRL 1.16's form).
         sft_average: how the ``sft`` term averages the chosen NLL: ``"tokens"`` (TRL's: the mean over
             every chosen completion token of the batch) or ``"sequences"`` (the mean over pairs of
             each completion's per-token mean).

@@ -54,8 +54,35 @@ def _unpaired(rows: list[dict]) -> list[dict]:
             {"prompt": rows[2]["prompt"], "completion": rows[2]["rejected"], "label": False}]
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def _qwen_like():
+    """A Qwen2-style pair: no BOS, EOS = the template's end of turn ``<|end|>``, a tiny Qwen2ForCausalLM."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from text_helpers import CHAT_TEMPLATE, WORDS
+
+    special = ["<pad>", "<unk>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(special + list(WORDS)))}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", unk_token="<unk>", eos_token="<|end|>",
+                                  additional_special_tokens=special[3:])
+    tok.chat_template = CHAT_TEMPLATE
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                            max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                                            bos_token_id=None, eos_token_id=tok.eos_token_id))
+    return tok, model(0), model(1).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request):
+    """(tokenizer, policy, reference): a Llama with a BOS-prepending tokenizer whose chat template does
+    not end in EOS, or a Qwen2-style model whose tokenizer has no BOS and EOS = end of turn."""
+    if request.param == "qwen2":
+        return _qwen_like()
     tok = make_tokenizer()
     return tok, make_model(tok, seed=0), make_model(tok, seed=1).eval().requires_grad_(False)
 
@@ -136,9 +163,9 @@ def test_dpo_equals_trl(tiny, tmp_path, case, data):
         assert abs(other.item() - trl_loss.item()) > 1e-4 * abs(trl_loss.item())  # 10x the tolerance
 
 
-def test_conversational_completions_get_no_extra_eos(tiny):
+def test_conversational_completions_get_no_extra_eos():
     """DPO/KTO tokenisation: the chat template ends the turn; EOS is appended to strings only."""
-    tok, _, _ = tiny
+    tok = make_tokenizer()
     ex = preference_example(CONVERSATIONAL[0], "row 0")
     data = TextData.build([ex], "pairs", tok, max_length=MAX_LENGTH, batch_size=1, gradient_accumulation_steps=1,
                           seed=0)
