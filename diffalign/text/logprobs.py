@@ -7,10 +7,12 @@ A row is ``prompt tokens + completion tokens`` (right-padded). Only completion t
 
 as TRL's DPO trainer computes them (logits shifted by one, a ``completion_mask`` selects tokens).
 
-Tokenisation follows TRL too: a *standard* example (strings) is tokenised as ``prompt`` and
-``prompt + completion`` and the completion ids are the tail of the second; a *conversational*
-example (lists of ``{"role", "content"}`` messages) goes through the tokenizer's chat template, the
-prompt with ``add_generation_prompt=True``. EOS ends every completion.
+Tokenisation follows TRL 1.16 too (:func:`tokenize_example`): a *standard* example (strings) is
+tokenised as ``prompt`` and ``prompt + completion`` and the completion ids are the tail of the
+second; a *conversational* example (lists of ``{"role", "content"}`` messages) goes through the
+tokenizer's chat template, the prompt with ``add_generation_prompt=True``. EOS is appended to
+plain-string completions only (DPO, KTO), or to every completion (TRL's CPO/ORPO trainers: SimPO,
+ORPO).
 """
 
 from __future__ import annotations
@@ -44,34 +46,102 @@ def render_prompt(tokenizer, prompt: Text) -> str:
     return prompt
 
 
+TOKENIZATIONS = ("dpo", "cpo")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _chat_ids(tokenizer, messages: Messages, **kwargs) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    return list(out["input_ids"])
+
+
+def _common_string_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def tokenize_example(tokenizer, prompt: Text, completions: list[Text], *,
+                     tokenization: str = "dpo") -> tuple[list[int], list[list[int]]]:
+    """``(prompt_ids, [completion_ids, ...])`` of one prompt and its completions, as TRL 1.16 tokenises.
+
+    ``tokenization``:
+
+    * ``"dpo"`` (TRL's ``DPOTrainer`` and ``KTOTrainer``): EOS (the token's string) is appended to a
+      *plain-string* completion that lacks it; conversational completions get none (the chat template
+      ends the turn). Strings are tokenised with the tokenizer's special tokens (e.g. BOS), messages
+      through ``apply_chat_template`` (the prompt with ``add_generation_prompt=True``).
+    * ``"cpo"`` (TRL's ``CPOTrainer``/``ORPOTrainer``, so SimPO and ORPO): messages are first rendered
+      to strings by the chat template (the prompt is the common prefix of the rendered prompt and
+      prompt + completion), strings are tokenised without special tokens, then BOS is prepended when
+      the tokenizer has one and the prompt lacks it, and the EOS id is appended to *every* completion
+      that lacks it (conversational ones too).
+
+    The completion starts where the prompt's tokens and prompt + completion's tokens diverge (over all
+    completions, so they share one prompt), as TRL's ``common_prefix_length``; the two differ only
+    where tokens merge across the boundary.
+    """
+    if tokenization not in TOKENIZATIONS:
+        raise ValueError(f"unknown tokenization {tokenization!r}; choose from {TOKENIZATIONS}")
+    conversational = is_conversational(prompt)
+    for c in completions:
+        if is_conversational(c) != conversational:
+            raise ValueError("prompt and completion must both be strings or both be lists of messages")
+    if conversational and not has_chat_template(tokenizer):
+        raise ValueError("conversational data needs a tokenizer with a chat template (tokenizer.chat_template)")
+    eos = tokenizer.eos_token
+    if tokenization == "dpo":
+        if conversational:
+            prompt_ids = _chat_ids(tokenizer, list(prompt), add_generation_prompt=True)
+            full = [_chat_ids(tokenizer, list(prompt) + list(c)) for c in completions]
+        else:
+            if eos is not None:
+                completions = [c if c.endswith(eos) else c + eos for c in completions]
+            prompt_ids = _ids(tokenizer, prompt, True)
+            full = [_ids(tokenizer, prompt + c, True) for c in completions]
+    else:
+        if conversational:
+            prompt_text = render_prompt(tokenizer, prompt)
+            texts = [tokenizer.apply_chat_template(list(prompt) + list(c), tokenize=False) for c in completions]
+            for t in texts:
+                prompt_text = _common_string_prefix(prompt_text, t)
+            completions = [t[len(prompt_text):] for t in texts]
+            prompt = prompt_text
+        prompt_ids = _ids(tokenizer, prompt, False)
+        full = [_ids(tokenizer, prompt + c, False) for c in completions]
+        bos = tokenizer.bos_token_id
+        if bos is not None:
+            if not prompt_ids or prompt_ids[0] != bos:
+                prompt_ids = [bos] + prompt_ids
+            full = [f if f and f[0] == bos else [bos] + f for f in full]
+    n = min([len(prompt_ids)] + [_common_prefix(prompt_ids, f) for f in full])
+    if n < len(prompt_ids):
+        warnings.warn("the prompt's tokens are not a prefix of prompt+completion's; the completion starts where "
+                      f"they diverge (as TRL), leaving out {tokenizer.decode(prompt_ids[n:])!r}", stacklevel=2)
+    completion_ids = [f[n:] for f in full]
+    if tokenization == "cpo" and tokenizer.eos_token_id is not None:
+        completion_ids = [c if c and c[-1] == tokenizer.eos_token_id else c + [tokenizer.eos_token_id]
+                          for c in completion_ids]
+    return prompt_ids[:n], completion_ids
+
+
+def tokenize_completion(tokenizer, prompt: Text, completion: Text, *,
+                        tokenization: str = "dpo") -> tuple[list[int], list[int]]:
+    """``(prompt_ids, completion_ids)`` of one example (standard or conversational); see
+    :func:`tokenize_example`."""
+    prompt_ids, (completion_ids,) = tokenize_example(tokenizer, prompt, [completion], tokenization=tokenization)
+    return prompt_ids, completion_ids
+
+
 def _ids(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
-
-def tokenize_completion(tokenizer, prompt: Text, completion: Text) -> tuple[list[int], list[int]]:
-    """``(prompt_ids, completion_ids)`` of one example (standard or conversational), EOS appended
-    to the completion when the tokenizer has one and it is missing."""
-    if is_conversational(prompt) != is_conversational(completion):
-        raise ValueError("prompt and completion must both be strings or both be lists of messages")
-    if is_conversational(prompt):
-        prompt_text = render_prompt(tokenizer, prompt)
-        full_text = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
-        special = False  # the template writes BOS itself
-    else:
-        prompt_text, full_text, special = prompt, prompt + completion, True
-    prompt_ids = _ids(tokenizer, prompt_text, special)
-    full_ids = _ids(tokenizer, full_text, special)
-    if full_ids[:len(prompt_ids)] == prompt_ids:
-        completion_ids = full_ids[len(prompt_ids):]
-    else:  # the tokenisation of the prompt is not a prefix of the whole: tokenise the tail alone
-        warnings.warn("the prompt's tokens are not a prefix of prompt+completion's; tokenising the completion "
-                      "on its own", stacklevel=2)
-        tail = full_text[len(prompt_text):] if full_text.startswith(prompt_text) else str(completion)
-        completion_ids = _ids(tokenizer, tail, False)
-    eos = tokenizer.eos_token_id
-    if eos is not None and (not completion_ids or completion_ids[-1] != eos):
-        completion_ids.append(eos)
-    return prompt_ids, completion_ids
 
 
 @dataclass
@@ -112,12 +182,16 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_token_id: int, max_leng
 @dataclass
 class SequenceLogProbs:
     """Per-row completion log-probs: ``sum`` and ``mean`` ``[N]``, ``num_tokens`` ``[N]``, and the
-    per-token values ``tokens`` ``[N, S−1]`` (0 outside the completion)."""
+    per-token values ``tokens`` ``[N, S−1]`` (0 outside the completion). ``full_sum`` and
+    ``full_num_tokens`` ``[N]`` count every attended token after the first, prompt included (the NLL
+    of TRL's ``ORPOTrainer``)."""
 
     sum: torch.Tensor
     mean: torch.Tensor
     num_tokens: torch.Tensor
     tokens: torch.Tensor
+    full_sum: torch.Tensor | None = None
+    full_num_tokens: torch.Tensor | None = None
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -131,9 +205,11 @@ def sequence_logprobs(model, batch: TokenBatch) -> SequenceLogProbs:
     """Completion log-probs of every row of ``batch`` under ``model`` (an ``AutoModelForCausalLM``,
     possibly peft- or DDP-wrapped). Gradients flow when enabled."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    per_token = token_logprobs(logits[:, :-1], batch.input_ids[:, 1:])
-    mask = batch.completion_mask[:, 1:].to(per_token.dtype)
-    per_token = per_token * mask
+    all_tokens = token_logprobs(logits[:, :-1], batch.input_ids[:, 1:])
+    attended = batch.attention_mask[:, 1:].to(all_tokens.dtype)
+    mask = batch.completion_mask[:, 1:].to(all_tokens.dtype)
+    per_token = all_tokens * mask
     n = mask.sum(-1)
     total = per_token.sum(-1)
-    return SequenceLogProbs(total, total / n.clamp_min(1), n, per_token)
+    return SequenceLogProbs(total, total / n.clamp_min(1), n, per_token,
+                            full_sum=(all_tokens * attended).sum(-1), full_num_tokens=attended.sum(-1))

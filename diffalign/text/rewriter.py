@@ -11,8 +11,10 @@ built by :mod:`diffalign.text.pairs` uses the same, so training and inference ag
 * no chat template (GPT-2 style): ``"{prompt} Rephrase:"`` as Promptist does, and the rewrite is
   what follows.
 
-The first non-empty line of the generated text is the rewrite; an empty generation falls back to
-the original prompt (as PromptEnhancer does).
+Generation stops at EOS or at the chat template's end of turn (:func:`stop_token_ids`): conversational
+training data ends a completion there, with no EOS after it (as TRL). The first non-empty line of the
+generated text is the rewrite; an empty generation falls back to the original prompt (as
+PromptEnhancer does).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from diffalign.text.logprobs import Text, has_chat_template, render_prompt
+from diffalign.text.logprobs import Text, has_chat_template, render_prompt, tokenize_example
 from diffalign.text.model import CausalLM
 
 DEFAULT_SYSTEM = ("You rewrite prompts for a text-to-image model. Keep every object, count, colour, attribute "
@@ -133,7 +135,7 @@ class PromptRewriter:
                 torch.manual_seed(cfg.seed + start)
                 gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
                                   num_return_sequences=num_return_sequences, pad_token_id=tok.pad_token_id,
-                                  eos_token_id=tok.eos_token_id)
+                                  eos_token_id=stop_token_ids(tok))
                 if cfg.do_sample:
                     gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
                 else:
@@ -146,6 +148,22 @@ class PromptRewriter:
         finally:
             tok.padding_side = old_side
         return out
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS and the special tokens the chat template writes after an assistant message (Qwen's
+    ``<|im_end|>``, Llama 3's ``<|eot_id|>``): a model trained on conversational data (no EOS after
+    the end of turn, as TRL) ends its answer with them."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if has_chat_template(tokenizer):
+        try:
+            _, (tail,) = tokenize_example(tokenizer, [{"role": "user", "content": "a"}],
+                                          [[{"role": "assistant", "content": "a"}]])
+        except Exception:  # a template that cannot render this dummy turn: EOS only
+            tail = []
+        skip = {tokenizer.unk_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
+        ids += [t for t in tail if t in set(tokenizer.all_special_ids) - skip and t not in ids]
+    return ids
 
 
 def clean_rewrite(text: str, original: str) -> str:

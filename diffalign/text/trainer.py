@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from diffalign.text.data import CompletionExample, PreferenceExample, load_examples
-from diffalign.text.logprobs import collate, tokenize_completion
+from diffalign.text.logprobs import collate, tokenize_completion, tokenize_example
 from diffalign.text.methods import TextBatch, TextMethod, build_text_method
 from diffalign.trainers.config import Recipe
 from diffalign.trainers.data import _stable_seed as stable_seed
@@ -46,15 +46,16 @@ class TextData:
 
     @classmethod
     def build(cls, examples: list, kind: str, tokenizer, *, max_length: int, batch_size: int,
-              gradient_accumulation_steps: int, seed: int) -> TextData:
+              gradient_accumulation_steps: int, seed: int, tokenization: str = "dpo") -> TextData:
+        """``tokenization``: ``"dpo"`` or ``"cpo"``, which TRL trainer's tokenisation to follow
+        (:func:`diffalign.text.logprobs.tokenize_example`)."""
         kept, tokenized = [], []
         for ex in examples:
             if kind == "pairs":
-                p, c = tokenize_completion(tokenizer, ex.prompt, ex.chosen)
-                _, r = tokenize_completion(tokenizer, ex.prompt, ex.rejected)
+                p, (c, r) = tokenize_example(tokenizer, ex.prompt, [ex.chosen, ex.rejected], tokenization=tokenization)
                 tok = (p, c, r)
             else:
-                tok = tokenize_completion(tokenizer, ex.prompt, ex.completion)
+                tok = tokenize_completion(tokenizer, ex.prompt, ex.completion, tokenization=tokenization)
             if len(tok[0]) >= max_length:  # TRL drops rows whose prompt alone fills max_length
                 continue
             kept.append(ex)
@@ -97,9 +98,9 @@ class TextData:
         if self.kind == "completion":
             return TextBatch(collate(rows, pad, self.max_length), weights)
         # feedback: KTO's KL rows pair prompt i with the completion of the previous example in the batch
+        # (token ids joined, as TRL's KL_completion_ids)
         shifted = idx[-1:] + idx[:-1]
-        kl_rows = [tokenize_completion(self.tokenizer, self.examples[i].prompt, self.examples[j].completion)
-                   for i, j in zip(idx, shifted)]
+        kl_rows = [(self.tokenized[i][0], self.tokenized[j][1]) for i, j in zip(idx, shifted)]
         desirable = torch.tensor([bool(self.examples[i].label) for i in idx])
         return TextBatch(collate(rows + kl_rows, pad, self.max_length), weights, desirable)
 
@@ -140,7 +141,7 @@ def setup(recipe: Recipe, accelerator=None):
                              max_samples=recipe.data.max_samples)
     data = TextData.build(examples, method.data_kind, lm.tokenizer, max_length=method.config.max_length,
                           batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                          seed=cfg.seed)
+                          seed=cfg.seed, tokenization=method.tokenization)
     if data.dropped and accelerator.is_main_process:
         print(f"dropped {data.dropped} example(s) whose prompt fills max_length={method.config.max_length}")
     optimizer, lr_scheduler = setup_optimizer(recipe, accelerator, lm)

@@ -24,7 +24,23 @@ def test_tokenize_conversational_uses_chat_template():
     p, c = tokenize_completion(tok, [{"role": "user", "content": "rewrite a circle"}],
                                [{"role": "assistant", "content": "a red circle"}])
     assert tok.convert_ids_to_tokens(p) == ["<|user|>", "rewrite", "a", "circle", "<|end|>", "<|assistant|>"]
+    # the template's end of turn ends the completion: no EOS after it (TRL's DPO/KTO tokenisation)
+    assert tok.convert_ids_to_tokens(c) == ["a", "red", "circle", "<|end|>"]
+
+
+def test_cpo_tokenization_adds_bos_and_eos_to_every_completion():
+    """TRL's CPO/ORPO trainers: strings without special tokens, BOS prepended, EOS id appended even after
+    the chat template's end of turn."""
+    tok = make_tokenizer()
+    p, c = tokenize_completion(tok, [{"role": "user", "content": "rewrite a circle"}],
+                               [{"role": "assistant", "content": "a red circle"}], tokenization="cpo")
+    assert tok.convert_ids_to_tokens(p) == ["<s>", "<|user|>", "rewrite", "a", "circle", "<|end|>", "<|assistant|>"]
     assert tok.convert_ids_to_tokens(c) == ["a", "red", "circle", "<|end|>", "</s>"]
+    p, c = tokenize_completion(tok, "a photo of", " a red circle", tokenization="cpo")
+    assert tok.convert_ids_to_tokens(p) == ["<s>", "a", "photo", "of"]
+    assert tok.convert_ids_to_tokens(c) == ["a", "red", "circle", "</s>"]
+    with pytest.raises(ValueError, match="tokenization"):
+        tokenize_completion(tok, "a", " b", tokenization="sft")
 
 
 def test_conversational_without_template_is_an_error():

@@ -7,7 +7,7 @@ from text_helpers import make_model, make_tokenizer
 from diffalign.text.llm_perturb import LLMPerturber, changed_words, is_minimal_edit
 from diffalign.text.model import CausalLM
 from diffalign.text.pairs import candidate_lists, select_pairs, semantic_weights
-from diffalign.text.rewriter import PromptRewriter, RewriteConfig, clean_rewrite
+from diffalign.text.rewriter import PromptRewriter, RewriteConfig, clean_rewrite, stop_token_ids
 
 
 def _rewriter(chat=True, **kw):
@@ -55,6 +55,14 @@ def test_format_file_travels_with_saved_models(tmp_path):
     assert (loaded.system, loaded.instruction) == (None, "{prompt}")
     loaded.lm.save_trained(tmp_path / "copy")
     assert json.loads((tmp_path / "copy" / "rewriter.json").read_text())["instruction"] == "{prompt}"
+
+
+def test_generation_stops_at_eos_or_the_end_of_turn():
+    """Conversational completions are trained without EOS after the template's end of turn (as TRL),
+    so generation stops at that token too."""
+    tok = make_tokenizer()
+    assert tok.convert_ids_to_tokens(stop_token_ids(tok)) == ["</s>", "<|end|>"]
+    assert stop_token_ids(make_tokenizer(chat=False)) == [tok.eos_token_id]
 
 
 def test_clean_rewrite_first_line_or_original():
