@@ -9,7 +9,7 @@ from text_helpers import make_model, make_tokenizer
 
 from diffalign.objectives import dpo_loss, orpo_loss
 from diffalign.text.data import preference_example
-from diffalign.text.methods import build_text_method
+from diffalign.trainers.registry import build_method
 from diffalign.text.model import CausalLM
 from diffalign.text.trainer import TextData
 
@@ -34,7 +34,7 @@ def setup():
 
 def _loss(lm, batch, **spec):
     with torch.no_grad():
-        return build_text_method(spec, lm).loss(batch).loss
+        return build_method(spec, lm).loss(batch).loss
 
 
 def test_sft_average_tokens_and_sequences(setup):
@@ -83,13 +83,13 @@ def test_label_smoothing_on_sigmoid_needs_conservative(setup):
                                   {"name": "text-simpo", "tokenization": "sft"}])
 def test_bad_option_values_are_errors(setup, spec):
     with pytest.raises(ValueError):
-        build_text_method(spec, setup[0])
+        build_method(spec, setup[0])
 
 
 def test_tokenization_follows_the_trl_trainer_and_can_be_chosen(setup):
     lm = setup[0]
-    assert build_text_method({"name": "text-dpo"}, lm).tokenization == "dpo"
-    assert build_text_method({"name": "text-kto"}, lm).tokenization == "dpo"
-    assert build_text_method({"name": "text-simpo"}, lm).tokenization == "cpo"
-    assert build_text_method({"name": "text-orpo"}, lm).tokenization == "cpo"
-    assert build_text_method({"name": "text-orpo", "tokenization": "dpo"}, lm).tokenization == "dpo"
+    assert build_method({"name": "text-dpo"}, lm).tokenization == "dpo"
+    assert build_method({"name": "text-kto"}, lm).tokenization == "dpo"
+    assert build_method({"name": "text-simpo"}, lm).tokenization == "cpo"
+    assert build_method({"name": "text-orpo"}, lm).tokenization == "cpo"
+    assert build_method({"name": "text-orpo", "tokenization": "dpo"}, lm).tokenization == "dpo"

@@ -23,7 +23,7 @@ pytest.importorskip("datasets", reason="TRL's trainers need the datasets library
 from datasets import Dataset  # noqa: E402
 
 from diffalign.text.data import completion_example, preference_example  # noqa: E402
-from diffalign.text.methods import build_text_method  # noqa: E402
+from diffalign.trainers.registry import build_method  # noqa: E402
 from diffalign.text.model import CausalLM  # noqa: E402
 from diffalign.text.trainer import TextData  # noqa: E402
 
@@ -99,7 +99,7 @@ def _diffalign(spec: dict, policy, ref, tok, examples, kind: str):
     lm._reference_model = ref
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # label_smoothing on sigmoid warns: TRL ignores it too
-        method = build_text_method(spec, lm)
+        method = build_method(spec, lm)
     data = TextData.build(examples, kind, tok, max_length=MAX_LENGTH, batch_size=len(examples),
                           gradient_accumulation_steps=1, seed=0, tokenization=method.tokenization)
     batch = data.collate(list(range(len(examples))))
