@@ -14,6 +14,7 @@ Both are built from a diffusers scheduler with :func:`forward_process_from_sched
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,25 +58,24 @@ class ForwardProcess:
     def x0_from_prediction(self, x_t: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def noise_pairs(
-        self,
-        x0: torch.Tensor,
-        *,
-        group_size: int = 2,
-        generator: torch.Generator | None = None,
-    ) -> NoisyBatch:
-        """Noise a batch laid out as ``[group_0 items..., group_1 items..., ...]`` blocks.
+    def noise_examples(self, x0: torch.Tensor, generators: Sequence[torch.Generator], *,
+                       group_size: int = 1) -> NoisyBatch:
+        """Noise a batch of ``B`` examples of ``group_size`` members each, one generator per example.
 
-        ``x0`` is ``[group_size·B, ...]``: the first ``B`` rows are the winners, the next ``B`` the losers
-        (and so on for larger groups). Members of a group share noise and timestep, as every
-        Diffusion-DPO implementation does. ``group_size=1`` noises every row independently.
+        ``x0`` is ``[group_size·B, ...]`` laid out member-major: ``[winners (B), losers (B)]`` for pairs,
+        ``[best (B), ..., worst (B)]`` for ranked lists, ``[B]`` rows for single images. Example ``i``'s
+        generator (seeded by its run position, :mod:`diffalign.core.positions`) draws its noise
+        ``x0.shape[1:]`` and then its timestep, on the CPU, so a batch's noise does not depend on which
+        other examples it holds; every member of a group gets the same noise and timestep, as every
+        Diffusion-DPO implementation does. This is the one place training batches are noised.
         """
-        if x0.shape[0] % group_size:
-            raise ValueError(f"batch of {x0.shape[0]} is not a multiple of group size {group_size}")
-        b = x0.shape[0] // group_size
-        noise = torch.randn(x0[:b].shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        noise = noise.repeat(group_size, *([1] * (x0.ndim - 1)))
-        t = self.sample_timesteps(b, generator=generator, device=x0.device).repeat(group_size)
+        b = len(generators)
+        if x0.shape[0] != group_size * b:
+            raise ValueError(f"batch of {x0.shape[0]} rows is not {group_size} members x {b} examples")
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators])
+        t = torch.cat([self.sample_timesteps(1, generator=g) for g in generators])
+        noise = noise.to(x0.device, x0.dtype).repeat(group_size, *([1] * (x0.ndim - 1)))
+        t = t.to(x0.device).repeat(group_size)
         return NoisyBatch(self.add_noise(x0, noise, t), t, noise, self.target(x0, noise, t))
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
+from diffalign.core.positions import EpochOrder, micro_batch_positions
 from diffalign.text.data import CompletionExample, PreferenceExample, load_examples
 from diffalign.text.logprobs import collate, tokenize_completion, tokenize_example
 from diffalign.text.methods import TextBatch, TextMethod, build_text_method
 from diffalign.trainers.config import Recipe
-from diffalign.trainers.data import _stable_seed as stable_seed
 
 TEXT_DATA_FORMATS = ("trl",)
 
@@ -42,7 +42,7 @@ class TextData:
     gradient_accumulation_steps: int
     seed: int
     dropped: int = 0
-    _perm: dict = field(default_factory=dict)
+    _order: EpochOrder | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, examples: list, kind: str, tokenizer, *, max_length: int, batch_size: int,
@@ -71,16 +71,14 @@ class TextData:
         return len(self.examples)
 
     def positions(self, step: int, micro: int, process: int, num_processes: int) -> list[int]:
-        per_step = self.batch_size * self.gradient_accumulation_steps * num_processes
-        start = step * per_step + (micro * num_processes + process) * self.batch_size
-        return list(range(start, start + self.batch_size))
+        return micro_batch_positions(step, micro, process, num_processes, self.batch_size,
+                                     self.gradient_accumulation_steps)
 
     def index_at(self, position: int) -> int:
-        epoch, i = divmod(position, len(self.examples))
-        if epoch not in self._perm:
-            g = torch.Generator().manual_seed(stable_seed(self.seed, "epoch", epoch))
-            self._perm = {epoch: torch.randperm(len(self.examples), generator=g).tolist()}
-        return self._perm[epoch][i]
+        """The example at a run position (each epoch a seeded shuffle)."""
+        if self._order is None:
+            self._order = EpochOrder(len(self.examples), self.seed, "epoch")
+        return self._order(position)
 
     def batch(self, step: int, micro: int, process: int, num_processes: int) -> TextBatch:
         idx = [self.index_at(p) for p in self.positions(step, micro, process, num_processes)]

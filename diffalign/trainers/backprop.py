@@ -33,7 +33,6 @@ Recipe (``diffalign train pipelines/shapes-draft.yaml``)::
 from __future__ import annotations
 
 import copy
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,21 +45,12 @@ from diffalign.core.backprop import (
     refl_x0,
     sample_with_grad,
 )
+from diffalign.core.positions import EpochOrder, micro_batch_positions, position_generator, stable_seed
 from diffalign.core.sampling import make_sampler, uses_cfg
 from diffalign.models.base import Conditioning
 from diffalign.trainers.config import Recipe
-from diffalign.trainers.data import _stable_seed
-from diffalign.trainers.method import Method, StepOutput, TrainBatch, register_method
+from diffalign.trainers.method import Method, StepOutput, register_method
 from diffalign.trainers.online import load_prompts
-
-
-def run_positions(step: int, micro: int, process: int, num_processes: int, batch_size: int,
-                  gradient_accumulation_steps: int) -> list[int]:
-    """Run positions of the examples of one micro-batch of one process, as the offline loop counts
-    them: 2 processes with half the accumulation see the positions one process sees."""
-    per_step = batch_size * gradient_accumulation_steps * num_processes
-    start = step * per_step + (micro * num_processes + process) * batch_size
-    return list(range(start, start + batch_size))
 
 
 # ---------------------------------------------------------------------------------------- configs
@@ -228,64 +218,20 @@ class PromptData:
     batch_size: int
     gradient_accumulation_steps: int
     seed: int
-    _perm: dict = field(default_factory=dict)
+    _order: EpochOrder | None = field(default=None, repr=False)
 
     def prompt_at(self, position: int) -> str:
         """The prompt at a run position (epoch ``position // len(prompts)``, seeded shuffle)."""
-        epoch, i = divmod(position, len(self.prompts))
-        if epoch not in self._perm:
-            g = torch.Generator().manual_seed(_stable_seed(self.seed, "prompt-epoch", epoch))
-            self._perm = {epoch: torch.randperm(len(self.prompts), generator=g).tolist()}
-        return self.prompts[self._perm[epoch][i]]
+        if self._order is None:
+            self._order = EpochOrder(len(self.prompts), self.seed, "prompt-epoch")
+        return self.prompts[self._order(position)]
 
     def batch(self, step: int, micro: int, process: int, num_processes: int) -> PromptBatch:
         """The ``batch_size`` prompts of one micro-batch of one process."""
-        positions = run_positions(step, micro, process, num_processes, self.batch_size,
-                                  self.gradient_accumulation_steps)
+        positions = micro_batch_positions(step, micro, process, num_processes, self.batch_size,
+                                          self.gradient_accumulation_steps)
         return PromptBatch([self.prompt_at(p) for p in positions], step, micro, process, num_processes,
-                           _stable_seed(self.seed, "backprop", positions[0]))
-
-
-@dataclass
-class ShapesPretrainData:
-    """Pre-training batches from the Shapes renderer: train-split captions, one rendered scene each
-    (drawn at the world's 64 px, resized to ``image_size`` if that differs), VAE-encoded (posterior
-    mode) and noised by the backbone's forward process. ``batch`` is a pure function of the run
-    position, like :class:`~diffalign.trainers.data.TrainingData`'s."""
-
-    backbone: Any
-    batch_size: int
-    gradient_accumulation_steps: int
-    seed: int
-    image_size: int
-
-    def batch(self, step: int, micro: int, process: int, num_processes: int) -> TrainBatch:
-        """``batch_size`` rendered, encoded and noised examples (latents ``[B, C, h, w]``)."""
-        from PIL import Image
-
-        from diffalign.rewards.base import to_tensor
-        from diffalign.shapes.grammar import sample_prompt, scene_for_prompt
-        from diffalign.shapes.scene import render
-
-        prompts, images, gens = [], [], []
-        for pos in run_positions(step, micro, process, num_processes, self.batch_size,
-                                 self.gradient_accumulation_steps):
-            rng = random.Random(_stable_seed(self.seed, "shapes-pretrain", pos))
-            prompt = sample_prompt(rng, split="train")
-            prompts.append(prompt.text)
-            image = render(scene_for_prompt(prompt, rng))                        # the world's own size (64)
-            if image.size != (self.image_size, self.image_size):
-                image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-            images.append(image)
-            gens.append(torch.Generator().manual_seed(_stable_seed(self.seed, "shapes-noise", pos)))
-        bb, device = self.backbone, self.backbone.device
-        latents = bb.encode_images(to_tensor(images) * 2 - 1).float().to(device)
-        fp = bb.forward_process
-        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(device)
-        t = torch.cat([fp.sample_timesteps(1, generator=g) for g in gens]).to(device)
-        return TrainBatch(latents=latents, noise=noise, x_t=fp.add_noise(latents, noise, t),
-                          target=fp.target(latents, noise, t), timesteps=t, cond=bb.encode_prompt(prompts).to(device),
-                          weights=torch.ones(len(prompts), device=device))
+                           stable_seed(self.seed, "backprop", positions[0]))
 
 
 # ---------------------------------------------------------------------------------------- methods
@@ -319,7 +265,7 @@ class RewardBackprop(Method):
 
     def generator(self, batch: PromptBatch, what: str) -> torch.Generator:
         """A CPU generator seeded by the micro-batch's seed and ``what`` (noise, draws, ...)."""
-        return torch.Generator().manual_seed(_stable_seed(batch.seed, what))
+        return position_generator(batch.seed, what)
 
     def images(self, batch: PromptBatch) -> tuple[torch.Tensor, list[str], dict[str, torch.Tensor]]:
         """``(images [N, 3, H, W] in [0, 1] with gradients, the N prompts, metrics)``."""
@@ -508,6 +454,8 @@ def _pretrain_data(recipe: Recipe, config: ReFLConfig, backbone, accelerator):
             pipe = backbone.pipeline
             size = (getattr(pipe, "default_sample_size", None) or backbone.raw_denoiser.config.sample_size) \
                 * pipe.vae_scale_factor
+        from diffalign.shapes.training_data import ShapesPretrainData
+
         return ShapesPretrainData(backbone, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed, int(size))
     if config.pretrain_data == "data":
         from diffalign.trainers.data import load_training_data
@@ -555,7 +503,6 @@ __all__ = [
     "ReFLConfig",
     "RewardBackprop",
     "RewardBackpropConfig",
-    "ShapesPretrainData",
     "build_backprop_method",
     "load_backprop_reward",
     "load_prompts",

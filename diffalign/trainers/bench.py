@@ -290,8 +290,7 @@ def summary(result: dict) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffalign.trainers.registry import load_recipe
-    from diffalign.trainers.registry import get_method
+    from diffalign.trainers.registry import get_method, load_recipe
 
     recipe = load_recipe(None if args.recipe == "-" else args.recipe, list(args.overrides))
     kind = get_method(recipe.method["name"]).kind

@@ -13,8 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffalign.trainers.registry import load_recipe
-    from diffalign.trainers.registry import run_recipe
+    from diffalign.trainers.registry import load_recipe, run_recipe
 
     overrides = list(getattr(args, "overrides", []))
     if args.resume:

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffalign.core.positions import stable_seed
 from diffalign.core.sampling import Trajectory, sampler_from_config, transition_log_probs
 from diffalign.models.base import Conditioning
 from diffalign.trainers.method import StepOutput, register_method, weighted_mean
@@ -54,7 +55,6 @@ from diffalign.trainers.online import (
     build_reward,
     gather_float,
     load_prompts,
-    stable_seed,
 )
 
 LABEL_SOURCES = ("reward", "oracle", "file")

@@ -8,20 +8,15 @@ seeded by ``(seed, example position)``. VAE latents and text embeddings go throu
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from diffalign.core.positions import EpochOrder, micro_batch_positions, position_generator, stable_seed
 from diffalign.models.base import Conditioning
 from diffalign.trainers.method import TrainBatch
-
-
-def _stable_seed(*parts) -> int:
-    h = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
 @dataclass
@@ -48,21 +43,24 @@ class TrainingData:
     cache: object | None = None
     stats: object | None = None
     list_size: int = 2
-    _perm_cache: dict = field(default_factory=dict)
+    _order: EpochOrder | None = field(default=None, repr=False)
 
-    # ---- which examples
+    # ---- which examples (diffalign.core.positions)
     def positions(self, step: int, micro: int, process: int, num_processes: int) -> list[int]:
         """Run positions of the examples in one micro-batch of one process."""
-        per_step = self.batch_size * self.gradient_accumulation_steps * num_processes
-        start = step * per_step + (micro * num_processes + process) * self.batch_size
-        return list(range(start, start + self.batch_size))
+        return micro_batch_positions(step, micro, process, num_processes, self.batch_size,
+                                     self.gradient_accumulation_steps)
 
     def item_at(self, position: int):
-        epoch, i = divmod(position, len(self.items))
-        if epoch not in self._perm_cache:
-            g = torch.Generator().manual_seed(_stable_seed(self.seed, "epoch", epoch))
-            self._perm_cache = {epoch: torch.randperm(len(self.items), generator=g).tolist()}
-        return self.items[self._perm_cache[epoch][i]]
+        """The item at a run position (each epoch a seeded shuffle of the items)."""
+        if self._order is None:
+            self._order = EpochOrder(len(self.items), self.seed, "epoch")
+        return self.items[self._order(position)]
+
+    def example_generators(self, positions: list[int]) -> list[torch.Generator]:
+        """One generator per example, seeded by ``(seed, position)``: its placement, caption dropout,
+        noise and timestep are drawn from it, in that order."""
+        return [position_generator(self.seed, "example", p) for p in positions]
 
     # ---- one micro-batch
     def batch(self, step: int, micro: int, process: int, num_processes: int) -> TrainBatch:
@@ -70,7 +68,7 @@ class TrainingData:
         from diffalign.data.transforms import place_image, place_pair, render
 
         positions = self.positions(step, micro, process, num_processes)
-        gens = [torch.Generator().manual_seed(_stable_seed(self.seed, "example", p)) for p in positions]
+        gens = self.example_generators(positions)
         items = [self.item_at(p) for p in positions]
         # each example's images with their placements (crop, flip): pixels are made only for cache misses
         placed, prompts, keys, weights, desirable, scores = [], [], [], [], [], []
@@ -132,13 +130,10 @@ class TrainingData:
                 torch.tensor([pl.original_size for _, pl in rows]), torch.tensor([pl.crop_top_left for _, pl in rows]),
                 (res, res)).to(device)
 
-        fp = self.backbone.forward_process
-        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(device, latents.dtype)
-        t = torch.cat([fp.sample_timesteps(1, generator=g) for g in gens]).to(device)
-        noise, t = noise.repeat(group, 1, 1, 1), t.repeat(group)
+        noisy = self.backbone.forward_process.noise_examples(latents, gens, group_size=group)
         return TrainBatch(
-            latents=latents, noise=noise, x_t=fp.add_noise(latents, noise, t), target=fp.target(latents, noise, t),
-            timesteps=t, cond=cond, weights=torch.tensor(weights, device=device),
+            latents=latents, noise=noisy.noise, x_t=noisy.x_t, target=noisy.target,
+            timesteps=noisy.timesteps, cond=cond, weights=torch.tensor(weights, device=device),
             desirable=torch.tensor(desirable, device=device) if self.kind.startswith("feedback") else None,
             prompts=row_prompts,
             scores=None if row_scores is None else torch.tensor(row_scores, device=device, dtype=torch.float32),
@@ -225,7 +220,7 @@ def load_training_data(recipe, kind: str, backbone, output_dir: Path, accelerato
     cache = None
     if d.cache_dir != "":
         root = Path(d.cache_dir) if d.cache_dir else output_dir / "cache"
-        namespace = _stable_seed(recipe.model.pretrained, recipe.model.revision, recipe.model.variant, d.resolution,
+        namespace = stable_seed(recipe.model.pretrained, recipe.model.revision, recipe.model.variant, d.resolution,
                                  d.center_crop, str(backbone.vae.dtype))
         cache = LatentCache(root, namespace=f"{namespace:016x}")
     list_size = min(len(it.ranking) for it in items) if kind == "ranked" else 2

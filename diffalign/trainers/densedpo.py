@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from diffalign.core.likelihood import denoising_error, elbo_loglik
+from diffalign.core.positions import stable_seed
 from diffalign.objectives import DPO_LOSS_TYPES, dpo_loss
-from diffalign.trainers.data import TrainingData, _stable_seed
+from diffalign.trainers.data import TrainingData
 from diffalign.trainers.method import Method, StepOutput, TrainBatch, register_method
 
 
@@ -135,7 +136,7 @@ class VideoPairData(TrainingData):
         from diffalign.data.video import load_clip, segment_masks
 
         positions = self.positions(step, micro, process, num_processes)
-        gens = [torch.Generator().manual_seed(_stable_seed(self.seed, "example", p)) for p in positions]
+        gens = self.example_generators(positions)
         items = [self.item_at(p) for p in positions]
         clips, prompts, masks, labels = [[], []], [], [], []
         for item, g in zip(items, gens):
@@ -166,13 +167,10 @@ class VideoPairData(TrainingData):
         for i, (m, lab) in enumerate(zip(masks, labels)):
             mask_t[i, :m.shape[0]], label_t[i, :lab.shape[0]] = m, lab
 
-        fp = self.backbone.forward_process
-        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(device, latents.dtype)
-        t = torch.cat([fp.sample_timesteps(1, generator=g) for g in gens]).to(device)
-        noise, t = noise.repeat(2, *([1] * (noise.ndim - 1))), t.repeat(2)
+        noisy = self.backbone.forward_process.noise_examples(latents, gens, group_size=2)
         return SegmentBatch(
-            latents=latents, noise=noise, x_t=fp.add_noise(latents, noise, t), target=fp.target(latents, noise, t),
-            timesteps=t, cond=cond, weights=torch.tensor([i.weight for i in items], device=device),
+            latents=latents, noise=noisy.noise, x_t=noisy.x_t, target=noisy.target,
+            timesteps=noisy.timesteps, cond=cond, weights=torch.tensor([i.weight for i in items], device=device),
             segment_masks=mask_t.to(device), segment_labels=label_t.to(device))
 
 
@@ -197,7 +195,7 @@ def load_video_pair_data(recipe, backbone, output_dir: Path) -> VideoPairData:
     cache = None
     if d.cache_dir != "":
         root = Path(d.cache_dir) if d.cache_dir else output_dir / "cache"
-        namespace = _stable_seed(recipe.model.pretrained, recipe.model.revision, recipe.model.variant, "video",
+        namespace = stable_seed(recipe.model.pretrained, recipe.model.revision, recipe.model.variant, "video",
                                  str(backbone.vae.dtype))
         cache = LatentCache(root, namespace=f"{namespace:016x}")
     return VideoPairData(items=items, kind="segment-pairs", backbone=backbone, resolution=0,

@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from diffalign.core.positions import stable_seed
 from diffalign.core.sampling import (
     Sampler,
     Trajectory,
@@ -49,7 +50,6 @@ from diffalign.core.sampling import (
     sample_trajectory,
 )
 from diffalign.trainers.config import Recipe
-from diffalign.trainers.data import _stable_seed as stable_seed
 from diffalign.trainers.method import StepOutput
 
 ONLINE_STATE = "online_state.json"

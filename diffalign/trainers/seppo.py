@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +57,12 @@ from pathlib import Path
 import torch
 
 from diffalign.core.likelihood import denoising_error, elbo_loglik
+from diffalign.core.positions import stable_seed
 from diffalign.core.sampling import sample_trajectory
 from diffalign.models.base import Conditioning
 from diffalign.objectives import dpo_loss
-from diffalign.trainers.method import StepOutput, TrainBatch, register_method
-from diffalign.trainers.online import Micro, OnlineMethod, Rollout, RolloutConfig, load_prompts, stable_seed
+from diffalign.trainers.method import StepOutput, register_method
+from diffalign.trainers.online import Micro, OnlineMethod, Rollout, RolloutConfig, load_prompts
 
 REFERENCE_SELECTIONS = ("random", "latest", "initial")
 
@@ -127,38 +127,6 @@ def reference_weights(backbone, state: dict[str, torch.Tensor] | None) -> Iterat
                 p.copy_(current[n])
 
 
-class RenderedWinners:
-    """Winning images of the Shapes world: a ground-truth render of each prompt, encoded and noised
-    as the offline loop's data (``batch(step, micro, process, num_processes) -> TrainBatch`` with
-    ``latents``, ``noise``, ``timesteps``, ``x_t``, ``target``, ``cond``; rows are winners)."""
-
-    def __init__(self, backbone, prompts: list[str], resolution: int, batch_size: int, grad_accum: int, seed: int):
-        self.backbone, self.prompts, self.resolution = backbone, prompts, resolution
-        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
-
-    def batch(self, step: int, micro: int, process: int, num_processes: int) -> TrainBatch:
-        from diffalign.rewards.base import to_tensor
-        from diffalign.shapes.grammar import parse_prompt, scene_for_prompt
-        from diffalign.shapes.scene import render
-
-        per_step = self.batch_size * self.grad_accum * num_processes
-        start = step * per_step + (micro * num_processes + process) * self.batch_size
-        texts, images, gens = [], [], []
-        for pos in range(start, start + self.batch_size):
-            rng = random.Random(stable_seed(self.seed, "render", pos))
-            text = self.prompts[rng.randrange(len(self.prompts))]
-            texts.append(text)
-            images.append(render(scene_for_prompt(parse_prompt(text), rng, image_size=self.resolution)))
-            gens.append(torch.Generator().manual_seed(stable_seed(self.seed, "example", pos)))
-        bb, fp = self.backbone, self.backbone.forward_process
-        latents = bb.encode_images(to_tensor(images) * 2 - 1).float()
-        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents)
-        t = torch.cat([fp.sample_timesteps(1, generator=g) for g in gens]).to(latents.device)
-        return TrainBatch(latents=latents, noise=noise, x_t=fp.add_noise(latents, noise, t),
-                          target=fp.target(latents, noise, t), timesteps=t, cond=bb.encode_prompt(texts),
-                          weights=torch.ones(len(texts), device=latents.device))
-
-
 @dataclass
 class _Pairs:
     """One micro-batch of (winner, reference sample) pairs, noised alike, with the reference's errors."""
@@ -195,6 +163,8 @@ class SePPO(OnlineMethod):
         else:
             pipe = self.backbone.pipeline
             default = (getattr(pipe, "default_sample_size", None) or self.backbone.raw_denoiser.config.sample_size)
+            from diffalign.shapes.training_data import RenderedWinners
+
             self.winners = RenderedWinners(self.backbone, load_prompts(cfg.prompts, cfg.prompt_options),
                                            cfg.resolution or default * pipe.vae_scale_factor, recipe.train.batch_size,
                                            recipe.train.gradient_accumulation_steps, recipe.train.seed)

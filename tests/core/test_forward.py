@@ -1,3 +1,4 @@
+import pytest
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
@@ -18,13 +19,28 @@ def test_ddpm_matches_diffusers_add_noise_and_velocity():
     torch.testing.assert_close(fp.eps_from_prediction(x_t, fp.target(x0, noise, t), t), noise, atol=1e-4, rtol=1e-4)
 
 
-def test_pairs_share_noise_and_timestep():
+def test_pairs_share_noise_and_timestep_and_each_example_its_own_generator():
     fp = DDPMForward(DDPMScheduler().alphas_cumprod)
     x0 = torch.randn(6, 4, 8, 8)  # 3 winners then 3 losers
-    nb = fp.noise_pairs(x0, generator=torch.Generator().manual_seed(1))
+
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    nb = fp.noise_examples(x0, gens(1, 2, 3), group_size=2)
     torch.testing.assert_close(nb.noise[:3], nb.noise[3:])
     assert nb.timesteps[:3].tolist() == nb.timesteps[3:].tolist()
     assert not torch.equal(nb.noise[0], nb.noise[1])
+    # by hand: example i's generator draws its noise, then its timestep
+    g = torch.Generator().manual_seed(2)
+    noise1, t1 = torch.randn(4, 8, 8, generator=g), fp.sample_timesteps(1, generator=g)
+    torch.testing.assert_close(nb.noise[1], noise1)
+    assert int(nb.timesteps[4]) == int(t1)
+    torch.testing.assert_close(nb.x_t, fp.add_noise(x0, nb.noise, nb.timesteps))
+    # an example's noise does not depend on the other examples of its batch
+    alone = fp.noise_examples(x0[[1, 4]], gens(2), group_size=2)
+    torch.testing.assert_close(alone.noise[0], nb.noise[1])
+    with pytest.raises(ValueError, match="not 2 members x 2 examples"):
+        fp.noise_examples(x0, gens(1, 2), group_size=2)
 
 
 def test_flow_matching_interpolation_and_target():

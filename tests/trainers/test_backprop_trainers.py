@@ -111,7 +111,7 @@ def test_loss_gradient_reaches_only_the_lora(method, tiny_models):
     """Through the sampler, the VAE and a learned reward (the Shapes CLIP): only LoRA weights get
     gradients; the frozen denoiser, VAE, text encoder and reward model get none."""
     from diffalign.rewards.shapes import ShapesCLIP
-    from diffalign.trainers.backprop import ShapesPretrainData
+    from diffalign.shapes.training_data import ShapesPretrainData
 
     backbone = _lora_backbone(tiny_models["sd"])
     reward = ShapesCLIP.from_pretrained(mode="differentiable").requires_grad_(False)

@@ -55,11 +55,11 @@ def test_batches_from_encoded_images_equal_batches_from_decoded_ones(backbone, r
     assert encoded.prompts == decoded.prompts
 
     # and both are the VAE latents of prepare_pair's crops and flips, drawn from each example's generator
+    from diffalign.core.positions import position_generator
     from diffalign.data.transforms import prepare_pair
-    from diffalign.trainers.data import _stable_seed
 
     prepared = [prepare_pair(data.item_at(pos), 32, center_crop=False, random_flip=True,
-                             generator=torch.Generator().manual_seed(_stable_seed(3, "example", pos)))
+                             generator=position_generator(3, "example", pos))
                 for pos in data.positions(1, 0, 0, 1)]
     pixels = torch.stack([w.pixels for w, _ in prepared] + [l.pixels for _, l in prepared])
     assert any(w.flipped for w, _ in prepared) and any(not w.flipped for w, _ in prepared)
