@@ -1,5 +1,6 @@
 """Preference objectives shared by the image and text sides."""
 
+from diffalign.objectives.online import d3po_loss, group_advantages, ppo_clip_loss, segment_dpo_loss, seppo_loss
 from diffalign.objectives.preference import (
     DPO_LOSS_TYPES,
     PreferenceOutput,
@@ -22,6 +23,11 @@ from diffalign.objectives.ranked import (
 )
 
 __all__ = [
+    "d3po_loss",
+    "group_advantages",
+    "ppo_clip_loss",
+    "segment_dpo_loss",
+    "seppo_loss",
     "DPO_LOSS_TYPES",
     "PreferenceOutput",
     "dpo_loss",

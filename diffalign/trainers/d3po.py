@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from diffalign.core.positions import stable_seed
 from diffalign.core.sampling import Trajectory, sampler_from_config, transition_log_probs
 from diffalign.models.base import Conditioning
+from diffalign.objectives.online import d3po_loss
 from diffalign.trainers.method import StepOutput, register_method, weighted_mean
 from diffalign.trainers.online import (
     Micro,
@@ -94,17 +94,6 @@ class D3POConfig(RolloutConfig):
     rollout_dir: str | None = None
     label_files: list[str] = field(default_factory=list)
     reference: str = "base"
-
-
-def d3po_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, *,
-              beta: float = 0.1, eps: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """D3PO's per-step loss on log-probs ``[b]`` of the preferred (w) and other (l) transition
-    under the policy and the reference: ``−log σ(β(log r_w − log r_l))`` with
-    ``r = clamp(exp(logp − ref), 1−ε, 1+ε)``. Returns ``(losses, logits, r_w, r_l)``, each ``[b]``."""
-    r_w = torch.exp(logp_w - ref_w).clamp(1 - eps, 1 + eps)
-    r_l = torch.exp(logp_l - ref_l).clamp(1 - eps, 1 + eps)
-    logits = beta * (torch.log(r_w) - torch.log(r_l))
-    return -F.logsigmoid(logits), logits, r_w, r_l
 
 
 class LabelsNeeded(StopForInput):

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from diffalign.core.sampling import gaussian_kl, transition_log_probs
+from diffalign.objectives.online import group_advantages, ppo_clip_loss
 from diffalign.trainers.method import StepOutput, register_method
 from diffalign.trainers.online import (
     Micro,
@@ -137,18 +138,7 @@ class PrefGRPOConfig(DDPOConfig):
 
 
 # ---------------------------------------------------------------------------------------- advantages
-def group_advantages(rewards: torch.Tensor, group_size: int, *, global_std: bool = False,
-                     eps: float = 1e-4) -> torch.Tensor:
-    """``(r − mean_g) / (std + eps)`` for rewards ``[N]`` laid out as consecutive groups of
-    ``group_size``; ``std`` is each group's (population) std, or the whole batch's with
-    ``global_std``. Returns ``[N]``."""
-    if rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    r = rewards.float().view(-1, group_size)
-    std = r.std(unbiased=False) if global_std else r.std(dim=1, unbiased=False, keepdim=True)
-    return ((r - r.mean(dim=1, keepdim=True)) / (std + eps)).view(-1)
-
-
+# group_advantages and ppo_clip_loss are in diffalign.objectives.online
 class PerPromptStatTracker:
     """ddpo-pytorch's per-prompt reward statistics: the last ``buffer_size`` rewards of each prompt;
     until a prompt has ``min_count`` of them, the whole batch's mean and std are used."""
@@ -178,19 +168,6 @@ class PerPromptStatTracker:
 
     def load(self, state: dict[str, list[float]]) -> None:
         self.stats = {p: deque(v, maxlen=self.buffer_size) for p, v in state.items()}
-
-
-# ---------------------------------------------------------------------------------------- loss
-def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                  clip_range: float, adv_clip_max: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """ddpo-pytorch's clipped surrogate per transition: ``max(−A·ρ, −A·clip(ρ, 1±ε))`` with
-    ``ρ = exp(log_prob − old_log_prob)`` and ``A`` clipped to ``±adv_clip_max``; all ``[b]``.
-    Returns ``(losses [b], ratio [b])``."""
-    adv = advantages.clamp(-adv_clip_max, adv_clip_max)
-    ratio = torch.exp(log_prob - old_log_prob)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    return torch.maximum(unclipped, clipped), ratio
 
 
 @register_method("ddpo", DDPOConfig, kind="online")

@@ -26,7 +26,8 @@ import torch
 
 from diffalign.core.likelihood import denoising_error, elbo_loglik
 from diffalign.core.positions import stable_seed
-from diffalign.objectives import DPO_LOSS_TYPES, dpo_loss
+from diffalign.objectives import DPO_LOSS_TYPES
+from diffalign.objectives.online import segment_dpo_loss
 from diffalign.trainers.data import TrainingData
 from diffalign.trainers.method import Method, StepOutput, TrainBatch, register_method
 
@@ -75,18 +76,11 @@ def segment_errors(prediction: torch.Tensor, target: torch.Tensor, masks: torch.
 def densedpo_loss(policy_errors: torch.Tensor, ref_errors: torch.Tensor, labels: torch.Tensor,
                   weights: torch.Tensor, config: DenseDPOConfig) -> StepOutput:
     """The DenseDPO loss from segment errors ``[2B, S]`` (``video_0`` rows first), ``labels`` ``[B, S]``
-    and pair ``weights`` ``[B]``: weighted mean of the per-segment DPO losses over labelled segments
-    (a batch of ties only gives 0, still attached to the graph)."""
-    p0, p1 = elbo_loglik(policy_errors).chunk(2)
-    r0, r1 = elbo_loglik(ref_errors).chunk(2)
-    labelled = labels != 0
-    win = labels[labelled] > 0
-
-    def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # per labelled segment: a where video_0 won
-        return torch.where(win, a[labelled], b[labelled])
-
-    out = dpo_loss(pick(p0, p1), pick(p1, p0), pick(r0, r1), pick(r1, r0), beta=config.beta,
-                   loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+    and pair ``weights`` ``[B]``: weighted mean of the per-segment DPO losses
+    (:func:`~diffalign.objectives.online.segment_dpo_loss`) over labelled segments (a batch of ties only
+    gives 0, still attached to the graph), and the method's metrics."""
+    out, labelled = segment_dpo_loss(elbo_loglik(policy_errors), elbo_loglik(ref_errors), labels, beta=config.beta,
+                                     loss_type=config.loss_type, label_smoothing=config.label_smoothing)
     w = weights.to(out.losses)[:, None].expand_as(labels)[labelled]
     loss = (out.losses * w).sum() / w.sum().clamp_min(1e-12)
     logits = out.logits.detach()

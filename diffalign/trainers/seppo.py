@@ -60,7 +60,7 @@ from diffalign.core.likelihood import denoising_error, elbo_loglik
 from diffalign.core.positions import stable_seed
 from diffalign.core.sampling import sample_trajectory
 from diffalign.models.base import Conditioning
-from diffalign.objectives import dpo_loss
+from diffalign.objectives.online import seppo_loss
 from diffalign.trainers.method import StepOutput, register_method
 from diffalign.trainers.online import Micro, OnlineMethod, Rollout, RolloutConfig, load_prompts
 
@@ -91,19 +91,6 @@ class SePPOConfig(RolloutConfig):
     max_pool: int | None = None
     steps_per_epoch: int = 10
     winners: str = "data"
-
-
-def seppo_loss(policy_errors: torch.Tensor, ref_errors: torch.Tensor, *, beta: float,
-               anchor_flip: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SePPO's per-pair loss from errors ``[2b]`` (winners, then reference samples) of the policy and
-    the reference. Returns ``(losses [b], logits [b], flipped [b] bool)``: ``flipped`` marks the
-    reference samples treated as winning (the policy's error on the anchor exceeds the reference's)."""
-    ew, el = policy_errors.chunk(2)
-    rw, rl = ref_errors.chunk(2)
-    flipped = (ew.detach() - rw > 0) if anchor_flip else torch.zeros_like(ew, dtype=torch.bool)
-    sign = torch.where(flipped, -1.0, 1.0).to(ew)
-    out = dpo_loss(elbo_loglik(ew), sign * elbo_loglik(el), elbo_loglik(rw), sign * elbo_loglik(rl), beta=beta)
-    return out.losses, out.logits, flipped
 
 
 @contextlib.contextmanager
@@ -221,7 +208,8 @@ class SePPO(OnlineMethod):
     def loss(self, rollout: Rollout, micro: Micro) -> StepOutput:
         p: _Pairs = rollout.extra["pairs"][int(micro.units[0])]
         errors = denoising_error(self.backbone.predict(p.x_t, p.timesteps, p.cond), p.target)
-        losses, logits, flipped = seppo_loss(errors, p.ref_errors, beta=self.config.beta,
+        (pw, pl), (rw_ll, rl_ll) = elbo_loglik(errors).chunk(2), elbo_loglik(p.ref_errors).chunk(2)
+        losses, logits, flipped = seppo_loss(pw, pl, rw_ll, rl_ll, beta=self.config.beta,
                                              anchor_flip=self.config.anchor_flip)
         ew, el = errors.detach().chunk(2)
         rw, rl = p.ref_errors.chunk(2)

@@ -10,14 +10,11 @@ import torch
 from run_helpers import PROMPTS, read_metrics
 
 from diffalign.cli import main
-from diffalign.trainers.d3po import d3po_loss, pairs_from_label_files
-from diffalign.trainers.ddpo import (
-    PerPromptStatTracker,
-    group_advantages,
-    ppo_clip_loss,
-)
+from diffalign.core.likelihood import elbo_loglik
+from diffalign.objectives.online import d3po_loss, group_advantages, ppo_clip_loss, seppo_loss
+from diffalign.trainers.d3po import pairs_from_label_files
+from diffalign.trainers.ddpo import PerPromptStatTracker
 from diffalign.trainers.online import trajectory_plan
-from diffalign.trainers.seppo import seppo_loss
 
 
 def _args(model_dir, out, method, *extra):
@@ -108,7 +105,8 @@ def test_seppo_anchor_flip_by_hand():
     # pair 1: worse → the reference sample is treated as a winner (the contrastive term flips)
     policy = torch.tensor([0.10, 0.30, 0.50, 0.40], requires_grad=True)   # [w0, w1, l0, l1]
     ref = torch.tensor([0.20, 0.20, 0.45, 0.45])
-    losses, logits, flipped = seppo_loss(policy, ref, beta=beta)
+    (pw, pl), (rw, rl) = elbo_loglik(policy).chunk(2), elbo_loglik(ref).chunk(2)  # ELBO log-likelihoods
+    losses, logits, flipped = seppo_loss(pw, pl, rw, rl, beta=beta)
     assert flipped.tolist() == [False, True]
     dw = torch.tensor([0.10 - 0.20, 0.30 - 0.20])
     dl = torch.tensor([0.50 - 0.45, 0.40 - 0.45])
@@ -118,7 +116,7 @@ def test_seppo_anchor_flip_by_hand():
     losses.sum().backward()
     assert policy.grad[3] > 0  # flipped: lowering the reference sample's error lowers the loss
     assert policy.grad[2] < 0  # not flipped: raising it lowers the loss
-    _, _, never = seppo_loss(policy.detach(), ref, beta=beta, anchor_flip=False)
+    _, _, never = seppo_loss(pw.detach(), pl.detach(), rw, rl, beta=beta, anchor_flip=False)
     assert not never.any()
 
 
@@ -222,8 +220,8 @@ def _count_denoiser_calls(backbone):
 def test_stored_log_probs_are_reused(tiny_models, tmp_path, method, extra, per_micro):
     """Before any update the rollout's log-probs serve as the old policy (PPO) and as the reference
     (D3PO): one denoiser call per micro-batch, none for the reference; the ratio is exactly 1."""
-    from diffalign.trainers.registry import load_recipe
     from diffalign.trainers.online import epoch_plans, online_step, run_rollout, setup
+    from diffalign.trainers.registry import load_recipe
 
     args = _args(tiny_models["sd"], tmp_path / "run", method, *extra, "--train.max_steps=4")
     run = setup(load_recipe(None, [a.removeprefix("--") for a in args[2:]]))
@@ -349,8 +347,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _online_recipes() -> dict[str, object]:
-    from diffalign.trainers.registry import load_recipe
-    from diffalign.trainers.registry import methods
+    from diffalign.trainers.registry import load_recipe, methods
 
     names = set(methods("online"))
     recipes = {p.name: load_recipe(p) for p in sorted((REPO / "pipelines").glob("*.yaml")) if not p.name.startswith("eval-")}

@@ -10,8 +10,8 @@ from structured_helpers import tiny_backbone
 
 from diffalign.data.pairs import EncodedImage, PreferencePair
 from diffalign.data.pickapic import write_pickapic_parquet
-from diffalign.trainers.registry import recipe_from_dict
 from diffalign.trainers.data import load_training_data
+from diffalign.trainers.registry import recipe_from_dict
 
 
 def _png(size, seed) -> bytes:
