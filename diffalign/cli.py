@@ -32,7 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A :class:`~diffalign.errors.UsageError` (a bad recipe, option or value) is
+    one line on stderr and exit status 2; ``--debug`` anywhere (or ``DIFFALIGN_DEBUG=1``) shows its
+    traceback instead."""
+    import os
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("DIFFALIGN_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in SUBCOMMANDS:
         parser = build_parser()
         if argv and argv[0] not in {"-h", "--help"}:
@@ -42,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     module_name, help_text = SUBCOMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"diffalign {name}", description=help_text)
+    parser = argparse.ArgumentParser(prog=f"diffalign {name}", description=help_text,
+                                     add_help=not getattr(module, "OWN_HELP", False))
     module.add_arguments(parser)
     if getattr(module, "ACCEPTS_OVERRIDES", False):
         # recipe commands: known options anywhere, everything else must be --section.key=value
@@ -53,7 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [u.removeprefix("--") for u in unknown]
     else:
         args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    from diffalign.errors import UsageError
+
+    try:
+        return int(module.run(args) or 0)
+    except UsageError as e:
+        if debug:
+            raise
+        print(f"diffalign {name}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

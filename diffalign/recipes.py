@@ -12,7 +12,13 @@ from typing import Any
 
 import yaml
 
+from diffalign.errors import UsageError
+
 BUNDLED_RECIPES = Path(__file__).resolve().parent / "pipelines"  # the repository's pipelines/, in the wheel too
+
+
+class RecipeNotFound(UsageError, FileNotFoundError):
+    """No recipe file of that path or bundled name."""
 
 
 def resolve_recipe(path: str | Path) -> Path:
@@ -26,7 +32,7 @@ def resolve_recipe(path: str | Path) -> Path:
         for name in (path.name, f"{path.name}.yaml"):
             if (BUNDLED_RECIPES / name).is_file():
                 return BUNDLED_RECIPES / name
-    raise FileNotFoundError(f"recipe {path} does not exist (nor is it one of the bundled recipes: "
+    raise RecipeNotFound(f"recipe {path} does not exist (nor is it one of the bundled recipes: "
                             f"{', '.join(sorted(p.stem for p in BUNDLED_RECIPES.glob('*.yaml')))})")
 
 
@@ -35,13 +41,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for item in overrides:
         item = item.removeprefix("--")
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like --section.key=value")
+            raise UsageError(f"override {item!r} must look like --section.key=value")
         dotted, value = item.split("=", 1)
         *parents, leaf = dotted.split(".")
         node = raw
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {p!r} is not a section")
+                raise UsageError(f"override {item!r}: {p!r} is not a section")
         node[leaf] = yaml.safe_load(value) if value != "" else ""
     return raw

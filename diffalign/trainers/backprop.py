@@ -93,6 +93,10 @@ class RewardBackpropConfig:
     resolution: int | None = None
     checkpoint: bool = True
 
+    def __post_init__(self):
+        if self.reward_sign not in (1.0, -1.0):
+            raise ValueError(f"reward_sign must be 1 or -1, got {self.reward_sign}")
+
 
 @dataclass
 class AlignPropConfig(RewardBackpropConfig):
@@ -248,8 +252,6 @@ class RewardBackprop(Method):
 
     def __init__(self, config: RewardBackpropConfig, backbone, reward=None):
         super().__init__(config, backbone)
-        if config.reward_sign not in (1.0, -1.0):
-            raise ValueError(f"method.reward_sign must be 1 or -1, got {config.reward_sign}")
         self.reward = reward if reward is not None else load_backprop_reward(config.reward, config.reward_kwargs)
         self.reward.to(backbone.device)
         self.sampler = make_sampler(backbone, config.num_steps, eta=config.eta)

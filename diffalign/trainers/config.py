@@ -28,8 +28,10 @@ from typing import Any
 
 import yaml
 
+from diffalign.errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError):
     """A recipe that cannot run as written: an unknown key or option, a wrong type, a value out of range."""
 
 
@@ -69,7 +71,8 @@ class DataConfig:
             ``ranked`` (ranked lists of images per prompt from ``diffalign data label``, for RankDPO).
         split: dataset split for hub ids.
         resolution: training resolution (shortest side resized, then cropped square).
-        center_crop: center crop (else random crop); random_flip: flip both images of a pair together.
+        center_crop: center crop (else random crop).
+        random_flip: flip both images of a pair together.
         drop_ties: drop ``label_0 == 0.5`` pairs (official Diffusion-DPO does; 12% of Pick-a-Pic v2).
         strict: an undecodable image is an error instead of a skipped, counted row.
         max_samples: use only the first N pairs (after filtering).
@@ -96,13 +99,32 @@ class DataConfig:
 class TrainConfig:
     """The shared training loop's knobs.
 
-    ``batch_size`` is per process, in pairs (or samples for KTO/SFT); the effective batch is
-    ``batch_size × gradient_accumulation_steps × num_processes``.
-
-    ``report_to``: experiment trackers, as accelerate's ``log_with``: ``None``/``"none"`` (default:
-    ``metrics.jsonl`` only, nothing leaves the machine), ``"tensorboard"``, ``"wandb"``, another
-    accelerate tracker name, a list of them (or a comma-separated string), or ``"all"``. Every
-    ``metrics.jsonl`` row goes to them at its step; the logs live in ``<output_dir>/logs/``.
+    Attributes:
+        output_dir: the run directory (config.yaml, metrics.jsonl, checkpoints/, final/).
+        seed: the run's seed: data order, placements, noise and timesteps are functions of it and the
+            run position alone.
+        max_steps: optimizer steps.
+        batch_size: per process, in pairs (or samples for KTO/SFT); the effective batch is
+            ``batch_size × gradient_accumulation_steps × num_processes``.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        learning_rate: AdamW's learning rate (the peak of the schedule).
+        lr_scheduler: a diffusers ``get_scheduler`` name (``constant_with_warmup``, ``cosine``, ``linear``...).
+        lr_warmup_steps: linear warm-up steps of the schedule.
+        adam_beta1, adam_beta2, adam_epsilon, weight_decay: AdamW's.
+        max_grad_norm: gradient clipping norm.
+        use_8bit_adam: bitsandbytes' 8-bit AdamW (``pip install 'diffalign[bnb]'``).
+        mixed_precision: ``no``, ``fp16`` or ``bf16`` (accelerate's).
+        checkpointing_steps: write ``checkpoints/step-N`` every N steps (0: never).
+        checkpoints_total_limit: keep only the newest N checkpoints (``None``: all).
+        validation_steps: sample ``validation_prompts`` every N steps (0: never).
+        validation_prompts: prompts of the validation images.
+        validation_num_inference_steps, validation_guidance_scale: the validation sampler's.
+        max_nonfinite_steps: stop after this many non-finite losses in a row (each is skipped).
+        resume: ``latest`` or a checkpoint folder to continue from.
+        report_to: experiment trackers, as accelerate's ``log_with``: ``None``/``"none"`` (default:
+            ``metrics.jsonl`` only, nothing leaves the machine), ``"tensorboard"``, ``"wandb"``, another
+            accelerate tracker name, a list of them (or a comma-separated string), or ``"all"``. Every
+            ``metrics.jsonl`` row goes to them at its step; the logs live in ``<output_dir>/logs/``.
     """
 
     output_dir: str = "runs/run"
@@ -128,7 +150,6 @@ class TrainConfig:
     validation_guidance_scale: float = 5.0
     max_nonfinite_steps: int = 5
     resume: str | None = None
-    log_every: int = 1
     report_to: str | list[str] | None = None
 
 
@@ -205,6 +226,62 @@ class Recipe:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def field_docs(cls) -> dict[str, str]:
+    """``{field name: its doc}`` from the ``Attributes:`` section of a config dataclass's docstring (a line
+    ``name: text`` or ``a, b: text``, continued by deeper-indented lines)."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Attributes:") + 1
+    except StopIteration:
+        return docs
+    current: list[str] = []
+    indent = None
+    for line in lines[start:]:
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        if indent is None:
+            indent = depth
+        if depth < indent:
+            break
+        head, sep, text = line.strip().partition(": ")
+        names = [n.strip() for n in head.split(",")]
+        if depth == indent and sep and all(n.isidentifier() for n in names):
+            current = names
+            for n in names:
+                docs[n] = text.strip()
+        elif current:
+            for n in current:
+                docs[n] += " " + line.strip()
+    return docs
+
+
+def describe_recipe(recipe: Recipe) -> str:
+    """Every field of every section of ``recipe``: its type, its value here, whether that is its default,
+    and its doc (what ``diffalign train RECIPE --help`` prints)."""
+    sections = [("model", recipe.model), ("data", recipe.data), ("train", recipe.train),
+                (f"method: {recipe.method.name}", recipe.method.config)]
+    hints_of = typing.get_type_hints
+    out = []
+    for title, config in sections:
+        cls = type(config)
+        out.append(f"{title} ({cls.__name__})")
+        docs, hints = field_docs(cls), hints_of(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(config, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            mark = "" if value == default else "   (default " + repr(default) + ")"
+            out.append(f"  --{title.split(':')[0]}.{f.name}: {_type_name(hints[f.name])} = {value!r}{mark}")
+            if docs.get(f.name):
+                out.append(f"      {docs[f.name]}")
+        out.append("")
+    return "\n".join(out)
 
 
 def _type_name(hint) -> str:
@@ -348,7 +425,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "adam_beta2": BETA_HIGH_OPEN, "adam_epsilon": POSITIVE, "weight_decay": NON_NEGATIVE,
         "max_grad_norm": NON_NEGATIVE, "checkpointing_steps": NON_NEGATIVE, "checkpoints_total_limit": POSITIVE,
         "validation_steps": NON_NEGATIVE, "validation_num_inference_steps": POSITIVE,
-        "validation_guidance_scale": NON_NEGATIVE, "max_nonfinite_steps": POSITIVE, "log_every": POSITIVE,
+        "validation_guidance_scale": NON_NEGATIVE, "max_nonfinite_steps": POSITIVE,
     },
 }
 

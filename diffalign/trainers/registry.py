@@ -145,5 +145,78 @@ def run_recipe(recipe: Recipe) -> Path:
     return trainer_for(recipe.method.kind)(recipe)
 
 
+def plan(recipe: Recipe) -> str:
+    """What ``diffalign train RECIPE --dry-run`` prints: the method and its trainer, the model and data it
+    would read (each path checked: a local folder or file must exist; a hub id is looked up in the local
+    Hugging Face cache only), the optimisation and the run directory. Loads no model and reads no data;
+    a missing local model or data file is a :class:`UsageError` after the plan is printed."""
+    import glob
+
+    from diffalign.models.loading import resolve_pretrained
+
+    m, d, t = recipe.model, recipe.data, recipe.train
+    problems: list[str] = []
+    lines = [f"method   {recipe.method.name} ({recipe.method.kind}: {KINDS[recipe.method.kind]})",
+             f"         {', '.join(f'{k}={v!r}' for k, v in recipe.method.to_dict().items() if k != 'name')}"]
+
+    def hub_cached(repo: str, filename: str) -> bool:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            return isinstance(try_to_load_from_cache(repo, filename, revision=m.revision), str)
+        except Exception:  # noqa: BLE001 - a malformed id: not cached
+            return False
+
+    try:
+        where = resolve_pretrained(m.pretrained) if m.pretrained else ""
+    except FileNotFoundError as e:
+        where, _ = "", problems.append(str(e))
+    index = "config.json" if recipe.method.kind == "text" else "model_index.json"
+    if not m.pretrained:
+        problems.append("model.pretrained is empty")
+        model_state = "(none)"
+    elif Path(where).exists():
+        model_state = "local folder" if (Path(where) / index).is_file() else f"local path without {index}"
+        if not (Path(where) / index).is_file():
+            problems.append(f"model.pretrained {where}: no {index} there")
+    elif where.count("/") == 1 and not where.startswith((".", "/")):
+        model_state = ("hub id, in the local Hugging Face cache" if hub_cached(where, index)
+                       else "hub id, not in the local cache: it would be downloaded")
+    else:
+        model_state = "neither a local folder nor a hub id"
+        problems.append(f"model.pretrained {m.pretrained!r} does not exist")
+    lines.append(f"model    {m.pretrained} ({model_state}); "
+                 + (f"LoRA rank {m.lora_rank}" if m.lora_rank else "full fine-tune (a frozen copy as the reference)"))
+    sources = [] if not d.source else ([d.source] if isinstance(d.source, str) else list(d.source))
+    if sources:
+        for src in sources:
+            found = sorted(glob.glob(src)) if any(c in src for c in "*?[") else ([src] if Path(src).exists() else [])
+            if found:
+                lines.append(f"data     {src}: {len(found)} file(s)/folder(s), format {d.format}")
+            elif src.count("/") == 1 and not Path(src).suffix and not src.startswith((".", "/")):
+                lines.append(f"data     {src}: a hub dataset id (read with `datasets`), format {d.format}")
+            else:
+                lines.append(f"data     {src}: nothing there")
+                problems.append(f"data.source {src}: no such file or folder")
+    else:
+        lines.append("data     (none: " + ("the method samples its own" if recipe.method.kind in ("online", "backprop")
+                                          else "data.source is empty") + ")")
+        if recipe.method.kind not in ("online", "backprop"):
+            problems.append("data.source is empty")
+    eff = f"{t.batch_size} x {t.gradient_accumulation_steps} accumulation x processes"
+    lines.append(f"train    {t.max_steps} steps, batch {eff}, lr {t.learning_rate:g} ({t.lr_scheduler}, "
+                 f"{t.lr_warmup_steps} warm-up), mixed precision {t.mixed_precision}, seed {t.seed}")
+    out_dir = Path(t.output_dir)
+    state = (f"exists ({len(list(out_dir.iterdir()))} entries)" if out_dir.is_dir() and any(out_dir.iterdir())
+             else "new")
+    lines.append(f"output   {out_dir} ({state}); checkpoints every {t.checkpointing_steps or 'never'}; "
+                 f"trackers: {t.report_to or 'none'}" + (f"; resume {t.resume}" if t.resume else ""))
+    text = "\n".join(lines)
+    if problems:
+        print(text)
+        raise ConfigError("dry run: " + "; ".join(problems))
+    return text + "\ndry run: the recipe is valid and its paths exist; nothing was trained"
+
+
 __all__ = ["KINDS", "MethodEntry", "TRAINERS", "build_config", "build_method", "get_method", "load_recipe",
-           "method_section", "methods", "recipe_from_dict", "register_method", "run_recipe", "trainer_for"]
+           "method_section", "methods", "plan", "recipe_from_dict", "register_method", "run_recipe", "trainer_for"]

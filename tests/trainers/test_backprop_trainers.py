@@ -3,6 +3,7 @@ resume, processes, and efficacy on the Shapes world."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,7 @@ from diffalign.trainers.backprop import (
     build_backprop_method,
     load_prompts,
 )
-from diffalign.trainers.registry import load_recipe
-from diffalign.trainers.registry import methods
+from diffalign.trainers.registry import load_recipe, methods
 
 METHODS = {name: entry.method_class for name, entry in methods("backprop").items()}  # the reward-backprop methods
 
@@ -93,16 +93,19 @@ def test_run_writes_the_run_dir_and_the_lora_loads_in_plain_diffusers(method, ti
     assert abs(before - after).max() > 1e-4
 
 
-def test_train_dispatches_backprop_methods_and_rejects_unknown_options(tiny_models, tmp_path):
+def test_train_dispatches_backprop_methods_and_rejects_unknown_options(tiny_models, tmp_path, capsys):
     from diffalign.trainers import backprop
     from diffalign.trainers.registry import get_method, trainer_for
 
     assert set(METHODS) == {"alignprop", "draft", "draft-lv", "refl"}
     assert {get_method(m).kind for m in METHODS} == {"backprop"} and trainer_for("backprop") is backprop.train
-    with pytest.raises(ValueError, match="unknown option.*'kk'"):
-        main(_args(tiny_models["sd"], tmp_path / "x", "draft", "--method.kk=1", "--train.max_steps=1"))
-    with pytest.raises(ValueError, match="reward_sign"):
-        main(_args(tiny_models["sd"], tmp_path / "y", "draft", "--method.reward_sign=2", "--train.max_steps=1"))
+    # config errors: one line on stderr, exit status 2, before any model loads
+    assert main(_args(tiny_models["sd"], tmp_path / "x", "draft", "--method.kk=1", "--train.max_steps=1")) == 2
+    assert re.search(r"unknown option.*'kk'", capsys.readouterr().err)
+    assert main(_args(tiny_models["sd"], tmp_path / "y", "draft", "--method.reward_sign=2",
+                      "--train.max_steps=1")) == 2
+    assert "reward_sign" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 # ------------------------------------------------------------------------------------ gradients

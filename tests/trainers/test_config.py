@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -5,8 +6,8 @@ import yaml
 
 from diffalign.trainers import build_method
 from diffalign.trainers.config import ConfigError
-from diffalign.trainers.registry import load_recipe
 from diffalign.trainers.dpo import DiffusionDPOConfig
+from diffalign.trainers.registry import load_recipe
 
 
 def test_overrides_parse_yaml_values(tmp_path):
@@ -68,9 +69,11 @@ def test_unknown_method_option_fails_in_diffalign_train_before_the_model(tmp_pat
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {{pretrained: {tmp_path / 'no-such-model'}}}\nmethod: {{name: diffusion-dpo}}\n"
                       f"train: {{output_dir: {tmp_path / 'run'}}}\n")
-    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['bta'\].*known options: beta"):
-        main(["train", str(recipe), "--method.bta=1"])
+    assert main(["train", str(recipe), "--method.bta=1"]) == 2  # a config error: one line, exit 2
+    assert re.search(r"unknown option\(s\) \['bta'\].*known options: beta", capsys.readouterr().err)
     assert not (tmp_path / "run").exists()  # nothing half-written
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['bta'\]"):  # the model was never loaded
+        main(["train", str(recipe), "--method.bta=1", "--debug"])
 
 
 def test_method_section_is_the_typed_config_and_reads_like_a_dict():
