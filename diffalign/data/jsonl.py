@@ -107,7 +107,7 @@ def iter_raw_pairs(path: str | Path, *, image_root: str | Path | None = None, st
         except ValueError as e:
             if strict:
                 raise ValueError(f"{src}: {e}") from None
-            stats.skip_bad(src)
+            stats.skip_bad(src, str(e))
             continue
         stats.labels[1.0] += 1
         stats.kept += 1

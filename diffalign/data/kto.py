@@ -58,7 +58,7 @@ def read_feedback(source: str | Path | Iterable[PreferencePair], *, image_root: 
         except ValueError as e:
             if strict:
                 raise ValueError(f"{src}: {e}") from None
-            stats.skip_bad(src)
+            stats.skip_bad(src, str(e))
             continue
         stats.kept += 1
         yield FeedbackSample(prompt, image, desirable, src, content_key(raw, prompt))

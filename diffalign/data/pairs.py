@@ -95,17 +95,20 @@ class DataStats:
     ties_dropped: int = 0
     bad_images: int = 0
     bad_rows: list[str] = field(default_factory=list)
+    bad_reasons: list[str] = field(default_factory=list)  # why each row of bad_rows was skipped
     labels: Counter = field(default_factory=Counter)
 
-    def skip_bad(self, source: str) -> None:
-        """Count a row skipped for an undecodable or missing image."""
+    def skip_bad(self, source: str, reason: str = "") -> None:
+        """Count a row skipped for an undecodable or missing image (``source`` names file and row; the
+        first few are kept with their ``reason``)."""
         self.bad_images += 1
         if len(self.bad_rows) < MAX_BAD_ROWS_KEPT:
             self.bad_rows.append(source)
+            self.bad_reasons.append(reason)
 
     def as_dict(self) -> dict:
         return {"rows": self.rows, "kept": self.kept, "ties_dropped": self.ties_dropped,
-                "bad_images": self.bad_images, "bad_rows": list(self.bad_rows),
+                "bad_images": self.bad_images, "bad_rows": list(self.bad_rows), "bad_reasons": list(self.bad_reasons),
                 "labels": {str(k): v for k, v in sorted(self.labels.items(), key=lambda kv: str(kv[0]))}}
 
     def __str__(self) -> str:

@@ -332,7 +332,7 @@ def _rows_to_pairs(rows: Iterable[tuple[str, dict]], drop_ties: bool, strict: bo
         except Exception as e:  # undecodable bytes, missing image, failed fetch
             if strict:
                 raise ValueError(f"{src}: {e}") from None
-            stats.skip_bad(src)
+            stats.skip_bad(src, str(e))
             continue
         w = 0 if label >= 0.5 else 1  # ties kept (drop_ties=False) put image 0 first
         (img_w, raw_w), (img_l, raw_l) = decoded[w], decoded[1 - w]

@@ -79,7 +79,8 @@ class DataConfig:
         caption_dropout: probability of training on the empty prompt (official Diffusion-DPO: 0.2).
         cache_dir: where VAE latents and text embeddings are cached; ``None`` = ``<output_dir>/cache``;
             ``""`` disables the cache.
-        num_workers: image decoding workers.
+        max_bad_fraction: stop before training when more than this share of the rows read was skipped for
+            an undecodable or missing image (each skip is counted and reported; ``strict`` stops at the first).
     """
 
     source: str | list[str] = ""
@@ -93,6 +94,7 @@ class DataConfig:
     max_samples: int | None = None
     caption_dropout: float = 0.0
     cache_dir: str | None = None
+    max_bad_fraction: float = 0.2
 
 
 @dataclass
@@ -418,7 +420,8 @@ RANGES: dict[str, dict[str, Range]] = {
         "sft_weight": NON_NEGATIVE, "tie_margin": NON_NEGATIVE, "loss_scale": POSITIVE, "scale": POSITIVE,
     },
     "model": {"lora_rank": NON_NEGATIVE, "lora_alpha": POSITIVE},
-    "data": {"resolution": POSITIVE, "caption_dropout": PROBABILITY, "max_samples": POSITIVE},
+    "data": {"resolution": POSITIVE, "caption_dropout": PROBABILITY, "max_samples": POSITIVE,
+             "max_bad_fraction": PROBABILITY},
     "train": {
         "max_steps": POSITIVE, "batch_size": POSITIVE, "gradient_accumulation_steps": POSITIVE,
         "learning_rate": POSITIVE, "lr_warmup_steps": NON_NEGATIVE, "adam_beta1": BETA_HIGH_OPEN,

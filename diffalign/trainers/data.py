@@ -207,7 +207,8 @@ def load_training_data(recipe, kind: str, backbone, output_dir: Path, accelerato
     if (kind == "ranked") != (d.format == "ranked"):
         raise ValueError(f"data.format {d.format!r} does not fit this method: ranked-list methods (RankDPO) take "
                          "data.format: ranked (from 'diffalign data label --format ranked'), the others do not")
-    items = _take(items, d.max_samples)
+    items = _take(items, d.max_samples)  # the readers stream: the counts are complete once this has read
+    report_data_stats(stats, d, accelerator)
     if kind == "feedback-pairs" and d.format == "feedback":
         kind = "feedback"  # per-image feedback has no pairs to keep together
     if kind == "feedback" and d.format != "feedback":
@@ -230,6 +231,25 @@ def load_training_data(recipe, kind: str, backbone, output_dir: Path, accelerato
         center_crop=d.center_crop, random_flip=d.random_flip, caption_dropout=d.caption_dropout, cache=cache,
         stats=stats, list_size=list_size,
     )
+
+
+def report_data_stats(stats, data_config, accelerator=None) -> None:
+    """Print what the readers saw (rows read, kept, ties dropped, images skipped and the first skipped rows
+    with why) on the main process, and stop with a :class:`~diffalign.errors.UsageError` when the skipped
+    share passes ``data.max_bad_fraction``."""
+    from diffalign.errors import UsageError
+
+    if accelerator is None or accelerator.is_main_process:
+        print(f"data: {stats}")
+        for row, why in list(zip(stats.bad_rows, stats.bad_reasons))[:5]:
+            print(f"  skipped {row}: {why}" if why else f"  skipped {row}")
+        if stats.bad_images > len(stats.bad_rows[:5]):
+            print(f"  ... {stats.bad_images - len(stats.bad_rows[:5])} more skipped")
+    if stats.rows and stats.bad_images / stats.rows > data_config.max_bad_fraction:
+        first = f" (first: {stats.bad_rows[0]}: {stats.bad_reasons[0]})" if stats.bad_rows else ""
+        raise UsageError(f"{data_config.source}: {stats.bad_images} of {stats.rows} rows have an undecodable or "
+                         f"missing image{first}: more than data.max_bad_fraction={data_config.max_bad_fraction:g}. "
+                         "Fix the data or raise the threshold (data.strict=true stops at the first bad row).")
 
 
 def _ranked_items(source, stats) -> list:

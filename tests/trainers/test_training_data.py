@@ -74,3 +74,44 @@ def test_a_step_whose_latents_are_cached_decodes_no_image(backbone, recipe, tmp_
     again = data.batch(0, 0, 0, 1)  # the same examples, crops and flips: all in the cache
     assert len(calls) == 12
     torch.testing.assert_close(again.latents, first.latents)
+
+
+def _pairs_with_bad_images(path, n: int, bad: int):
+    """``n`` Pick-a-Pic rows whose first ``bad`` have undecodable bytes in jpg_1."""
+    import io
+
+    from PIL import Image
+
+    from diffalign.data.pickapic import write_pickapic_parquet
+
+    def png(shade: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 40), (shade, 200 - shade, 90)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    rows = [{"caption": f"a yellow disc {i}", "jpg_0": png(10 * i),
+             "jpg_1": b"not an image" if i < bad else png(5 * i + 3), "label_0": 1.0} for i in range(n)]
+    write_pickapic_parquet(rows, path)
+    return path
+
+
+def test_skipped_rows_are_reported_and_too_many_stop_the_run(tiny_models, tmp_path, capsys):
+    from diffalign.cli import main
+
+    def train(data, out):
+        return main(["train", "-", f"--model.pretrained={tiny_models['sd']}", f"--data.source={data}",
+                     "--data.resolution=32", f"--train.output_dir={out}", "--train.max_steps=1",
+                     "--train.batch_size=2", "--train.checkpointing_steps=0", "--model.lora_rank=4"])
+
+    data = _pairs_with_bad_images(tmp_path / "two-bad.parquet", 16, 2)
+    assert train(data, tmp_path / "run") == 0
+    out = capsys.readouterr().out
+    assert "data: 16 rows read, 14 kept, 0 ties dropped, 2 undecodable images skipped" in out
+    assert f"skipped {data}:row 0: field 'jpg_1'" in out and f"skipped {data}:row 1:" in out
+    assert (tmp_path / "run" / "final").is_dir()
+
+    many = _pairs_with_bad_images(tmp_path / "five-bad.parquet", 16, 5)
+    assert train(many, tmp_path / "run2") == 2
+    err = capsys.readouterr().err
+    assert "5 of 16 rows have an undecodable or missing image" in err and "data.max_bad_fraction=0.2" in err
+    assert not (tmp_path / "run2").exists()  # stopped before anything was written
