@@ -1,7 +1,10 @@
-"""The one training loop every offline method shares (accelerate: DDP / FSDP / DeepSpeed, mixed precision).
+"""The one training loop every method runs on (accelerate: DDP / FSDP / DeepSpeed, mixed precision).
 
 Read top to bottom: ``setup`` builds backbone, method, data and optimiser from a recipe; ``train``
-is the loop: batch → encode (cached) → noise → method loss → backward → step → log → checkpoint.
+is the loop: take the next optimizer step from the run's step source → log → checkpoint → validate,
+then ``final/``. The step source of stored-data methods (offline, reward backprop, video, text) is
+:func:`data_steps`: batch → encode (cached) → noise → method loss → backward → step. On-line methods
+bring their own (:func:`diffalign.trainers.online.rollout_steps`: rollout, then updates on it).
 
 Determinism: the sample order, the noise and the timestep of every training example are functions
 of ``(seed, position in the run)`` only, so a resumed run, or the same run on 2 processes with half
@@ -15,7 +18,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,22 +36,32 @@ CHECKPOINT_PREFIX = "step-"
 
 @dataclass
 class Run:
-    """Everything ``train`` needs, built by ``setup``.
+    """Everything ``train`` needs, built by a trainer's ``setup``.
 
-    On-line trainers (e.g. :mod:`diffalign.trainers.backprop`) build a ``Run`` with their own method
-    object in ``method`` and their prompt source in ``data``; only the offline :func:`train_step`
-    reads those two.
+    ``data`` is the batch source :func:`train_step` reads (stored data, prompts; ``None`` for on-line
+    methods, whose method holds its prompts). ``steps(run)`` is the step source: an iterator of
+    ``(row, boundary)`` events, ``row`` an optimizer step's metrics (or ``None``) and ``boundary``
+    whether a checkpoint may be written after it (:func:`data_steps`: after every step; on-line: at the
+    end of a rollout epoch). ``save_state(folder)`` / ``load_state(folder)`` add a trainer's own state
+    to checkpoints and read it back on resume. A step source that must stop for outside input sets
+    ``stopped`` (a message) and ends: the run ends without ``final/``.
     """
 
     recipe: Recipe
     accelerator: Accelerator
     backbone: object
     method: Method
-    data: TrainingData
+    data: TrainingData | None
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     output_dir: Path
     global_step: int = 0
+    epoch: int = 0
+    steps: Callable[[Run], Iterator[tuple[dict | None, bool]]] | None = None
+    save_state: Callable[[Path], None] | None = None
+    load_state: Callable[[Path], None] | None = None
+    progress: object = None
+    stopped: str | None = None
 
 
 def setup(recipe: Recipe, accelerator: Accelerator | None = None) -> Run:
@@ -120,40 +133,56 @@ def setup_optimizer(recipe: Recipe, accelerator: Accelerator, backbone) -> tuple
 def train(recipe: Recipe, *, setup_fn=setup) -> Path:
     """Run a recipe to the end; returns the run directory (with ``final/``).
 
-    ``setup_fn(recipe) -> Run`` defaults to the offline methods' :func:`setup`; an on-line trainer
-    passes its own (its ``Run.data.batch(...)`` gives what its ``Run.method.loss(...)`` takes) and
-    keeps the rest: config.yaml, metrics.jsonl, progress, non-finite skipping, checkpoints, resume.
+    ``setup_fn(recipe) -> Run`` is the trainer's setup (the stored-data methods' :func:`setup` by
+    default); everything else is here, once: config.yaml, resume, metrics.jsonl and the trackers,
+    progress, non-finite skipping, checkpoints, validation, ``final/``.
     """
     run = setup_fn(recipe)
     cfg, acc = recipe.train, run.accelerator
     if acc.is_main_process:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         recipe.save(run.output_dir / "config.yaml")
-    _maybe_resume(run)
+    resumed = _maybe_resume(run)
+    if resumed is not None and run.load_state is not None:
+        run.load_state(resumed)
 
     metrics_path = run.output_dir / "metrics.jsonl"
-    nonfinite_in_a_row = 0
-    progress = tqdm(total=cfg.max_steps, initial=run.global_step, desc="train", disable=not acc.is_main_process)
+    nonfinite_in_a_row, last_checkpoint = 0, run.global_step
+    run.progress = tqdm(total=cfg.max_steps, initial=run.global_step, desc="train", disable=not acc.is_main_process)
     with tracking(run):
-        while run.global_step < cfg.max_steps:
-            row = train_step(run)
-            nonfinite_in_a_row = 0 if not row["skipped"] else nonfinite_in_a_row + 1
-            if acc.is_main_process:
-                log_metrics(run, metrics_path, row)
-                progress.update(1)
-                progress.set_postfix(loss=f"{row['loss']:.4f}")
-                if row["skipped"]:
-                    print(f"step {run.global_step}: non-finite loss, step skipped ({nonfinite_in_a_row} in a row)")
-            if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row at step {run.global_step}; "
-                                   f"stopping (train.max_nonfinite_steps={cfg.max_nonfinite_steps}). Lower the "
-                                   "learning rate or beta.")
-            if cfg.checkpointing_steps and run.global_step % cfg.checkpointing_steps == 0:
-                save_checkpoint(run)
-            if cfg.validation_steps and cfg.validation_prompts and run.global_step % cfg.validation_steps == 0:
+        for row, boundary in (run.steps or data_steps)(run):
+            if row is not None:
+                nonfinite_in_a_row = 0 if not row["skipped"] else nonfinite_in_a_row + 1
+                if acc.is_main_process:
+                    log_metrics(run, metrics_path, row)
+                    run.progress.update(1)
+                    run.progress.set_postfix(loss=f"{row['loss']:.4f}")
+                    if row["skipped"]:
+                        print(f"step {run.global_step}: non-finite loss, step skipped ({nonfinite_in_a_row} in a row)")
+                if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                    raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row at step {run.global_step}; "
+                                       f"stopping (train.max_nonfinite_steps={cfg.max_nonfinite_steps}). Lower the "
+                                       "learning rate or beta.")
+            every = cfg.checkpointing_steps
+            if boundary and every and run.global_step // every > last_checkpoint // every:
+                save_checkpoint(run, run.save_state)
+                last_checkpoint = run.global_step
+            if row is not None and cfg.validation_steps and cfg.validation_prompts \
+                    and run.global_step % cfg.validation_steps == 0:
                 log_validation(run)
-        progress.close()
+        run.progress.close()
+        if run.stopped is not None:  # the step source waits for outside input (e.g. labels): no final/
+            if acc.is_main_process:
+                print(run.stopped)
+            return run.output_dir
         return save_final(run)
+
+
+def data_steps(run: Run) -> Iterator[tuple[dict, bool]]:
+    """The step source of the stored-data methods: :func:`train_step` until ``max_steps``; a checkpoint
+    may follow any step."""
+    while run.global_step < run.recipe.train.max_steps:
+        yield train_step(run), True
 
 
 # ---------------------------------------------------------------- metrics and trackers

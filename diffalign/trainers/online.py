@@ -1,6 +1,8 @@
-"""The on-line loop shared by DDPO/GRPO, D3PO and SePPO: sample with the policy, score, optimise.
+"""The on-line step source shared by DDPO/GRPO, D3PO and SePPO: sample with the policy, score, optimise,
+on the one training loop (:func:`diffalign.trainers.loop.train`; this module gives it
+:func:`rollout_steps`).
 
-Read top to bottom (``train``)::
+Read top to bottom (``rollout_steps``)::
 
     setup(recipe)                        backbone + LoRA, method, optimizer (the offline loop's helpers)
     for epoch = 0, 1, ...:
@@ -33,13 +35,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from tqdm.auto import tqdm
 
 from diffalign.core.positions import stable_seed
 from diffalign.core.sampling import (
@@ -50,6 +51,7 @@ from diffalign.core.sampling import (
     sample_trajectory,
 )
 from diffalign.trainers.config import Recipe
+from diffalign.trainers.loop import Run
 from diffalign.trainers.method import StepOutput
 
 ONLINE_STATE = "online_state.json"
@@ -194,13 +196,13 @@ class OnlineMethod:
             trainable_steps(self.sampler)  # fail now, not after the first rollout
 
     # ---- per epoch
-    def rollout(self, run: OnlineRun, epoch: int) -> Rollout:
+    def rollout(self, run: Run, epoch: int) -> Rollout:
         raise NotImplementedError
 
     def num_units(self, rollout: Rollout) -> int:
         return len(rollout.traj) // self.units_per_sample
 
-    def plan(self, rollout: Rollout, run: OnlineRun, generator: torch.Generator) -> list[list[Micro]]:
+    def plan(self, rollout: Rollout, run: Run, generator: torch.Generator) -> list[list[Micro]]:
         """The optimizer steps of one inner epoch, each a list of micro-batches."""
         cfg = run.recipe.train
         return trajectory_plan(self.num_units(rollout), cfg.batch_size, cfg.gradient_accumulation_steps,
@@ -209,10 +211,10 @@ class OnlineMethod:
     def loss(self, rollout: Rollout, micro: Micro) -> StepOutput:
         raise NotImplementedError
 
-    def prepare(self, run: OnlineRun) -> None:
+    def prepare(self, run: Run) -> None:
         """Called once the run exists (e.g. SePPO loads its winning images from the data section)."""
 
-    def end_epoch(self, run: OnlineRun, epoch: int) -> None:
+    def end_epoch(self, run: Run, epoch: int) -> None:
         """Called after each complete epoch (SePPO adds a checkpoint to its reference pool)."""
 
     # ---- resumable state beyond the weights and the optimizer
@@ -223,7 +225,7 @@ class OnlineMethod:
         """Read what :meth:`save_state` wrote."""
 
     # ---- helpers for subclasses
-    def epoch_prompts(self, run: OnlineRun, epoch: int, all_prompts: Sequence[str]) -> list[str]:
+    def epoch_prompts(self, run: Run, epoch: int, all_prompts: Sequence[str]) -> list[str]:
         """This process's ``prompts_per_epoch`` prompts of ``epoch`` (drawn for all processes from
         one generator, so the run is the same on any number of processes with the same total)."""
         acc, n = run.accelerator, self.config.prompts_per_epoch
@@ -231,7 +233,7 @@ class OnlineMethod:
         idx = torch.randint(len(all_prompts), (n * acc.num_processes,), generator=g)
         return [all_prompts[i] for i in idx[acc.process_index * n:(acc.process_index + 1) * n].tolist()]
 
-    def sample(self, run: OnlineRun, texts: Sequence[str], epoch: int, *, shared_noise: int = 1) -> Trajectory:
+    def sample(self, run: Run, texts: Sequence[str], epoch: int, *, shared_noise: int = 1) -> Trajectory:
         """Trajectories for ``texts`` (no grad), ``sample_batch_size`` per sampler call;
         ``shared_noise`` consecutive trajectories start from the same initial noise."""
         cfg, backbone = self.config, self.backbone
@@ -289,25 +291,10 @@ def trajectory_plan(num_units: int, batch_size: int, grad_accum: int, steps: tor
 
 
 # ---------------------------------------------------------------------------------------- the loop
-@dataclass
-class OnlineRun:
-    """Everything ``train`` needs, built by ``setup`` (attribute names as the offline ``Run``, so
-    the offline loop's checkpoint and optimizer-step helpers take it)."""
-
-    recipe: Recipe
-    accelerator: Any
-    backbone: Any
-    method: OnlineMethod
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: Any
-    output_dir: Path
-    global_step: int = 0
-    epoch: int = 0
-
-
-def setup(recipe: Recipe, accelerator=None) -> OnlineRun:
+def setup(recipe: Recipe, accelerator=None) -> Run:
     """Backbone with its LoRA, the method (sampler, reward, prompts) and the optimizer, built with
-    the offline loop's helpers."""
+    the offline loop's helpers; the run's step source is :func:`rollout_steps`, and its checkpoints
+    carry the epoch counter and the method's state."""
     from diffalign.trainers.loop import setup_backbone, setup_optimizer
 
     accelerator, backbone = setup_backbone(recipe, accelerator)
@@ -315,70 +302,58 @@ def setup(recipe: Recipe, accelerator=None) -> OnlineRun:
     if not isinstance(method, OnlineMethod):
         raise ValueError(f"method {recipe.method['name']!r} is not an on-line method")
     optimizer, lr_scheduler = setup_optimizer(recipe, accelerator, backbone)
-    run = OnlineRun(recipe, accelerator, backbone, method, optimizer, lr_scheduler, Path(recipe.train.output_dir))
+    run = Run(recipe, accelerator, backbone, method, None, optimizer, lr_scheduler, Path(recipe.train.output_dir),
+              steps=rollout_steps)
+
+    def save_state(folder: Path) -> None:
+        (folder / ONLINE_STATE).write_text(json.dumps({"epoch": run.epoch, "global_step": run.global_step}))
+        run.method.save_state(folder)
+
+    def load_state(folder: Path) -> None:
+        run.epoch = json.loads((folder / ONLINE_STATE).read_text())["epoch"]
+        run.method.load_state(folder)
+
+    run.save_state, run.load_state = save_state, load_state
     method.prepare(run)
     return run
 
 
 def train(recipe: Recipe) -> Path:
-    """Run an on-line recipe to the end; returns the run directory (with ``final/``)."""
-    from diffalign.trainers.loop import _maybe_resume, log_metrics, log_validation, save_final, tracking
+    """Run an on-line recipe to the end on the one training loop; returns the run directory."""
+    from diffalign.trainers.loop import train as loop_train
 
-    run = setup(recipe)
-    cfg, acc = recipe.train, run.accelerator
-    if acc.is_main_process:
-        run.output_dir.mkdir(parents=True, exist_ok=True)
-        recipe.save(run.output_dir / "config.yaml")
-    resumed = _maybe_resume(run)
-    if resumed is not None:
-        run.epoch = json.loads((resumed / ONLINE_STATE).read_text())["epoch"]
-        run.method.load_state(resumed)
-
-    metrics_path = run.output_dir / "metrics.jsonl"
-    progress = tqdm(total=cfg.max_steps, initial=run.global_step, desc="train", disable=not acc.is_main_process)
-    nonfinite_in_a_row = 0
-    with tracking(run):
-        while run.global_step < cfg.max_steps:
-            start_step, complete = run.global_step, True
-            progress.set_description(f"epoch {run.epoch}: sample")
-            try:
-                rollout = run_rollout(run)
-            except StopForInput as e:
-                progress.close()
-                if acc.is_main_process:
-                    print(e)
-                return run.output_dir
-            progress.set_description(f"epoch {run.epoch}: train")
-            for inner, plan in enumerate(epoch_plans(run, rollout)):
-                for micros in plan:
-                    if run.global_step >= cfg.max_steps:
-                        complete = False
-                        break
-                    row = online_step(run, rollout, micros)
-                    row.update({"epoch": run.epoch, "inner_epoch": inner, **rollout.metrics})
-                    nonfinite_in_a_row = 0 if not row["skipped"] else nonfinite_in_a_row + 1
-                    if acc.is_main_process:
-                        log_metrics(run, metrics_path, row)
-                        progress.update(1)
-                        progress.set_postfix(loss=f"{row['loss']:.4f}")
-                    if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                        raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row at step "
-                                           f"{run.global_step}; stopping (train.max_nonfinite_steps="
-                                           f"{cfg.max_nonfinite_steps}). Lower the learning rate.")
-                    if cfg.validation_steps and cfg.validation_prompts and run.global_step % cfg.validation_steps == 0:
-                        log_validation(run)
-            if not complete:  # max_steps reached inside the epoch: no end-of-epoch state, no checkpoint
-                break
-            run.method.end_epoch(run, run.epoch)
-            run.epoch += 1
-            every = cfg.checkpointing_steps
-            if every and run.global_step // every > start_step // every:
-                save_online_checkpoint(run)
-        progress.close()
-        return save_final(run)
+    return loop_train(recipe, setup_fn=setup)
 
 
-def run_rollout(run: OnlineRun) -> Rollout:
+def rollout_steps(run: Run) -> Iterator[tuple[dict | None, bool]]:
+    """The on-line step source: per epoch, a rollout with the current policy, then the method's inner
+    epochs of optimizer steps on it (each yields its metrics row), then ``end_epoch``; a checkpoint may
+    follow an epoch's end only (the boundary event, no row). Stops at ``max_steps`` inside an epoch (no
+    ``end_epoch`` then), or when the method needs outside input (``run.stopped``)."""
+    cfg = run.recipe.train
+    while run.global_step < cfg.max_steps:
+        if run.progress is not None:
+            run.progress.set_description(f"epoch {run.epoch}: sample")
+        try:
+            rollout = run_rollout(run)
+        except StopForInput as e:
+            run.stopped = str(e)
+            return
+        if run.progress is not None:
+            run.progress.set_description(f"epoch {run.epoch}: train")
+        for inner, plan in enumerate(epoch_plans(run, rollout)):
+            for micros in plan:
+                if run.global_step >= cfg.max_steps:
+                    return  # max_steps reached inside the epoch: no end-of-epoch state, no checkpoint
+                row = online_step(run, rollout, micros)
+                row.update({"epoch": run.epoch, "inner_epoch": inner, **rollout.metrics})
+                yield row, False
+        run.method.end_epoch(run, run.epoch)
+        run.epoch += 1
+        yield None, True
+
+
+def run_rollout(run: Run) -> Rollout:
     """The method's rollout for ``run.epoch``, without gradients."""
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -387,7 +362,7 @@ def run_rollout(run: OnlineRun) -> Rollout:
     return rollout
 
 
-def epoch_plans(run: OnlineRun, rollout: Rollout) -> list[list[list[Micro]]]:
+def epoch_plans(run: Run, rollout: Rollout) -> list[list[list[Micro]]]:
     """The method's plan for each inner epoch (shuffles seeded by seed, epoch, inner epoch, process)."""
     cfg, acc = run.recipe.train, run.accelerator
     plans = []
@@ -397,22 +372,11 @@ def epoch_plans(run: OnlineRun, rollout: Rollout) -> list[list[list[Micro]]]:
     return plans
 
 
-def online_step(run: OnlineRun, rollout: Rollout, micros: Sequence[Micro]) -> dict:
+def online_step(run: Run, rollout: Rollout, micros: Sequence[Micro]) -> dict:
     """One optimizer step over ``micros`` (the offline loop's accumulate / clip / step); its row."""
     from diffalign.trainers.loop import optimizer_step
 
     return optimizer_step(run, [lambda m=m: run.method.loss(rollout, m) for m in micros])
-
-
-def save_online_checkpoint(run: OnlineRun) -> Path:
-    """The offline loop's atomic checkpoint plus the epoch counter and the method's state."""
-    from diffalign.trainers.loop import save_checkpoint
-
-    def write_extra(folder: Path) -> None:
-        (folder / ONLINE_STATE).write_text(json.dumps({"epoch": run.epoch, "global_step": run.global_step}))
-        run.method.save_state(folder)
-
-    return save_checkpoint(run, write_extra)
 
 
 def gather_float(acc, values: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,7 @@ def test_nonfinite_losses_skip_steps_then_stop_with_a_clear_error(tiny_models, p
     from diffalign.trainers.dpo import DiffusionDPO
 
     with pytest.raises(ConfigError, match="option beta must be > 0, not nan"):  # a NaN β is refused at load
-        _train(tiny_models["sd"], pair_parquet, tmp_path / "nan", "--method.beta=.nan")
+        _train(tiny_models["sd"], pair_parquet, tmp_path / "nan", "--method.beta=.nan", "--debug")
     loss = DiffusionDPO.loss
 
     def nan_loss(self, batch):  # a loss that blows up at every step
