@@ -88,7 +88,11 @@ def make_tiny_sd(path: str | Path, prediction_type: str = "epsilon", seed: int =
 
 def make_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
     """A tiny SDXL-architecture pipeline (two text encoders, pooled embeds, text_time micro-conditioning)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     path = Path(path)
@@ -112,7 +116,11 @@ def make_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
 def make_tiny_sd3(path: str | Path, with_t5: bool = False, seed: int = 0) -> Path:
     """A tiny SD3-architecture pipeline (MMDiT, flow matching, CLIP-L + CLIP-G, and a tiny T5 encoder
     with its tokenizer if ``with_t5``; without it the folder has no T5, as the pipeline allows)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     path = Path(path)
@@ -139,7 +147,12 @@ def make_tiny_wan(path: str | Path, seed: int = 0, flow_shift: float = 3.0) -> P
     channels with non-trivial ``latents_mean``/``latents_std``), a 2-layer ``WanTransformer3DModel``
     (patch 1×2×2), a tiny UMT5 encoder, and UniPC on flow sigmas as the released Wan 2.1 models ship.
     Clips of 17×32×32 give latents ``[4, 5, 4, 4]``."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import UMT5Config, UMT5EncoderModel
 
     path = Path(path)

@@ -13,7 +13,6 @@ Both are built from a diffusers scheduler with :func:`forward_process_from_sched
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal

@@ -7,7 +7,14 @@ from diffalign.data.jsonl import read_jsonl_pairs
 from diffalign.data.kto import FeedbackSample, feedback_from_pairs, read_feedback
 from diffalign.data.pairs import DataStats, EncodedImage, PreferencePair
 from diffalign.data.pickapic import read_pickapic, write_pickapic_parquet
-from diffalign.data.transforms import Placement, PreparedImage, place_image, place_pair, prepare_image, prepare_pair
+from diffalign.data.transforms import (
+    Placement,
+    PreparedImage,
+    place_image,
+    place_pair,
+    prepare_image,
+    prepare_pair,
+)
 
 __all__ = [
     "DataStats", "EncodedImage", "FeedbackSample", "LatentCache", "Placement", "PreferenceDataset", "PreferencePair",

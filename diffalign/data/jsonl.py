@@ -14,8 +14,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from diffalign.data.pairs import DataStats, EncodedImage, ImageLike, PreferencePair, content_key, decode_image
+from diffalign.data.pairs import (
+    DataStats,
+    EncodedImage,
+    ImageLike,
+    PreferencePair,
+    content_key,
+    decode_image,
+)
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:

@@ -6,7 +6,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from diffalign.data.jsonl import iter_jsonl_rows, read_image_file, require_text
 from diffalign.data.pairs import DataStats, ImageLike, PreferencePair, content_key
 

@@ -113,7 +113,12 @@ def _is_geneval_layout(folder: Path) -> bool:
 def read_images(images: str | os.PathLike, prompts: str | os.PathLike | None = None) -> list[ImageItem]:
     """The images of a GenEval-layout folder, of a flat folder with a ``prompts`` file, or of a parquet
     file (layouts in the module docstring). Errors name the file and the image without a prompt."""
-    from diffalign.rewards.scoring import InputError, list_images, parquet_images, read_prompts
+    from diffalign.rewards.scoring import (
+        InputError,
+        list_images,
+        parquet_images,
+        read_prompts,
+    )
 
     path = Path(images)
     if path.is_dir() and _is_geneval_layout(path):

@@ -35,7 +35,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from diffalign.data.pairs import DataStats, EncodedImage, ImageLike, PreferencePair, content_key, decode_image
+from diffalign.data.pairs import (
+    DataStats,
+    EncodedImage,
+    ImageLike,
+    PreferencePair,
+    content_key,
+    decode_image,
+)
 
 REQUIRED = ("jpg_0", "jpg_1", "label_0", "caption")
 OPTIONAL = ("label_1", "caption_1", "weight", "score_0", "score_1", "image_0_url", "image_1_url")

@@ -17,7 +17,13 @@ from PIL import Image
 
 from diffalign.data.generated import GeneratedImage
 from diffalign.eval.grid import image_grid
-from diffalign.eval.report import figure_data_uri, html_table, jpeg_data_uri, png_data_uri, write_report
+from diffalign.eval.report import (
+    figure_data_uri,
+    html_table,
+    jpeg_data_uri,
+    png_data_uri,
+    write_report,
+)
 from diffalign.eval.scoring import GENEVAL_METRIC
 
 if TYPE_CHECKING:

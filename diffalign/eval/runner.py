@@ -27,10 +27,22 @@ import yaml
 
 from diffalign.data.generated import GeneratedImage, read_folder
 from diffalign.eval.config import EvalConfig, ModelSpec
-from diffalign.eval.generate import (atomic_write_bytes, generate_folder, load_eval_pipeline, resolve_device,
-                                     write_json)
-from diffalign.eval.scoring import (GENEVAL_METRIC, build_detector, geneval_records, has_geneval_metadata, paired,
-                                    score_images, summarize)
+from diffalign.eval.generate import (
+    atomic_write_bytes,
+    generate_folder,
+    load_eval_pipeline,
+    resolve_device,
+    write_json,
+)
+from diffalign.eval.scoring import (
+    GENEVAL_METRIC,
+    build_detector,
+    geneval_records,
+    has_geneval_metadata,
+    paired,
+    score_images,
+    summarize,
+)
 
 ROLES = ("model", "compare")
 

@@ -2,7 +2,12 @@
 
 from diffalign.models.backbone import Backbone
 from diffalign.models.base import Conditioning
-from diffalign.models.loading import FAMILIES, detect_family, load_backbone, resolve_pretrained
+from diffalign.models.loading import (
+           FAMILIES,
+           detect_family,
+           load_backbone,
+           resolve_pretrained,
+)
 from diffalign.models.sd import SDBackbone
 from diffalign.models.sd3 import SD3Backbone
 from diffalign.models.sdxl import SDXLBackbone

@@ -287,7 +287,10 @@ class Backbone:
         ref = self._reference_copy
         if "_original_forward" not in raw.__dict__ or "_original_forward" in ref.__dict__:
             return
-        from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+        from accelerate.utils import (
+            convert_outputs_to_fp32,
+            get_mixed_precision_context_manager,
+        )
 
         ref._original_forward = ref.forward
         forward = get_mixed_precision_context_manager(native_amp=True)(type(ref).forward)

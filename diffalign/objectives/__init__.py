@@ -1,6 +1,12 @@
 """Preference objectives shared by the image and text sides."""
 
-from diffalign.objectives.online import d3po_loss, group_advantages, ppo_clip_loss, segment_dpo_loss, seppo_loss
+from diffalign.objectives.online import (
+    d3po_loss,
+    group_advantages,
+    ppo_clip_loss,
+    segment_dpo_loss,
+    seppo_loss,
+)
 from diffalign.objectives.preference import (
     DPO_LOSS_TYPES,
     PreferenceOutput,

@@ -10,9 +10,19 @@ See :mod:`diffalign.rewards.base` for the interface, :mod:`~diffalign.rewards.re
 """
 
 from diffalign.rewards.base import RewardCard, RewardModel
-from diffalign.rewards.combine import WeightedReward, WinRateReward, weighted_sum, win_rates
+from diffalign.rewards.combine import (
+           WeightedReward,
+           WinRateReward,
+           weighted_sum,
+           win_rates,
+)
 from diffalign.rewards.loading import MissingWeightsError
-from diffalign.rewards.registry import get_card, list_rewards, load_reward, register_reward
+from diffalign.rewards.registry import (
+           get_card,
+           list_rewards,
+           load_reward,
+           register_reward,
+)
 
 __all__ = ["RewardCard", "RewardModel", "MissingWeightsError", "WeightedReward", "WinRateReward", "get_card",
            "list_rewards", "load_reward", "register_reward", "weighted_sum", "win_rates"]

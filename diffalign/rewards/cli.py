@@ -24,7 +24,13 @@ import json
 import sys
 from pathlib import Path
 
-from diffalign.rewards.scoring import InputError, list_images, parquet_images, read_prompts, score_images
+from diffalign.rewards.scoring import (
+    InputError,
+    list_images,
+    parquet_images,
+    read_prompts,
+    score_images,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -62,7 +62,12 @@ from torch import nn
 
 from diffalign.rewards.base import Images, Mode, RewardModel
 from diffalign.rewards.hf_clip import PICKSCORE_PROCESSOR_ID, _from_pretrained
-from diffalign.rewards.loading import MissingWeightsError, load_state_dict_file, load_strict, resolve_file
+from diffalign.rewards.loading import (
+    MissingWeightsError,
+    load_state_dict_file,
+    load_strict,
+    resolve_file,
+)
 from diffalign.rewards.preprocess import ImageTransform, from_hf_processor
 
 HUB_ID = "RE-N-Y/mpsv1"               # imscore's safetensors conversion (keys under "mps.")
@@ -270,7 +275,12 @@ class MPS(RewardModel):
         imscore's ``RE-N-Y/mpsv1``). ``clip``: hub id or folder with the CLIP ``config.json``,
         tokenizer and image-processor config (default: the local folder of ``weights`` if it holds
         them, else the laion CLIP-H repository). ``cross_*``: the cross module's shape (defaults: MPS's)."""
-        from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+        from transformers import (
+            AutoTokenizer,
+            CLIPConfig,
+            CLIPImageProcessor,
+            CLIPModel,
+        )
 
         path = resolve_file(weights, filename, HUB_ID if weights is None else None, what="MPS")
         if clip is None:  # a local folder that also holds the CLIP files, else laion CLIP-H

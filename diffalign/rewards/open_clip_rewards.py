@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from diffalign.rewards.base import Images, Mode, RewardModel
-from diffalign.rewards.loading import load_state_dict_file, load_strict, missing_weights, resolve_file
+from diffalign.rewards.loading import (
+    load_state_dict_file,
+    load_strict,
+    missing_weights,
+    resolve_file,
+)
 from diffalign.rewards.preprocess import ImageTransform
 
 HPS_HUB_ID = "xswu/HPSv2"

@@ -84,8 +84,13 @@ def label_main(argv: list[str] | None = None) -> int:
     best and worst candidate) or per-image KTO feedback (liked above the median utility)."""
     from pathlib import Path
 
-    from diffalign.shapes.demo import BUNDLED_CANDIDATES, Candidates, preference_rows, write_feedback_data, \
-        write_preference_data
+    from diffalign.shapes.demo import (
+        BUNDLED_CANDIDATES,
+        Candidates,
+        preference_rows,
+        write_feedback_data,
+        write_preference_data,
+    )
     from diffalign.shapes.oracle import Oracle
 
     p = argparse.ArgumentParser(prog="diffalign shapes label")

@@ -282,8 +282,7 @@ def _first(c: Candidates, n: int) -> Candidates:
 def run_demo(cfg: DemoConfig) -> dict:
     from diffalign.shapes.grammar import sample_prompt
     from diffalign.shapes.oracle import Oracle
-    from diffalign.trainers.registry import load_recipe
-    from diffalign.trainers.registry import run_recipe
+    from diffalign.trainers.registry import load_recipe, run_recipe
 
     t_start = time.time()
     out = Path(cfg.output_dir)

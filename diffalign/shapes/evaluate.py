@@ -187,7 +187,9 @@ def relations(obj: Detection, ref: Detection) -> set[str]:
     Each axis offset is shrunk towards 0 by ``0.1·(box side of obj + box side of ref)``; a relation
     holds when the shrunk offset along its axis is over half the length of the raw centre offset.
     """
-    from diffalign.eval.geneval import relative_position  # the one implementation of GenEval's rule
+    from diffalign.eval.geneval import (
+        relative_position,  # the one implementation of GenEval's rule
+    )
 
     return relative_position(obj.bbox, ref.bbox, POSITION_THRESHOLD)
 

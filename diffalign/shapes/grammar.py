@@ -26,8 +26,17 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
-from diffalign.shapes.scene import (COLORS, IMAGE_SIZE, MAX_SIZE, MIN_SIZE, SHAPES, Scene, ShapeObject, overlaps,
-                                    random_background)
+from diffalign.shapes.scene import (
+    COLORS,
+    IMAGE_SIZE,
+    MAX_SIZE,
+    MIN_SIZE,
+    SHAPES,
+    Scene,
+    ShapeObject,
+    overlaps,
+    random_background,
+)
 
 TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 NUMBERS = {2: "two", 3: "three", 4: "four"}

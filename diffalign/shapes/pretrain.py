@@ -28,8 +28,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from diffalign.shapes.model import (DEFAULT_SAMPLING, assemble_pipeline, make_text_encoder, make_train_scheduler,
-                                    make_unet, make_vae)
+from diffalign.shapes.model import (
+    DEFAULT_SAMPLING,
+    assemble_pipeline,
+    make_text_encoder,
+    make_train_scheduler,
+    make_unet,
+    make_vae,
+)
 from diffalign.shapes.tokenizer import build_tokenizer
 
 
@@ -180,10 +186,11 @@ def evaluate_pipeline(pipe, per_task: int, seeds_per_prompt: int = 1, split: str
 
 def evaluate_vae(vae, per_task: int, seed: int = 0, split: str = "heldout") -> dict[str, dict]:
     """ShapesEval on clean renders of ground-truth scenes and on their VAE reconstructions."""
+    from PIL import Image
+
     from diffalign.shapes.evaluate import shapes_eval
     from diffalign.shapes.grammar import prompt_set, scene_for_prompt
     from diffalign.shapes.scene import render
-    from PIL import Image
 
     rng = random.Random(seed)
     prompts = prompt_set(split, n_per_task=per_task, seed=seed)

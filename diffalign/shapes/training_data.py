@@ -14,7 +14,11 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from diffalign.core.positions import micro_batch_positions, position_generator, stable_seed
+from diffalign.core.positions import (
+    micro_batch_positions,
+    position_generator,
+    stable_seed,
+)
 from diffalign.trainers.method import TrainBatch
 
 

@@ -161,12 +161,15 @@ def _run(args: argparse.Namespace) -> int:
     if overrides and args.action != "train":
         raise ValueError(f"--section.key=value overrides are for `rewrite train`, not `rewrite {args.action}`")
     if args.action == "train":
-        from diffalign.text.trainer import train
-        from diffalign.trainers.registry import load_recipe
+        from diffalign.trainers.registry import load_recipe, run_recipe
 
         if args.resume:
             overrides.append(f"train.resume={args.resume}")
-        print(f"done: {train(load_recipe(args.recipe, overrides))}")
+        recipe = load_recipe(args.recipe, overrides)
+        if recipe.method.kind != "text":
+            raise ValueError(f"`rewrite train` trains text methods; {recipe.method.name!r} is a {recipe.method.kind} "
+                             "method (use `diffalign train`)")
+        print(f"done: {run_recipe(recipe)}")
         return 0
     if args.action == "shapes":
         from diffalign.text.pairs import PairConfig
@@ -211,7 +214,11 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
         return 0
     if args.action == "perturb":
-        from diffalign.text.llm_perturb import PRINCIPLES, LLMPerturber, rule_perturbation
+        from diffalign.text.llm_perturb import (
+            PRINCIPLES,
+            LLMPerturber,
+            rule_perturbation,
+        )
 
         principles = args.principle or list(PRINCIPLES)
         if rewriter is None:  # rules only

@@ -23,7 +23,6 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from diffalign.text.logprobs import Text, is_conversational
 

@@ -44,7 +44,10 @@ class RewritingPipeline:
             return self.pipe(rewritten, generator=generator, num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale, height=height, width=width, **kwargs)
         from diffalign.rewards.base import to_pil
-        from diffalign.text.guidance import backbone_for_pipeline, sample_original_centered
+        from diffalign.text.guidance import (
+            backbone_for_pipeline,
+            sample_original_centered,
+        )
 
         if kwargs.get("negative_prompt"):
             raise ValueError("original-centred guidance uses the pipeline's default negative; drop negative_prompt")
@@ -73,7 +76,11 @@ def generate_rewritten(cfg, rewriter: str, *, guidance: str = "rewrite", origina
                        max_new_tokens: int = 77) -> Path:
     """Generate ``cfg.model``'s images of the eval's prompts, rewritten by ``rewriter``, into
     ``OUT/model-rewritten`` (GenEval layout, resumable); returns the folder."""
-    from diffalign.eval.generate import generate_folder, load_eval_pipeline, resolve_device
+    from diffalign.eval.generate import (
+        generate_folder,
+        load_eval_pipeline,
+        resolve_device,
+    )
     from diffalign.eval.runner import load_prompts, select_prompts
 
     g, spec = cfg.generation, cfg.model

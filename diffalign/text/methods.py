@@ -32,24 +32,14 @@ import torch
 import torch.nn.functional as F
 
 from diffalign.objectives import dpo_loss, kto_loss, loss_terms, orpo_loss, simpo_loss
+from diffalign.text.batches import TextBatch, load_lm_for_training, load_text_data
 from diffalign.text.logprobs import TOKENIZATIONS, TokenBatch
-from diffalign.trainers.method import REGISTERED, StepOutput, register_method, weighted_mean
-
-
-@dataclass
-class TextBatch:
-    """One micro-batch of tokenised rows.
-
-    * ``tokens``: pairs ``[chosen (B); rejected (B)]``; feedback ``[completions (B); mismatched
-      completions (B)]`` (row ``B+i`` is prompt ``i`` with completion ``i−1``: KTO's KL estimate);
-      completion (SFT) ``[B]``. Each tensor ``[N, S]``.
-    * ``weights``: ``[B]`` per-pair (per-sample) loss weights.
-    * ``desirable``: ``[B]`` bool (KTO only).
-    """
-
-    tokens: TokenBatch
-    weights: torch.Tensor
-    desirable: torch.Tensor | None = None
+from diffalign.trainers.method import (
+    REGISTERED,
+    StepOutput,
+    register_method,
+    weighted_mean,
+)
 
 
 @dataclass
@@ -132,6 +122,16 @@ class TextMethod:
     def __init__(self, config, lm):
         self.config = config
         self.lm = lm
+
+    # ---- the engine's hooks (diffalign.trainers.loop.setup)
+    @classmethod
+    def load_model(cls, recipe, accelerator):
+        """The causal LM, trainable (:func:`~diffalign.text.batches.load_lm_for_training`)."""
+        return load_lm_for_training(recipe, accelerator, cls)
+
+    def training_data(self, run):
+        """The tokenised TRL-format examples (:func:`~diffalign.text.batches.load_text_data`)."""
+        return load_text_data(run.recipe, self, self.lm.tokenizer, run.accelerator)
 
     @property
     def tokenization(self) -> str:

@@ -21,7 +21,6 @@ import torch
 
 from diffalign.text.logprobs import SequenceLogProbs, TokenBatch, sequence_logprobs
 
-
 CARRIED_FILES = ("rewriter.json",)  # copied from the loaded folder into every saved one
 
 

@@ -25,7 +25,12 @@ from pathlib import Path
 
 import torch
 
-from diffalign.text.logprobs import Text, has_chat_template, render_prompt, tokenize_example
+from diffalign.text.logprobs import (
+    Text,
+    has_chat_template,
+    render_prompt,
+    tokenize_example,
+)
 from diffalign.text.model import CausalLM
 
 DEFAULT_SYSTEM = ("You rewrite prompts for a text-to-image model. Keep every object, count, colour, attribute "

@@ -132,9 +132,9 @@ def _load_recipe(name: str, overrides: list[str]):
 
 def pair_margins(model_dir: Path, rows: list[dict]) -> torch.Tensor:
     """``log π(y_w|x) − log π(y_l|x)`` ``[P]`` of pair rows under the model in ``model_dir``."""
+    from diffalign.text.batches import TextData
     from diffalign.text.data import preference_example
     from diffalign.text.model import CausalLM
-    from diffalign.text.trainer import TextData
 
     lm = CausalLM.from_pretrained(model_dir)
     lm.denoiser.eval()
@@ -157,7 +157,7 @@ def run_shapes_rewriter(cfg: ShapesRewriterConfig) -> dict:
     from diffalign.text.guidance import render_rewrites
     from diffalign.text.pairs import build_pairs
     from diffalign.text.rewriter import PromptRewriter
-    from diffalign.text.trainer import train
+    from diffalign.trainers.registry import run_recipe as train
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -45,7 +45,12 @@ from diffalign.core.backprop import (
     refl_x0,
     sample_with_grad,
 )
-from diffalign.core.positions import EpochOrder, micro_batch_positions, position_generator, stable_seed
+from diffalign.core.positions import (
+    EpochOrder,
+    micro_batch_positions,
+    position_generator,
+    stable_seed,
+)
 from diffalign.core.sampling import make_sampler, uses_cfg
 from diffalign.models.base import Conditioning
 from diffalign.trainers.config import Recipe
@@ -255,6 +260,18 @@ class RewardBackprop(Method):
         self.reward = reward if reward is not None else load_backprop_reward(config.reward, config.reward_kwargs)
         self.reward.to(backbone.device)
         self.sampler = make_sampler(backbone, config.num_steps, eta=config.eta)
+
+    # ---- the engine's hooks (diffalign.trainers.loop.setup)
+    @classmethod
+    def build(cls, recipe: Recipe, backbone, accelerator):
+        """The method with its reward and, for ReFL, its pre-training data (:func:`build_backprop_method`)."""
+        return build_backprop_method(recipe, backbone, accelerator)
+
+    def training_data(self, run) -> PromptData:
+        """The training prompts, ``batch_size`` per micro-batch, a function of the run position."""
+        cfg = run.recipe.train
+        return PromptData(load_prompts(self.config.prompts, self.config.prompt_options), cfg.batch_size,
+                          cfg.gradient_accumulation_steps, cfg.seed)
 
     # ---- pieces
     def conditioning(self, prompts: list[str]) -> tuple[Conditioning, Conditioning | None]:
@@ -470,28 +487,6 @@ def _pretrain_data(recipe: Recipe, config: ReFLConfig, backbone, accelerator):
     raise ValueError(f"method.pretrain_data must be 'data' or 'shapes', not {config.pretrain_data!r}")
 
 
-# ---------------------------------------------------------------------------------------- loop
-def setup(recipe: Recipe, accelerator=None):
-    """Backbone (+LoRA), method (reward, sampler, regulariser data), prompts, optimizer: a
-    :class:`~diffalign.trainers.loop.Run` for the shared loop."""
-    from diffalign.trainers.loop import Run, setup_backbone, setup_optimizer
-
-    accelerator, backbone = setup_backbone(recipe, accelerator)
-    method = build_backprop_method(recipe, backbone, accelerator)
-    cfg = recipe.train
-    prompts = PromptData(load_prompts(method.config.prompts, method.config.prompt_options), cfg.batch_size,
-                         cfg.gradient_accumulation_steps, cfg.seed)
-    optimizer, lr_scheduler = setup_optimizer(recipe, accelerator, backbone)
-    return Run(recipe, accelerator, backbone, method, prompts, optimizer, lr_scheduler, Path(cfg.output_dir))
-
-
-def train(recipe: Recipe) -> Path:
-    """Run a reward-backprop recipe on the shared loop; returns the run directory."""
-    from diffalign.trainers.loop import train as loop_train
-
-    return loop_train(recipe, setup_fn=setup)
-
-
 __all__ = [
     "AlignProp",
     "AlignPropConfig",
@@ -508,6 +503,4 @@ __all__ = [
     "build_backprop_method",
     "load_backprop_reward",
     "load_prompts",
-    "setup",
-    "train",
 ]

@@ -102,8 +102,7 @@ def bench(recipe, steps: int = 5, warmup: int = 1) -> dict:
 def bench_backprop(recipe, steps: int = 5, warmup: int = 1) -> dict:
     """Time ``steps`` optimizer steps of a reward-backprop recipe (after ``warmup`` untimed ones);
     returns steps/s, prompts/s and peak memory as a dict."""
-    from diffalign.trainers.backprop import setup
-    from diffalign.trainers.loop import train_step
+    from diffalign.trainers.loop import setup, train_step
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe.train.output_dir = tmp
@@ -146,7 +145,8 @@ def bench_online(recipe, steps: int = 5, warmup: int = 1) -> dict:
     """Time one rollout of an on-line recipe, then ``steps`` optimizer steps on it (after ``warmup``
     untimed ones; further rollouts are sampled, untimed, when one has fewer steps); returns
     trajectories/s, optimizer steps/s and peak memory as a dict."""
-    from diffalign.trainers.online import epoch_plans, online_step, run_rollout, setup
+    from diffalign.trainers.loop import setup
+    from diffalign.trainers.online import epoch_plans, online_step, run_rollout
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe.train.output_dir = tmp

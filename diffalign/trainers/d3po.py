@@ -42,7 +42,11 @@ from pathlib import Path
 import torch
 
 from diffalign.core.positions import stable_seed
-from diffalign.core.sampling import Trajectory, sampler_from_config, transition_log_probs
+from diffalign.core.sampling import (
+    Trajectory,
+    sampler_from_config,
+    transition_log_probs,
+)
 from diffalign.models.base import Conditioning
 from diffalign.objectives.online import d3po_loss
 from diffalign.trainers.method import StepOutput, register_method, weighted_mean

@@ -14,7 +14,12 @@ from pathlib import Path
 
 import torch
 
-from diffalign.core.positions import EpochOrder, micro_batch_positions, position_generator, stable_seed
+from diffalign.core.positions import (
+    EpochOrder,
+    micro_batch_positions,
+    position_generator,
+    stable_seed,
+)
 from diffalign.models.base import Conditioning
 from diffalign.trainers.method import TrainBatch
 

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 from diffalign.core.likelihood import elbo_loglik
 from diffalign.objectives import DPO_LOSS_TYPES, dpo_loss
-from diffalign.trainers.method import Method, StepOutput, TrainBatch, dpo_metrics, register_method, weighted_mean
+from diffalign.trainers.method import (
+    Method,
+    StepOutput,
+    TrainBatch,
+    dpo_metrics,
+    register_method,
+    weighted_mean,
+)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from diffalign.core.positions import stable_seed
 from diffalign.objectives import DPO_LOSS_TYPES
 from diffalign.objectives.online import segment_dpo_loss
 from diffalign.trainers.data import TrainingData
+from diffalign.trainers.loop import load_backbone_for_training
 from diffalign.trainers.method import Method, StepOutput, TrainBatch, register_method
 
 
@@ -101,6 +102,25 @@ class DenseDPO(Method):
     """Segment-level DPO on video pairs (a :class:`SegmentBatch`)."""
 
     data_kind = "segment-pairs"
+
+    # ---- the engine's hooks (diffalign.trainers.loop.setup)
+    @classmethod
+    def load_model(cls, recipe, accelerator):
+        """A video backbone (e.g. Wan 2.1), trainable; anything else is refused."""
+        from diffalign.models.video import VideoBackbone
+
+        if recipe.train.validation_steps and recipe.train.validation_prompts:
+            raise ValueError("densedpo: validation sampling is image-only in the shared loop; set "
+                             "train.validation_steps=0")
+        backbone = load_backbone_for_training(recipe, accelerator)
+        if not isinstance(backbone, VideoBackbone):
+            raise TypeError(f"densedpo needs a video backbone (e.g. a Wan text-to-video model), not "
+                            f"{backbone.family!r}")
+        return backbone
+
+    def training_data(self, run) -> VideoPairData:
+        """The segment-labelled video pairs of the recipe's data section."""
+        return load_video_pair_data(run.recipe, run.backbone, run.output_dir)
 
     def segment_errors(self, batch: SegmentBatch, *, reference: bool = False) -> torch.Tensor:
         """``[2B, S]`` errors of the policy (or, without gradients, the reference)."""
@@ -198,26 +218,3 @@ def load_video_pair_data(recipe, backbone, output_dir: Path) -> VideoPairData:
                          caption_dropout=d.caption_dropout, cache=cache)
 
 
-def setup(recipe, accelerator=None):
-    """The shared loop's :class:`~diffalign.trainers.loop.Run` with a video backbone and segment-pair data."""
-    from diffalign.models.video import VideoBackbone
-    from diffalign.trainers.loop import Run, setup_backbone, setup_optimizer
-
-    if recipe.train.validation_steps and recipe.train.validation_prompts:
-        raise ValueError("densedpo: validation sampling is image-only in the shared loop; set "
-                         "train.validation_steps=0")
-    accelerator, backbone = setup_backbone(recipe, accelerator)
-    if not isinstance(backbone, VideoBackbone):
-        raise TypeError(f"densedpo needs a video backbone (e.g. a Wan text-to-video model), not {backbone.family!r}")
-    method = recipe.method.build(backbone)
-    output_dir = Path(recipe.train.output_dir)
-    data = load_video_pair_data(recipe, backbone, output_dir)
-    optimizer, lr_scheduler = setup_optimizer(recipe, accelerator, backbone)
-    return Run(recipe, accelerator, backbone, method, data, optimizer, lr_scheduler, output_dir)
-
-
-def train(recipe) -> Path:
-    """Run a DenseDPO recipe on the shared loop; returns the run directory."""
-    from diffalign.trainers.loop import train as loop_train
-
-    return loop_train(recipe, setup_fn=setup)

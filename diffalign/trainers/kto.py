@@ -6,7 +6,13 @@ from dataclasses import dataclass
 
 from diffalign.core.likelihood import elbo_loglik
 from diffalign.objectives import kto_loss
-from diffalign.trainers.method import Method, StepOutput, TrainBatch, register_method, weighted_mean
+from diffalign.trainers.method import (
+    Method,
+    StepOutput,
+    TrainBatch,
+    register_method,
+    weighted_mean,
+)
 
 
 @dataclass

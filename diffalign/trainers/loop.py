@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from diffalign.trainers.config import Recipe
-from diffalign.trainers.data import TrainingData, load_training_data
+from diffalign.trainers.data import load_training_data
 from diffalign.trainers.method import Method, StepOutput
 
 CHECKPOINT_PREFIX = "step-"
@@ -36,41 +36,61 @@ CHECKPOINT_PREFIX = "step-"
 
 @dataclass
 class Run:
-    """Everything ``train`` needs, built by a trainer's ``setup``.
+    """Everything ``train`` needs, built by :func:`setup`.
 
-    ``data`` is the batch source :func:`train_step` reads (stored data, prompts; ``None`` for on-line
-    methods, whose method holds its prompts). ``steps(run)`` is the step source: an iterator of
-    ``(row, boundary)`` events, ``row`` an optimizer step's metrics (or ``None``) and ``boundary``
-    whether a checkpoint may be written after it (:func:`data_steps`: after every step; on-line: at the
-    end of a rollout epoch). ``save_state(folder)`` / ``load_state(folder)`` add a trainer's own state
-    to checkpoints and read it back on resume. A step source that must stop for outside input sets
-    ``stopped`` (a message) and ends: the run ends without ``final/``.
+    ``backbone`` is the trained model (an image or video backbone, or a causal LM); ``data`` the batch
+    source :func:`train_step` reads (stored data, prompts, tokenised text; ``None`` for on-line methods,
+    whose method holds its prompts); ``epoch`` counts on-line rollout epochs (checkpointed). A step
+    source that must stop for outside input (D3PO waiting for labels) sets ``stopped`` (a message) and
+    ends: the run then ends without ``final/``.
     """
 
     recipe: Recipe
     accelerator: Accelerator
     backbone: object
     method: Method
-    data: TrainingData | None
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: object
-    output_dir: Path
+    data: object | None
+    optimizer: torch.optim.Optimizer | None = None
+    lr_scheduler: object = None
+    output_dir: Path = Path("runs/run")
     global_step: int = 0
     epoch: int = 0
-    steps: Callable[[Run], Iterator[tuple[dict | None, bool]]] | None = None
-    save_state: Callable[[Path], None] | None = None
-    load_state: Callable[[Path], None] | None = None
     progress: object = None
     stopped: str | None = None
 
 
 def setup(recipe: Recipe, accelerator: Accelerator | None = None) -> Run:
-    accelerator, backbone = setup_backbone(recipe, accelerator)
-    method = recipe.method.build(backbone)
-    output_dir = Path(recipe.train.output_dir)
-    data = load_training_data(recipe, method.data_kind, backbone, output_dir, accelerator)
-    optimizer, lr_scheduler = setup_optimizer(recipe, accelerator, backbone)
-    return Run(recipe, accelerator, backbone, method, data, optimizer, lr_scheduler, output_dir)
+    """The one setup, for every method: the accelerator (with the trackers of ``train.report_to``) and the
+    seed; the model with its LoRA (or full fine-tuning); the method; its batch source; AdamW and the lr
+    schedule (prepared by accelerate); then the method's own preparation.
+
+    A method class adapts it through optional hooks (the defaults are the image methods'):
+
+    * ``load_model(recipe, accelerator)`` (classmethod): the model, on the device, trainable: default
+      :func:`load_backbone_for_training`; a causal LM for the text methods, a video backbone for DenseDPO;
+    * ``build(recipe, model, accelerator)`` (classmethod): the method object: default
+      ``recipe.method.build(model)``; ReFL adds its pre-training data;
+    * ``training_data(run)``: the batch source ``batch(step, micro, process, num_processes)``: default
+      the recipe's stored data of the method's ``data_kind`` (:func:`load_training_data`); prompts
+      (reward backprop), tokenised text, video pairs, or ``None`` (on-line);
+    * ``prepare(run)``: anything that needs the optimizer or the run (on-line methods' references);
+    * ``steps(run)``: the step source, ``(row, boundary)`` events (default :func:`data_steps`);
+    * ``save_state(folder)`` / ``load_state(folder)``: the method's own checkpointed state.
+    """
+    cls = recipe.method.entry.method_class
+    accelerator = accelerator or make_accelerator(recipe)
+    set_seed(recipe.train.seed)
+    model = getattr(cls, "load_model", load_backbone_for_training)(recipe, accelerator)
+    method = cls.build(recipe, model, accelerator) if hasattr(cls, "build") else recipe.method.build(model)
+    run = Run(recipe, accelerator, model, method, None, output_dir=Path(recipe.train.output_dir))
+    if hasattr(method, "training_data"):
+        run.data = method.training_data(run)
+    else:
+        run.data = load_training_data(recipe, method.data_kind, model, run.output_dir, accelerator)
+    run.optimizer, run.lr_scheduler = setup_optimizer(recipe, accelerator, model)
+    if hasattr(method, "prepare"):
+        method.prepare(run)
+    return run
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
@@ -85,13 +105,11 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
                                                            logging_dir=str(output_dir / "logs")))
 
 
-def setup_backbone(recipe: Recipe, accelerator: Accelerator | None = None) -> tuple[Accelerator, object]:
-    """The accelerator (seeded) and the backbone on its device, with a LoRA or full fine-tuning enabled."""
+def load_backbone_for_training(recipe: Recipe, accelerator: Accelerator):
+    """The recipe's image (or video) backbone on the accelerator's device, with a LoRA or full
+    fine-tuning enabled (and gradient checkpointing if asked)."""
     from diffalign.models.loading import load_backbone, resolve_pretrained
 
-    cfg = recipe.train
-    accelerator = accelerator or make_accelerator(recipe)
-    set_seed(cfg.seed)
     backbone = load_backbone(resolve_pretrained(recipe.model.pretrained), family=recipe.model.family,
                              revision=recipe.model.revision, variant=recipe.model.variant)
     backbone.to(accelerator.device)
@@ -102,7 +120,7 @@ def setup_backbone(recipe: Recipe, accelerator: Accelerator | None = None) -> tu
         backbone.enable_full_finetune()
     if recipe.model.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
-    return accelerator, backbone
+    return backbone
 
 
 def setup_optimizer(recipe: Recipe, accelerator: Accelerator, backbone) -> tuple[torch.optim.Optimizer, object]:
@@ -130,27 +148,24 @@ def setup_optimizer(recipe: Recipe, accelerator: Accelerator, backbone) -> tuple
     return optimizer, lr_scheduler
 
 
-def train(recipe: Recipe, *, setup_fn=setup) -> Path:
-    """Run a recipe to the end; returns the run directory (with ``final/``).
+def train(recipe: Recipe) -> Path:
+    """Run a recipe to the end, any method; returns the run directory (with ``final/``).
 
-    ``setup_fn(recipe) -> Run`` is the trainer's setup (the stored-data methods' :func:`setup` by
-    default); everything else is here, once: config.yaml, resume, metrics.jsonl and the trackers,
-    progress, non-finite skipping, checkpoints, validation, ``final/``.
+    Everything but the method's step is here, once: :func:`setup`, config.yaml, resume, metrics.jsonl
+    and the trackers, progress, non-finite skipping, checkpoints, validation, ``final/``.
     """
-    run = setup_fn(recipe)
+    run = setup(recipe)
     cfg, acc = recipe.train, run.accelerator
     if acc.is_main_process:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         recipe.save(run.output_dir / "config.yaml")
-    resumed = _maybe_resume(run)
-    if resumed is not None and run.load_state is not None:
-        run.load_state(resumed)
+    _maybe_resume(run)
 
     metrics_path = run.output_dir / "metrics.jsonl"
     nonfinite_in_a_row, last_checkpoint = 0, run.global_step
     run.progress = tqdm(total=cfg.max_steps, initial=run.global_step, desc="train", disable=not acc.is_main_process)
     with tracking(run):
-        for row, boundary in (run.steps or data_steps)(run):
+        for row, boundary in getattr(run.method, "steps", data_steps)(run):
             if row is not None:
                 nonfinite_in_a_row = 0 if not row["skipped"] else nonfinite_in_a_row + 1
                 if acc.is_main_process:
@@ -165,7 +180,7 @@ def train(recipe: Recipe, *, setup_fn=setup) -> Path:
                                        "learning rate or beta.")
             every = cfg.checkpointing_steps
             if boundary and every and run.global_step // every > last_checkpoint // every:
-                save_checkpoint(run, run.save_state)
+                save_checkpoint(run, getattr(run.method, "save_state", None))
                 last_checkpoint = run.global_step
             if row is not None and cfg.validation_steps and cfg.validation_prompts \
                     and run.global_step % cfg.validation_steps == 0:
@@ -379,7 +394,7 @@ def save_checkpoint(run: Run, write_extra: Callable[[Path], None] | None = None)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     if acc.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"global_step": run.global_step}))
+        (tmp / "trainer_state.json").write_text(json.dumps({"global_step": run.global_step, "epoch": run.epoch}))
         run.backbone.save_trained(tmp)
         if write_extra is not None:
             write_extra(tmp)
@@ -425,7 +440,10 @@ def _maybe_resume(run: Run) -> Path | None:
         if not (ckpt / "trainer_state.json").is_file():
             raise FileNotFoundError(f"{ckpt} is not a diffalign checkpoint (no trainer_state.json)")
     run.accelerator.load_state(str(ckpt))
-    run.global_step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    run.global_step, run.epoch = state["global_step"], state.get("epoch", 0)
+    if hasattr(run.method, "load_state"):
+        run.method.load_state(ckpt)
     metrics = run.output_dir / "metrics.jsonl"
     if run.accelerator.is_main_process and metrics.exists():  # drop lines logged after the checkpoint
         kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= run.global_step]

@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diffalign.objectives import mapo_loss
-from diffalign.trainers.method import Method, StepOutput, TrainBatch, register_method, weighted_mean
+from diffalign.trainers.method import (
+    Method,
+    StepOutput,
+    TrainBatch,
+    register_method,
+    weighted_mean,
+)
 
 
 @dataclass

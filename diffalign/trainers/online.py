@@ -33,7 +33,6 @@ latest`` continues a stopped run to the same weights as an unbroken one.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,11 +49,8 @@ from diffalign.core.sampling import (
     make_sampler,
     sample_trajectory,
 )
-from diffalign.trainers.config import Recipe
 from diffalign.trainers.loop import Run
 from diffalign.trainers.method import StepOutput
-
-ONLINE_STATE = "online_state.json"
 
 
 class StopForInput(RuntimeError):
@@ -172,9 +168,9 @@ class OnlineMethod:
     """Base class of the on-line methods: ``rollout`` (no grad), ``plan`` and ``loss``.
 
     Subclasses register with ``@register_method(name, config, kind="online")`` (a
-    :class:`RolloutConfig` subclass; :func:`diffalign.trainers.online.train` runs them) and implement
-    :meth:`rollout` and :meth:`loss`; :meth:`plan` defaults to shuffled units × shuffled
-    stochastic steps (:func:`trajectory_plan`).
+    :class:`RolloutConfig` subclass) and implement :meth:`rollout` and :meth:`loss`; :meth:`plan`
+    defaults to shuffled units × shuffled stochastic steps (:func:`trajectory_plan`). The one training
+    loop (:func:`diffalign.trainers.loop.train`) runs them through :meth:`steps`.
     """
 
     name: ClassVar[str]
@@ -194,6 +190,15 @@ class OnlineMethod:
                                              reduction=config.reduction)
         if self.trains_on_steps:
             trainable_steps(self.sampler)  # fail now, not after the first rollout
+
+    # ---- the engine's hooks (diffalign.trainers.loop.setup / train)
+    def training_data(self, run: Run) -> None:
+        """No stored batch source: the method samples its own (its prompts are in its config)."""
+        return None
+
+    def steps(self, run: Run) -> Iterator[tuple[dict | None, bool]]:
+        """The run's step source: :func:`rollout_steps`."""
+        return rollout_steps(run)
 
     # ---- per epoch
     def rollout(self, run: Run, epoch: int) -> Rollout:
@@ -290,41 +295,7 @@ def trajectory_plan(num_units: int, batch_size: int, grad_accum: int, steps: tor
     return plan
 
 
-# ---------------------------------------------------------------------------------------- the loop
-def setup(recipe: Recipe, accelerator=None) -> Run:
-    """Backbone with its LoRA, the method (sampler, reward, prompts) and the optimizer, built with
-    the offline loop's helpers; the run's step source is :func:`rollout_steps`, and its checkpoints
-    carry the epoch counter and the method's state."""
-    from diffalign.trainers.loop import setup_backbone, setup_optimizer
-
-    accelerator, backbone = setup_backbone(recipe, accelerator)
-    method = recipe.method.build(backbone)
-    if not isinstance(method, OnlineMethod):
-        raise ValueError(f"method {recipe.method['name']!r} is not an on-line method")
-    optimizer, lr_scheduler = setup_optimizer(recipe, accelerator, backbone)
-    run = Run(recipe, accelerator, backbone, method, None, optimizer, lr_scheduler, Path(recipe.train.output_dir),
-              steps=rollout_steps)
-
-    def save_state(folder: Path) -> None:
-        (folder / ONLINE_STATE).write_text(json.dumps({"epoch": run.epoch, "global_step": run.global_step}))
-        run.method.save_state(folder)
-
-    def load_state(folder: Path) -> None:
-        run.epoch = json.loads((folder / ONLINE_STATE).read_text())["epoch"]
-        run.method.load_state(folder)
-
-    run.save_state, run.load_state = save_state, load_state
-    method.prepare(run)
-    return run
-
-
-def train(recipe: Recipe) -> Path:
-    """Run an on-line recipe to the end on the one training loop; returns the run directory."""
-    from diffalign.trainers.loop import train as loop_train
-
-    return loop_train(recipe, setup_fn=setup)
-
-
+# ---------------------------------------------------------------------------------------- the steps
 def rollout_steps(run: Run) -> Iterator[tuple[dict | None, bool]]:
     """The on-line step source: per epoch, a rollout with the current policy, then the method's inner
     epochs of optimizer steps on it (each yields its metrics row), then ``end_epoch``; a checkpoint may

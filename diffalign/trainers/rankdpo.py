@@ -8,7 +8,13 @@ import torch
 
 from diffalign.core.likelihood import elbo_loglik
 from diffalign.objectives.ranked import exponential_gains, ranked_dpo_loss
-from diffalign.trainers.method import Method, StepOutput, TrainBatch, register_method, weighted_mean
+from diffalign.trainers.method import (
+    Method,
+    StepOutput,
+    TrainBatch,
+    register_method,
+    weighted_mean,
+)
 
 GAINS = ("scores", "ranks")
 

@@ -11,13 +11,13 @@ with its config dataclass and the kind of step it needs (:data:`KINDS`); the dec
 it fills live in :mod:`diffalign.trainers.method`, below every method. This module sits above them:
 it imports every module that defines methods (the one place that lists them), turns a recipe's
 ``method`` section into that method's typed config when the recipe loads (:func:`load_recipe`, before
-any model loads), and runs a recipe with the trainer of its method's kind (:func:`run_recipe`).
+any model loads), and runs a recipe on the one training loop (:func:`run_recipe`).
 Imports run one way: ``cli → registry → engine (loop, online, ...) → core / objectives → models``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,6 @@ import diffalign.trainers.sft  # noqa: F401
 import diffalign.trainers.smpo  # noqa: F401
 import diffalign.trainers.tpo  # noqa: F401
 from diffalign.recipes import apply_overrides, resolve_recipe
-from diffalign.text import trainer as text_trainer
 from diffalign.trainers import backprop, d3po, ddpo, densedpo, loop, online, seppo  # noqa: F401
 from diffalign.trainers.config import (
     ConfigError,
@@ -50,14 +49,6 @@ from diffalign.trainers.config import (
     check_ranges,
 )
 from diffalign.trainers.method import KINDS, REGISTERED, MethodEntry, register_method
-
-TRAINERS: dict[str, Callable[[Recipe], Path]] = {
-    "offline": loop.train,
-    "online": online.train,
-    "backprop": backprop.train,
-    "video": densedpo.train,
-    "text": text_trainer.train,
-}
 
 
 def methods(kind: str | None = None) -> dict[str, MethodEntry]:
@@ -133,16 +124,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     return recipe_from_dict(apply_overrides(raw, overrides or []))
 
 
-def trainer_for(kind: str) -> Callable[[Recipe], Path]:
-    """The ``train(recipe) -> run dir`` function that runs methods of ``kind``."""
-    if kind not in TRAINERS:
-        raise ValueError(f"unknown method kind {kind!r}; choose from {sorted(KINDS)}")
-    return TRAINERS[kind]
-
-
 def run_recipe(recipe: Recipe) -> Path:
-    """Train ``recipe`` with the trainer of its method's kind; returns the run directory."""
-    return trainer_for(recipe.method.kind)(recipe)
+    """Train ``recipe`` on the one training loop (:func:`diffalign.trainers.loop.train`; the method's kind
+    and hooks decide its model, batch source and step source); returns the run directory."""
+    return loop.train(recipe)
 
 
 def plan(recipe: Recipe) -> str:
@@ -218,5 +203,5 @@ def plan(recipe: Recipe) -> str:
     return text + "\ndry run: the recipe is valid and its paths exist; nothing was trained"
 
 
-__all__ = ["KINDS", "MethodEntry", "TRAINERS", "build_config", "build_method", "get_method", "load_recipe",
-           "method_section", "methods", "plan", "recipe_from_dict", "register_method", "run_recipe", "trainer_for"]
+__all__ = ["KINDS", "MethodEntry", "build_config", "build_method", "get_method", "load_recipe",
+           "method_section", "methods", "plan", "recipe_from_dict", "register_method", "run_recipe"]

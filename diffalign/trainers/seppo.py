@@ -62,7 +62,13 @@ from diffalign.core.sampling import sample_trajectory
 from diffalign.models.base import Conditioning
 from diffalign.objectives.online import seppo_loss
 from diffalign.trainers.method import StepOutput, register_method
-from diffalign.trainers.online import Micro, OnlineMethod, Rollout, RolloutConfig, load_prompts
+from diffalign.trainers.online import (
+    Micro,
+    OnlineMethod,
+    Rollout,
+    RolloutConfig,
+    load_prompts,
+)
 
 REFERENCE_SELECTIONS = ("random", "latest", "initial")
 

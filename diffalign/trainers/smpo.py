@@ -9,7 +9,14 @@ import torch
 from diffalign.core.likelihood import elbo_loglik
 from diffalign.objectives import dpo_loss
 from diffalign.objectives.ranked import smoothed_beta_scale
-from diffalign.trainers.method import Method, StepOutput, TrainBatch, dpo_metrics, register_method, weighted_mean
+from diffalign.trainers.method import (
+    Method,
+    StepOutput,
+    TrainBatch,
+    dpo_metrics,
+    register_method,
+    weighted_mean,
+)
 
 PICKSCORE_MIN, PICKSCORE_MAX = 0.11543526, 0.28201571  # the original's normalisation of PickScore/100
 

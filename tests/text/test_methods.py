@@ -8,10 +8,10 @@ import torch
 from text_helpers import make_model, make_tokenizer
 
 from diffalign.objectives import dpo_loss, orpo_loss
+from diffalign.text.batches import TextData
 from diffalign.text.data import preference_example
-from diffalign.trainers.registry import build_method
 from diffalign.text.model import CausalLM
-from diffalign.text.trainer import TextData
+from diffalign.trainers.registry import build_method
 
 ROWS = [
     {"prompt": "a photo of", "chosen": " a red circle", "rejected": " two squares"},

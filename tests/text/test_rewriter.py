@@ -7,7 +7,12 @@ from text_helpers import make_model, make_tokenizer
 from diffalign.text.llm_perturb import LLMPerturber, changed_words, is_minimal_edit
 from diffalign.text.model import CausalLM
 from diffalign.text.pairs import candidate_lists, select_pairs, semantic_weights
-from diffalign.text.rewriter import PromptRewriter, RewriteConfig, clean_rewrite, stop_token_ids
+from diffalign.text.rewriter import (
+    PromptRewriter,
+    RewriteConfig,
+    clean_rewrite,
+    stop_token_ids,
+)
 
 
 def _rewriter(chat=True, **kw):
@@ -113,8 +118,8 @@ def test_llm_perturbation_falls_back_to_rules_when_the_edit_is_not_minimal():
 
 def test_llm_perturbation_accepts_a_minimal_llm_edit(tmp_path):
     """An LM trained to answer with the edited caption is taken at its word (source 'llm')."""
-    from diffalign.text.trainer import train
     from diffalign.trainers.registry import recipe_from_dict
+    from diffalign.trainers.registry import run_recipe as train
 
     tok = make_tokenizer()
     make_model(tok).save_pretrained(tmp_path / "lm")

@@ -4,11 +4,12 @@ import math
 import pytest
 import torch
 
+from diffalign.text.batches import TextData
 from diffalign.text.data import load_examples
 from diffalign.text.methods import build_text_method
 from diffalign.text.model import CausalLM
-from diffalign.text.trainer import TextData, train
 from diffalign.trainers.registry import method_section, recipe_from_dict
+from diffalign.trainers.registry import run_recipe as train
 
 PAIRS = [
     {"prompt": "a photo of", "chosen": " a red circle", "rejected": " a blue square"},
@@ -123,11 +124,12 @@ def test_text_recipe_errors(tiny_lm_dir, pairs_file, tmp_path):
 
 def test_diffalign_train_runs_a_text_recipe(tiny_lm_dir, pairs_file, tmp_path):
     from diffalign.cli import main
-    from diffalign.text import trainer
-    from diffalign.trainers.registry import methods, trainer_for
+    from diffalign.text.methods import TextMethod
+    from diffalign.trainers.registry import methods
 
     assert set(methods("text")) == {"text-sft", "text-dpo", "text-kto", "text-simpo", "text-orpo"}
-    assert trainer_for("text") is trainer.train  # `diffalign train` routes text methods to the text trainer
+    # the one loop runs them: the engine takes their model and data from the text methods' hooks
+    assert all(issubclass(e.method_class, TextMethod) for e in methods("text").values())
     out = tmp_path / "run"
     assert main(["train", "-", f"--model.pretrained={tiny_lm_dir}", "--model.lora_rank=4", f"--data.source={pairs_file}",
                  "--data.format=trl", "--method.name=text-dpo", "--train.max_steps=1", "--train.batch_size=2",

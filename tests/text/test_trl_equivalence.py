@@ -21,11 +21,10 @@ pytest.importorskip("trl", reason="TRL is the reference of these tests: pip inst
 pytest.importorskip("datasets", reason="TRL's trainers need the datasets library")
 
 from datasets import Dataset  # noqa: E402
-
+from diffalign.text.batches import TextData  # noqa: E402
 from diffalign.text.data import completion_example, preference_example  # noqa: E402
-from diffalign.trainers.registry import build_method  # noqa: E402
 from diffalign.text.model import CausalLM  # noqa: E402
-from diffalign.text.trainer import TextData  # noqa: E402
+from diffalign.trainers.registry import build_method  # noqa: E402
 
 MAX_LENGTH = 96
 PLAIN = [  # uneven prompt and completion lengths
@@ -56,9 +55,9 @@ def _unpaired(rows: list[dict]) -> list[dict]:
 
 def _qwen_like():
     """A Qwen2-style pair: no BOS, EOS = the template's end of turn ``<|end|>``, a tiny Qwen2ForCausalLM."""
+    from text_helpers import CHAT_TEMPLATE, WORDS
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-    from text_helpers import CHAT_TEMPLATE, WORDS
 
     special = ["<pad>", "<unk>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
     vocab = {w: i for i, w in enumerate(dict.fromkeys(special + list(WORDS)))}

@@ -95,10 +95,11 @@ def test_run_writes_the_run_dir_and_the_lora_loads_in_plain_diffusers(method, ti
 
 def test_train_dispatches_backprop_methods_and_rejects_unknown_options(tiny_models, tmp_path, capsys):
     from diffalign.trainers import backprop
-    from diffalign.trainers.registry import get_method, trainer_for
+    from diffalign.trainers.registry import get_method
 
     assert set(METHODS) == {"alignprop", "draft", "draft-lv", "refl"}
-    assert {get_method(m).kind for m in METHODS} == {"backprop"} and trainer_for("backprop") is backprop.train
+    assert {get_method(m).kind for m in METHODS} == {"backprop"}
+    assert all(issubclass(get_method(m).method_class, backprop.RewardBackprop) for m in METHODS)
     # config errors: one line on stderr, exit status 2, before any model loads
     assert main(_args(tiny_models["sd"], tmp_path / "x", "draft", "--method.kk=1", "--train.max_steps=1")) == 2
     assert re.search(r"unknown option.*'kk'", capsys.readouterr().err)

@@ -2,7 +2,12 @@ import math
 
 import pytest
 import torch
-from structured_helpers import beta_scaled_tolerance, group_batch, move_lora, tiny_backbone
+from structured_helpers import (
+    beta_scaled_tolerance,
+    group_batch,
+    move_lora,
+    tiny_backbone,
+)
 
 from diffalign.core.likelihood import denoising_error
 from diffalign.trainers import build_method
@@ -35,8 +40,8 @@ def dcpo_parquet(tmp_path_factory):
 
 
 def test_target_is_v_on_a_v_prediction_model_and_loser_captions_condition_the_losers(vpred, dcpo_parquet, tmp_path):
-    from diffalign.trainers.registry import recipe_from_dict
     from diffalign.trainers.data import load_training_data
+    from diffalign.trainers.registry import recipe_from_dict
 
     recipe = recipe_from_dict({"data": {"source": str(dcpo_parquet), "resolution": 32},
                                "train": {"batch_size": 2, "output_dir": str(tmp_path)}})

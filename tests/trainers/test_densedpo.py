@@ -12,13 +12,13 @@ from diffalign.cli import main
 from diffalign.data.video import read_video_pairs, save_clip
 from diffalign.models import load_backbone
 from diffalign.trainers import METHODS, build_method, run_recipe
-from diffalign.trainers.registry import recipe_from_dict
 from diffalign.trainers.densedpo import (
     DenseDPOConfig,
     VideoPairData,
     densedpo_loss,
     segment_errors,
 )
+from diffalign.trainers.registry import recipe_from_dict
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +56,10 @@ def pair_dir(tmp_path_factory, wan_folder):
 def test_registered_with_a_recipe():
     from pathlib import Path
 
-    from diffalign.trainers.registry import load_recipe
-
     from diffalign.trainers import densedpo
-    from diffalign.trainers.registry import get_method, trainer_for
+    from diffalign.trainers.registry import get_method, load_recipe
 
-    assert "densedpo" in METHODS and get_method("densedpo").kind == "video" and trainer_for("video") is densedpo.train
+    assert "densedpo" in METHODS and get_method("densedpo").kind == "video" and hasattr(densedpo.DenseDPO, "load_model")
     recipe = load_recipe(Path(__file__).resolve().parents[2] / "pipelines" / "wan-densedpo.yaml")
     assert recipe.data.format == "video-segments" and recipe.model.pretrained.startswith("Wan-AI/")
     spec = dict(recipe.method)

@@ -8,8 +8,8 @@ import torch
 from structured_helpers import group_batch, tiny_backbone
 
 from diffalign.trainers import build_method
-from diffalign.trainers.registry import recipe_from_dict
 from diffalign.trainers.data import load_training_data
+from diffalign.trainers.registry import recipe_from_dict
 
 PROMPTS = [["a red hat", "a blue cat", "a dog"], ["a red cap", "a blue dog", "a cat"]]
 

@@ -11,7 +11,12 @@ from run_helpers import PROMPTS, read_metrics
 
 from diffalign.cli import main
 from diffalign.core.likelihood import elbo_loglik
-from diffalign.objectives.online import d3po_loss, group_advantages, ppo_clip_loss, seppo_loss
+from diffalign.objectives.online import (
+    d3po_loss,
+    group_advantages,
+    ppo_clip_loss,
+    seppo_loss,
+)
 from diffalign.trainers.d3po import pairs_from_label_files
 from diffalign.trainers.ddpo import PerPromptStatTracker
 from diffalign.trainers.online import trajectory_plan
@@ -163,7 +168,7 @@ def test_grpo_run_writes_the_run_and_lora_loads_in_diffusers(tiny_models, tmp_pa
     assert (out / "config.yaml").is_file()
     for step in (2, 4):
         ckpt = out / "checkpoints" / f"step-{step}"
-        assert json.loads((ckpt / "online_state.json").read_text()) == {"epoch": step // 2, "global_step": step}
+        assert json.loads((ckpt / "trainer_state.json").read_text()) == {"epoch": step // 2, "global_step": step}
         assert (ckpt / "pytorch_lora_weights.safetensors").is_file()
 
     pipe = DiffusionPipeline.from_pretrained(tiny_models["sd"])
@@ -220,7 +225,8 @@ def _count_denoiser_calls(backbone):
 def test_stored_log_probs_are_reused(tiny_models, tmp_path, method, extra, per_micro):
     """Before any update the rollout's log-probs serve as the old policy (PPO) and as the reference
     (D3PO): one denoiser call per micro-batch, none for the reference; the ratio is exactly 1."""
-    from diffalign.trainers.online import epoch_plans, online_step, run_rollout, setup
+    from diffalign.trainers.loop import setup
+    from diffalign.trainers.online import epoch_plans, online_step, run_rollout
     from diffalign.trainers.registry import load_recipe
 
     args = _args(tiny_models["sd"], tmp_path / "run", method, *extra, "--train.max_steps=4")

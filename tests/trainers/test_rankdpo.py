@@ -45,8 +45,8 @@ def ranked_jsonl(tmp_path_factory):
 
 
 def test_ranked_lists_become_rank_major_batches(backbone, ranked_jsonl, tmp_path):
-    from diffalign.trainers.registry import recipe_from_dict
     from diffalign.trainers.data import load_training_data
+    from diffalign.trainers.registry import recipe_from_dict
 
     recipe = recipe_from_dict({"data": {"source": str(ranked_jsonl), "format": "ranked", "resolution": 32},
                                "train": {"batch_size": 2, "output_dir": str(tmp_path)}})

@@ -6,7 +6,14 @@ import sys
 
 import pytest
 
-from diffalign.trainers.registry import KINDS, build_method, get_method, methods, register_method, run_recipe
+from diffalign.trainers.registry import (
+    KINDS,
+    build_method,
+    get_method,
+    methods,
+    register_method,
+    run_recipe,
+)
 
 EXPECTED_KINDS = {
     "offline": {"diffusion-dpo", "mapo", "kto", "sft", "inpo", "inversion-dpo", "smpo", "rankdpo", "dcpo", "tpo"},
@@ -45,20 +52,21 @@ def test_register_method_refuses_an_unknown_kind_and_a_taken_name():
     assert get_method("mapo").method_class.__name__ == "MaPO"
 
 
-@pytest.mark.parametrize("name, module", [("diffusion-dpo", "diffalign.trainers.loop"),
-                                          ("grpo", "diffalign.trainers.online"),
-                                          ("draft", "diffalign.trainers.backprop"),
-                                          ("densedpo", "diffalign.trainers.densedpo"),
-                                          ("text-dpo", "diffalign.text.trainer")])
-def test_run_recipe_routes_by_kind(name, module, monkeypatch):
-    import importlib
-
-    from diffalign.trainers import registry
+@pytest.mark.parametrize("name, model_hook, steps_hook", [
+    ("diffusion-dpo", None, None), ("grpo", None, "rollout_steps"), ("draft", None, None),
+    ("densedpo", "DenseDPO.load_model", None), ("text-dpo", "TextMethod.load_model", None)])
+def test_every_kind_runs_on_the_one_loop_through_its_hooks(name, model_hook, steps_hook, monkeypatch):
+    from diffalign.trainers import loop
     from diffalign.trainers.registry import load_recipe
 
-    kind = get_method(name).kind
-    assert registry.trainer_for(kind) is importlib.import_module(module).train
-    monkeypatch.setitem(registry.TRAINERS, kind, lambda recipe: ("ran", recipe.method["name"]))
+    cls = get_method(name).method_class
+    loader = getattr(cls, "load_model", loop.load_backbone_for_training)
+    assert (loader is loop.load_backbone_for_training) == (model_hook is None)
+    if model_hook:
+        assert loader.__qualname__ == model_hook
+    steps = getattr(cls, "steps", None)
+    assert (steps is None) == (steps_hook is None)  # None: the engine's data_steps
+    monkeypatch.setattr(loop, "train", lambda recipe: ("ran", recipe.method["name"]))
     assert run_recipe(load_recipe(None, [f"method.name={name}"])) == ("ran", name)
 
 

@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 from structured_helpers import (
-    assert_ln2_at_init_with_gradient, beta_scaled_tolerance, group_batch, lora_grad_norm, move_lora, swap_groups,
+    assert_ln2_at_init_with_gradient,
+    beta_scaled_tolerance,
+    group_batch,
+    lora_grad_norm,
+    move_lora,
+    swap_groups,
     tiny_backbone,
 )
 

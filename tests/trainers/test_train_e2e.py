@@ -79,8 +79,8 @@ def test_resume_latest_gives_the_same_weights(tiny_models, pair_parquet, tmp_pat
 def test_swapped_labels_move_the_margin_the_other_way(tiny_models, pair_parquet, swapped_parquet, tmp_path):
     """Train on pairs, and on the same pairs reversed: the implicit reward margin on the original pairs
     (measured with the trained LoRA against the base) has opposite signs."""
-    from diffalign.trainers.registry import load_recipe
     from diffalign.trainers.loop import setup
+    from diffalign.trainers.registry import load_recipe
 
     margins = {}
     for name, data in (("orig", pair_parquet), ("swapped", swapped_parquet)):

@@ -1,4 +1,6 @@
-"""Text methods on the shared accelerate loop: ``train(recipe)`` = ``loop.train(recipe, setup_fn=setup)``.
+"""The text side's batch source and model for the one training loop (:func:`diffalign.trainers.loop.train`):
+:class:`TextData` (tokenised examples, run position → :class:`TextBatch`) and :func:`load_lm_for_training`,
+which the text methods' hooks (:class:`diffalign.text.methods.TextMethod`) hand to the engine.
 
 A text recipe reads like an image one::
 
@@ -16,17 +18,36 @@ in the run)`` only, so a resumed run sees the same data as an unbroken one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from diffalign.core.positions import EpochOrder, micro_batch_positions
 from diffalign.text.data import CompletionExample, PreferenceExample, load_examples
-from diffalign.text.logprobs import collate, tokenize_completion, tokenize_example
-from diffalign.text.methods import TextBatch, TextMethod, build_text_method
+from diffalign.text.logprobs import (
+    TokenBatch,
+    collate,
+    tokenize_completion,
+    tokenize_example,
+)
 from diffalign.trainers.config import Recipe
 
 TEXT_DATA_FORMATS = ("trl",)
+
+
+@dataclass
+class TextBatch:
+    """One micro-batch of tokenised rows.
+
+    * ``tokens``: pairs ``[chosen (B); rejected (B)]``; feedback ``[completions (B); mismatched
+      completions (B)]`` (row ``B+i`` is prompt ``i`` with completion ``i−1``: KTO's KL estimate);
+      completion (SFT) ``[B]``. Each tensor ``[N, S]``.
+    * ``weights``: ``[B]`` per-pair (per-sample) loss weights.
+    * ``desirable``: ``[B]`` bool (KTO only).
+    """
+
+    tokens: TokenBatch
+    weights: torch.Tensor
+    desirable: torch.Tensor | None = None
 
 
 @dataclass
@@ -103,12 +124,11 @@ class TextData:
         return TextBatch(collate(rows + kl_rows, pad, self.max_length), weights, desirable)
 
 
-def setup(recipe: Recipe, accelerator=None):
-    """Model (+ LoRA or a frozen reference copy), method, tokenised data, optimizer: a loop ``Run``."""
-    from accelerate.utils import set_seed
-
+def load_lm_for_training(recipe: Recipe, accelerator, method_class) -> object:
+    """The recipe's causal LM (:class:`~diffalign.text.model.CausalLM`) on the accelerator's device: the
+    method's dropout setting, then a LoRA (the adapter-off model is the reference), or full fine-tuning
+    (a frozen copy as the reference when the method has one), and gradient checkpointing if asked."""
     from diffalign.text.model import CausalLM
-    from diffalign.trainers.loop import Run, make_accelerator, setup_optimizer
 
     cfg = recipe.train
     if cfg.validation_prompts:
@@ -119,39 +139,35 @@ def setup(recipe: Recipe, accelerator=None):
                          f"(got {recipe.data.format!r})")
     if not recipe.model.pretrained:
         raise ValueError("model.pretrained must name a causal LM (hub id or local folder)")
-    accelerator = accelerator or make_accelerator(recipe)
-    set_seed(cfg.seed)
     lm = CausalLM.from_pretrained(recipe.model.pretrained, revision=recipe.model.revision)
-    method: TextMethod = build_text_method(recipe.method, lm)
-    if method.config.disable_dropout:
+    if recipe.method.config.disable_dropout:
         lm.disable_dropout()
     lm.to(accelerator.device)
     if recipe.model.lora_rank > 0:
         lm.add_lora(rank=recipe.model.lora_rank, alpha=recipe.model.lora_alpha,
                     target_modules=recipe.model.lora_target_modules)
-    elif method.uses_reference:
+    elif method_class.uses_reference:
         lm.enable_full_finetune()
     else:
         lm.raw_model.requires_grad_(True)
     if recipe.model.gradient_checkpointing:
         lm.enable_gradient_checkpointing()
+    return lm
+
+
+def load_text_data(recipe: Recipe, method, tokenizer, accelerator=None) -> TextData:
+    """The recipe's TRL-format examples of the method's ``data_kind``, tokenised as the method's TRL trainer
+    does (rows whose prompt fills ``max_length`` are dropped, and reported)."""
+    cfg = recipe.train
     examples = load_examples(recipe.data.source, method.data_kind, split=recipe.data.split,
                              max_samples=recipe.data.max_samples)
-    data = TextData.build(examples, method.data_kind, lm.tokenizer, max_length=method.config.max_length,
+    data = TextData.build(examples, method.data_kind, tokenizer, max_length=method.config.max_length,
                           batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                           seed=cfg.seed, tokenization=method.tokenization)
-    if data.dropped and accelerator.is_main_process:
+    if data.dropped and (accelerator is None or accelerator.is_main_process):
         print(f"dropped {data.dropped} example(s) whose prompt fills max_length={method.config.max_length}")
-    optimizer, lr_scheduler = setup_optimizer(recipe, accelerator, lm)
-    return Run(recipe, accelerator, lm, method, data, optimizer, lr_scheduler, Path(cfg.output_dir))
+    return data
 
 
-def train(recipe: Recipe) -> Path:
-    """Train a text recipe (a method registered with ``kind="text"``) to the end;
-    returns the run directory (``final/`` holds the adapter or model and the tokenizer)."""
-    from diffalign.trainers.loop import train as loop_train
-
-    return loop_train(recipe, setup_fn=setup)
-
-
-__all__ = ["TextData", "setup", "train", "PreferenceExample", "CompletionExample"]
+__all__ = ["TextBatch", "TextData", "load_lm_for_training", "load_text_data", "PreferenceExample",
+           "CompletionExample"]
