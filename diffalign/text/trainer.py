@@ -109,6 +109,7 @@ def setup(recipe: Recipe, accelerator=None):
     from accelerate.utils import set_seed
 
     from diffalign.text.model import CausalLM
+    from diffalign.trainers.distributed import no_zero3_init
     from diffalign.trainers.loop import Run, make_accelerator, setup_optimizer
 
     cfg = recipe.train
@@ -122,7 +123,8 @@ def setup(recipe: Recipe, accelerator=None):
         raise ValueError("model.pretrained must name a causal LM (hub id or local folder)")
     accelerator = accelerator or make_accelerator(recipe)
     set_seed(cfg.seed)
-    lm = CausalLM.from_pretrained(recipe.model.pretrained, revision=recipe.model.revision)
+    with no_zero3_init(accelerator):  # whole, as the reference copy must be; prepare shards the policy
+        lm = CausalLM.from_pretrained(recipe.model.pretrained, revision=recipe.model.revision)
     method: TextMethod = build_text_method(recipe.method, lm)
     if method.config.disable_dropout:
         lm.disable_dropout()
