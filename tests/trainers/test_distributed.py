@@ -43,10 +43,14 @@ def _common(tiny_models, pair_parquet, steps=2):
             "--train.learning_rate=1e-3", "--model.lora_rank=4"]
 
 
-def _lora(run_dir):
+def _lora_file(folder):
     from safetensors.torch import load_file
 
-    return load_file(str(run_dir / "final" / "pytorch_lora_weights.safetensors"))
+    return load_file(str(folder / "pytorch_lora_weights.safetensors"))
+
+
+def _lora(run_dir):
+    return _lora_file(run_dir / "final")
 
 
 def _assert_same_lora(got, want, rtol=1e-4, atol=1e-6):
@@ -212,3 +216,57 @@ def test_accelerate_launch_cpu_prints_the_warning(tiny_models, pair_parquet, tmp
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stderr.splitlines() if "accelerate launch --cpu" in line]
     assert len(lines) == 1 and "torchrun --nproc_per_node=N" in lines[0]
+
+
+FSDP_WORKER = '''
+import sys
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from diffusers.models.attention import BasicTransformerBlock
+from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+from diffalign.models import load_backbone
+
+model_dir, out_dir = sys.argv[1], sys.argv[2]
+dist.init_process_group("gloo")
+backbone = load_backbone(model_dir)
+backbone.add_lora(rank=4)
+with torch.no_grad():  # the same "trained" LoRA on both processes
+    g = torch.Generator().manual_seed(0)
+    for name, p in backbone.raw_denoiser.named_parameters():
+        if "lora_" in name:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+if dist.get_rank() == 0:
+    backbone.save_trained(out_dir + "/unsharded")
+# what accelerate's prepare does under FSDP1 with TRANSFORMER_BASED_WRAP and use_orig_params
+backbone.denoiser = FSDP(backbone.raw_denoiser, use_orig_params=True, device_id=torch.device("cpu"),
+                         auto_wrap_policy=partial(transformer_auto_wrap_policy,
+                                                  transformer_layer_cls={BasicTransformerBlock}))
+assert any("_fsdp_wrapped_module." in n for n, _ in backbone.raw_denoiser.named_parameters())
+# what accelerator.get_state_dict does under FSDP1
+with FSDP.state_dict_type(backbone.denoiser, StateDictType.FULL_STATE_DICT,
+                          FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+    gathered = backbone.denoiser.state_dict()
+if dist.get_rank() == 0:
+    backbone.save_trained(out_dir + "/sharded", state_dict=gathered)
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_fsdp_gathered_state_dict_saves_the_unsharded_lora_on_cpu(tiny_models, tmp_path):
+    """torch FSDP itself runs on CPU (gloo), though accelerate does not put it there: a LoRA UNet
+    auto-wrapped per transformer block, gathered as ``accelerator.get_state_dict`` gathers it, saves
+    the LoRA of the unwrapped model, which plain diffusers loads."""
+    worker = tmp_path / "fsdp_worker.py"
+    worker.write_text(FSDP_WORKER)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
+                    str(worker), str(tiny_models["sd"]), str(tmp_path)], check=True,
+                   env={**os.environ, **CPU_ENV})
+    _assert_same_lora(_lora_file(tmp_path / "sharded"), _lora_file(tmp_path / "unsharded"), rtol=0, atol=0)
+    _loads_in_plain_diffusers(tiny_models["sd"], tmp_path / "sharded")
