@@ -34,7 +34,7 @@ WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_or
 parameter names; a gathered full state dict names the weights without them."""
 
 
-def _adapter_entries(raw: torch.nn.Module, state_dict: dict[str, torch.Tensor],
+def adapter_state_dict(raw: torch.nn.Module, state_dict: dict[str, torch.Tensor],
                      adapter: str = "default") -> dict[str, torch.Tensor]:
     """The LoRA entries of a gathered full ``state_dict``, keyed as peft's ``get_peft_model_state_dict``
     keys them (the adapter name dropped).
@@ -336,7 +336,7 @@ class Backbone:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            layers = get_peft_model_state_dict(raw) if state_dict is None else _adapter_entries(raw, state_dict)
+            layers = get_peft_model_state_dict(raw) if state_dict is None else adapter_state_dict(raw, state_dict)
             if self.denoiser_name == "unet":  # diffusers' UNet scripts convert; its SD3 scripts keep peft names
                 layers = convert_state_dict_to_diffusers(layers)
             layers = {k: v.detach().cpu().contiguous() for k, v in layers.items()}

@@ -145,17 +145,17 @@ def test_gathered_lora_entries_are_peft_s_own(backbone, perturb_lora):
     picks them from the live module, and a missing one is an error, not a silently empty file."""
     from peft.utils import get_peft_model_state_dict
 
-    from diffalign.models.backbone import _adapter_entries
+    from diffalign.models.backbone import adapter_state_dict
 
     backbone.add_lora(rank=4)
     perturb_lora(backbone)
     raw = backbone.raw_denoiser
     full = {k: v.clone() for k, v in raw.state_dict().items()}
     want = get_peft_model_state_dict(raw)
-    got = _adapter_entries(raw, full)
+    got = adapter_state_dict(raw, full)
     assert sorted(got) == sorted(want)
     for key in want:
         torch.testing.assert_close(got[key], want[key])
     lora_key = next(k for k in full if "lora_B" in k)
     with pytest.raises(KeyError, match="lacks the LoRA weights"):
-        _adapter_entries(raw, {k: v for k, v in full.items() if k != lora_key})
+        adapter_state_dict(raw, {k: v for k, v in full.items() if k != lora_key})
