@@ -115,6 +115,8 @@ def configure_deepspeed(accelerator, train) -> None:
         return
     plugin = accelerator.state.deepspeed_plugin
     apply_deepspeed_settings(plugin.deepspeed_config, deepspeed_settings(train, accelerator.num_processes))
+    # accelerate compares its own count with DeepSpeed's at prepare; under DeepSpeed it only tells the engine
+    accelerator.gradient_accumulation_steps = int(train.gradient_accumulation_steps)
 
 
 # ---------------------------------------------------------------- launch check

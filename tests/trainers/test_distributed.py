@@ -270,3 +270,20 @@ def test_fsdp_gathered_state_dict_saves_the_unsharded_lora_on_cpu(tiny_models, t
                    env={**os.environ, **CPU_ENV})
     _assert_same_lora(_lora_file(tmp_path / "sharded"), _lora_file(tmp_path / "unsharded"), rtol=0, atol=0)
     _loads_in_plain_diffusers(tiny_models["sd"], tmp_path / "sharded")
+
+
+@pytest.mark.slow
+def test_deepspeed_resume_latest_gives_the_unbroken_run(tiny_models, pair_parquet, tmp_path):
+    """A ZeRO-2 run stopped after step 2 and resumed (accelerate loads the engine's checkpoint; the
+    trainable-weights hooks stand aside) ends with the LoRA of the unbroken 3-step run."""
+    pytest.importorskip("deepspeed", reason="deepspeed not installed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_DEEPSPEED": "true",
+           "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29525",
+              "-m", "diffalign.cli"]
+    common = _common(tiny_models, pair_parquet, steps=3) + ["--train.checkpointing_steps=2"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    subprocess.run([*launch, *common, f"--train.output_dir={whole}"], check=True, env=env)
+    subprocess.run([*launch, *common, f"--train.output_dir={parts}", "--train.max_steps=2"], check=True, env=env)
+    subprocess.run([*launch, *common, f"--train.output_dir={parts}", "--resume", "latest"], check=True, env=env)
+    _assert_same_lora(_lora(parts), _lora(whole), rtol=0, atol=0)
