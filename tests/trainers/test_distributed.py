@@ -1,5 +1,12 @@
-"""Two CPU processes (torchrun, gloo DDP) follow the same loss curve as one process with twice the
-gradient accumulation: same examples, same noise, same averaged gradients."""
+"""Distributed runs through accelerate.
+
+* DDP: two CPU processes (torchrun, gloo) follow the same loss curve as one process with twice the
+  gradient accumulation: same examples, same noise, same averaged gradients.
+* FSDP: end to end on 2 GPUs (accelerate runs no FSDP on CPU: the test says so and skips); on CPU,
+  torch FSDP's gathered state dict saves what the unsharded model saves.
+* DeepSpeed ZeRO-2/3 (where deepspeed is installed): one CPU process gives the plain run's LoRA.
+* Units: DeepSpeed's config from the recipe, the warning when fewer processes run than were asked.
+"""
 
 import json
 import os
@@ -7,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 @pytest.mark.slow
@@ -54,8 +62,6 @@ def _lora(run_dir):
 
 
 def _assert_same_lora(got, want, rtol=1e-4, atol=1e-6):
-    import torch
-
     assert sorted(got) == sorted(want)
     for key in want:
         torch.testing.assert_close(got[key].float(), want[key].float(), rtol=rtol, atol=atol, msg=key)
@@ -92,8 +98,6 @@ def test_fsdp_two_processes_save_the_unsharded_lora(tiny_models, pair_parquet, t
     """A 2-step LoRA Diffusion-DPO run under FSDP (2 processes) writes the same ``final/`` LoRA as the
     run without FSDP (1 process, 2× accumulation), and plain diffusers loads it. Runs on 2 GPUs, or on
     CPU processes where accelerate runs FSDP there."""
-    import torch
-
     device_env = {"OMP_NUM_THREADS": "1"} if torch.cuda.device_count() >= 2 else CPU_ENV
     kind = _accelerate_kind({**device_env, **FSDP_ENV})
     if kind != "DistributedType.FSDP":
@@ -231,14 +235,17 @@ from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
 from diffalign.models import load_backbone
 
-model_dir, out_dir = sys.argv[1], sys.argv[2]
+model_dir, out_dir, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo")
 backbone = load_backbone(model_dir)
-backbone.add_lora(rank=4)
-with torch.no_grad():  # the same "trained" LoRA on both processes
+if mode == "lora":
+    backbone.add_lora(rank=4)
+else:
+    backbone.enable_full_finetune()
+with torch.no_grad():  # the same "trained" weights on both processes
     g = torch.Generator().manual_seed(0)
     for name, p in backbone.raw_denoiser.named_parameters():
-        if "lora_" in name:
+        if p.requires_grad and ("lora_" in name or "attn1.to_q" in name):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 if dist.get_rank() == 0:
     backbone.save_trained(out_dir + "/unsharded")
@@ -259,17 +266,31 @@ dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_fsdp_gathered_state_dict_saves_the_unsharded_lora_on_cpu(tiny_models, tmp_path):
-    """torch FSDP itself runs on CPU (gloo), though accelerate does not put it there: a LoRA UNet
-    auto-wrapped per transformer block, gathered as ``accelerator.get_state_dict`` gathers it, saves
-    the LoRA of the unwrapped model, which plain diffusers loads."""
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_fsdp_gathered_state_dict_saves_the_unsharded_weights_on_cpu(mode, tiny_models, tmp_path):
+    """torch FSDP itself runs on CPU (gloo), though accelerate does not put it there: a LoRA (or fully
+    trained) UNet auto-wrapped per transformer block, gathered as ``accelerator.get_state_dict``
+    gathers it, saves what the unwrapped model saves, which plain diffusers loads."""
+    from safetensors.torch import load_file
+
     worker = tmp_path / "fsdp_worker.py"
     worker.write_text(FSDP_WORKER)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
-                    str(worker), str(tiny_models["sd"]), str(tmp_path)], check=True,
+                    str(worker), str(tiny_models["sd"]), str(tmp_path), mode], check=True,
                    env={**os.environ, **CPU_ENV})
-    _assert_same_lora(_lora_file(tmp_path / "sharded"), _lora_file(tmp_path / "unsharded"), rtol=0, atol=0)
-    _loads_in_plain_diffusers(tiny_models["sd"], tmp_path / "sharded")
+    if mode == "lora":
+        _assert_same_lora(_lora_file(tmp_path / "sharded"), _lora_file(tmp_path / "unsharded"), rtol=0, atol=0)
+        _loads_in_plain_diffusers(tiny_models["sd"], tmp_path / "sharded")
+        return
+    from diffusers import UNet2DConditionModel
+
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    got, want = load_file(str(tmp_path / "sharded" / weights)), load_file(str(tmp_path / "unsharded" / weights))
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    base = load_file(str(tiny_models["sd"] / weights))
+    assert not all(torch.equal(got[k], base[k]) for k in base)  # the trained weights, not the base's
+    UNet2DConditionModel.from_pretrained(str(tmp_path / "sharded"), subfolder="unet")
 
 
 @pytest.mark.slow
