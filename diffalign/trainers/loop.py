@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import time
@@ -145,13 +146,14 @@ def train(recipe: Recipe, *, setup_fn=setup) -> Path:
     with tracking(run):
         while run.global_step < cfg.max_steps:
             row = train_step(run)
-            nonfinite_in_a_row = 0 if not row["skipped"] else nonfinite_in_a_row + 1
+            nonfinite_in_a_row = 0 if math.isfinite(row["loss"]) else nonfinite_in_a_row + 1
             if acc.is_main_process:
                 log_metrics(run, metrics_path, row)
                 progress.update(1)
                 progress.set_postfix(loss=f"{row['loss']:.4f}")
-                if row["skipped"]:
-                    print(f"step {run.global_step}: non-finite loss, step skipped ({nonfinite_in_a_row} in a row)")
+                if nonfinite_in_a_row:
+                    taken = "skipped" if row["skipped"] else "taken (DeepSpeed steps inside backward)"
+                    print(f"step {run.global_step}: non-finite loss, step {taken} ({nonfinite_in_a_row} in a row)")
             if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                 raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row at step {run.global_step}; "
                                    f"stopping (train.max_nonfinite_steps={cfg.max_nonfinite_steps}). Lower the "
@@ -281,7 +283,8 @@ def optimizer_step(run, micro_losses: Sequence[Callable[[], StepOutput]]) -> dic
     Under DeepSpeed the engine reduces, clips (``gradient_clipping``, from ``max_grad_norm``) and steps
     inside the last micro-batch's backward; ``grad_norm`` is its global norm, and ``skipped`` says
     whether it skipped the step (its fp16 loss scaler on overflow): a non-finite bf16/fp32 loss
-    cannot be held back there.
+    cannot be held back there (the loops count non-finite losses, not skipped steps, against
+    ``train.max_nonfinite_steps``, so such a run still stops).
     """
     cfg, acc = run.recipe.train, run.accelerator
     t0 = time.perf_counter()

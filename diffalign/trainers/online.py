@@ -32,6 +32,7 @@ latest`` continues a stopped run to the same weights as an unbroken one.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -356,7 +357,7 @@ def train(recipe: Recipe) -> Path:
                         break
                     row = online_step(run, rollout, micros)
                     row.update({"epoch": run.epoch, "inner_epoch": inner, **rollout.metrics})
-                    nonfinite_in_a_row = 0 if not row["skipped"] else nonfinite_in_a_row + 1
+                    nonfinite_in_a_row = 0 if math.isfinite(row["loss"]) else nonfinite_in_a_row + 1
                     if acc.is_main_process:
                         log_metrics(run, metrics_path, row)
                         progress.update(1)
