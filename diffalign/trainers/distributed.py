@@ -2,6 +2,7 @@
 
 * :func:`gathered_state_dict`: the full state dict of a sharded model (FSDP, ZeRO-3), which every
   process must take part in building; ``None`` where the bare module already holds every weight.
+* :func:`clip_parameters`: what to clip so that FSDP clips by the norm over all shards.
 * :func:`configure_deepspeed`: the recipe's micro-batch size, gradient accumulation and clipping
   written into the DeepSpeed plugin's config before ``accelerator.prepare`` (which needs them: the
   loop prepares no dataloader for accelerate to read a batch size from).
@@ -34,6 +35,16 @@ def is_sharded(accelerator) -> bool:
     if is_deepspeed(accelerator):
         return accelerator.state.deepspeed_plugin.zero_stage == 3
     return False
+
+
+def clip_parameters(accelerator, backbone) -> list:
+    """The parameters to give ``accelerator.clip_grad_norm_``: the trainable ones, but under FSDP all of
+    the prepared denoiser's. Only that exact list makes accelerate call FSDP's own ``clip_grad_norm_``,
+    which reduces the norm over the shards; with any other list each process clips its shard by that
+    shard's norm (frozen weights have no gradient and add nothing)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return list(backbone.denoiser.parameters())
+    return backbone.trainable_parameters()
 
 
 def gathered_state_dict(accelerator, model) -> dict | None:

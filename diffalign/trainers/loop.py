@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from diffalign.trainers import build_method
 from diffalign.trainers.config import Recipe
 from diffalign.trainers.data import TrainingData, load_training_data
-from diffalign.trainers.distributed import (configure_deepspeed, gathered_state_dict, is_deepspeed, is_sharded,
-                                            no_zero3_init, warn_about_launch)
+from diffalign.trainers.distributed import (clip_parameters, configure_deepspeed, gathered_state_dict, is_deepspeed,
+                                            is_sharded, no_zero3_init, warn_about_launch)
 from diffalign.trainers.method import Method, StepOutput
 
 CHECKPOINT_PREFIX = "step-"
@@ -316,7 +316,7 @@ def optimizer_step(run, micro_losses: Sequence[Callable[[], StepOutput]]) -> dic
     else:
         if finite:
             if cfg.max_grad_norm > 0:
-                grad_norm = float(acc.clip_grad_norm_(run.backbone.trainable_parameters(), cfg.max_grad_norm))
+                grad_norm = float(acc.clip_grad_norm_(clip_parameters(acc, run.backbone), cfg.max_grad_norm))
             run.optimizer.step()
             run.lr_scheduler.step()
         skipped = not finite

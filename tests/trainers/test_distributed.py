@@ -308,3 +308,22 @@ def test_deepspeed_resume_latest_gives_the_unbroken_run(tiny_models, pair_parque
     subprocess.run([*launch, *common, f"--train.output_dir={parts}", "--train.max_steps=2"], check=True, env=env)
     subprocess.run([*launch, *common, f"--train.output_dir={parts}", "--resume", "latest"], check=True, env=env)
     _assert_same_lora(_lora(parts), _lora(whole), rtol=0, atol=0)
+
+
+def test_fsdp_clips_the_prepared_model_s_own_parameters():
+    """Under FSDP accelerate calls FSDP's clip_grad_norm_ (a norm over all shards) only when given
+    exactly the prepared model's parameters; elsewhere the trainable ones are clipped."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from diffalign.trainers.distributed import clip_parameters
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    backbone = SimpleNamespace(denoiser=model,
+                               trainable_parameters=lambda: [p for p in model.parameters() if p.requires_grad])
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    assert clip_parameters(fsdp, backbone) == list(model.parameters())
+    assert clip_parameters(ddp, backbone) == list(model[1].parameters())
