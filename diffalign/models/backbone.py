@@ -29,6 +29,30 @@ SD3_LORA_TARGETS = UNET_LORA_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj"
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+"""What FSDP's auto-wrap, activation checkpointing and ``torch.compile`` put into the live module's
+parameter names; a gathered full state dict names the weights without them."""
+
+
+def adapter_state_dict(raw: torch.nn.Module, state_dict: dict[str, torch.Tensor],
+                     adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The LoRA entries of a gathered full ``state_dict``, keyed as peft's ``get_peft_model_state_dict``
+    keys them (the adapter name dropped).
+
+    Picked by the names of ``raw``'s trainable LoRA parameters with the wrapper segments removed:
+    peft's own selection walks the module tree, whose names carry the nested FSDP wrappers of an
+    auto-wrapped model, and so finds none of the gathered keys."""
+    names = set()
+    for name, p in raw.named_parameters():
+        if p.requires_grad and "lora_" in name:
+            for segment in WRAPPER_SEGMENTS:
+                name = name.replace(segment, "")
+            names.add(name)
+    missing = sorted(names - set(state_dict))
+    if not names or missing:
+        raise KeyError(f"the gathered state dict lacks the LoRA weights {missing[:5] or '(none trainable)'}")
+    return {name.replace(f".{adapter}.", "."): state_dict[name] for name in sorted(names)}
+
 
 class Backbone:
     """A text-to-image diffusion model seen through one interface (see :mod:`diffalign.models.base`).
@@ -315,7 +339,7 @@ class Backbone:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            layers = get_peft_model_state_dict(raw, state_dict=state_dict)
+            layers = get_peft_model_state_dict(raw) if state_dict is None else adapter_state_dict(raw, state_dict)
             if self.denoiser_name == "unet":  # diffusers' UNet scripts convert; its SD3 scripts keep peft names
                 layers = convert_state_dict_to_diffusers(layers)
             layers = {k: v.detach().cpu().contiguous() for k, v in layers.items()}

@@ -129,6 +129,7 @@ def load_lm_for_training(recipe: Recipe, accelerator, method_class) -> object:
     method's dropout setting, then a LoRA (the adapter-off model is the reference), or full fine-tuning
     (a frozen copy as the reference when the method has one), and gradient checkpointing if asked."""
     from diffalign.text.model import CausalLM
+    from diffalign.trainers.distributed import no_zero3_init
 
     cfg = recipe.train
     if cfg.validation_prompts:
@@ -139,7 +140,8 @@ def load_lm_for_training(recipe: Recipe, accelerator, method_class) -> object:
                          f"(got {recipe.data.format!r})")
     if not recipe.model.pretrained:
         raise ValueError("model.pretrained must name a causal LM (hub id or local folder)")
-    lm = CausalLM.from_pretrained(recipe.model.pretrained, revision=recipe.model.revision)
+    with no_zero3_init(accelerator):  # whole, as the reference copy must be; prepare shards the policy
+        lm = CausalLM.from_pretrained(recipe.model.pretrained, revision=recipe.model.revision)
     if recipe.method.config.disable_dropout:
         lm.disable_dropout()
     lm.to(accelerator.device)

@@ -149,11 +149,31 @@ class CausalLM:
             return sequence_logprobs(ref, batch)
 
     # ---- saving
-    def save_trained(self, out_dir: str | Path) -> Path:
-        """The adapter (LoRA: peft format, safetensors) or the whole model, plus the tokenizer."""
+    def save_trained(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """The adapter (LoRA: peft format, safetensors) or the whole model, plus the tokenizer.
+
+        ``state_dict``: the model's full state dict when the bare module holds only shards (FSDP,
+        ZeRO-3: the loop passes ``accelerator.get_state_dict(model)``); peft keeps the adapter's keys.
+        Call on the main process only.
+        """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.raw_model.save_pretrained(str(out_dir), safe_serialization=True)
+        if state_dict is not None and self._lora:
+            # peft's save_pretrained picks the adapter's keys by walking the module tree, whose names carry
+            # FSDP's nested wrappers; the same two files, from the gathered weights
+            from safetensors.torch import save_file
+
+            from diffalign.models.backbone import adapter_state_dict
+
+            weights = adapter_state_dict(self.raw_model, state_dict)
+            weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+            save_file(weights, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+            config = copy.copy(self.raw_model.peft_config["default"])
+            config.inference_mode = True  # as peft saves it
+            config.save_pretrained(str(out_dir))
+        else:
+            extra = {} if state_dict is None else {"state_dict": state_dict}
+            self.raw_model.save_pretrained(str(out_dir), safe_serialization=True, **extra)
         self.tokenizer.save_pretrained(str(out_dir))
         for name in CARRIED_FILES:  # files describing how the model is prompted travel with it
             src = Path(self.source) / name if self.source is not None else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import time
@@ -29,6 +30,15 @@ from tqdm.auto import tqdm
 
 from diffalign.trainers.config import Recipe
 from diffalign.trainers.data import load_training_data
+from diffalign.trainers.distributed import (
+    clip_parameters,
+    configure_deepspeed,
+    gathered_state_dict,
+    is_deepspeed,
+    is_sharded,
+    no_zero3_init,
+    warn_about_launch,
+)
 from diffalign.trainers.method import Method, StepOutput
 
 CHECKPOINT_PREFIX = "step-"
@@ -100,9 +110,11 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
 
     cfg = recipe.train
     output_dir = Path(cfg.output_dir)
-    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with(cfg.report_to),
-                       project_config=ProjectConfiguration(project_dir=str(output_dir),
-                                                           logging_dir=str(output_dir / "logs")))
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with(cfg.report_to),
+                              project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                                  logging_dir=str(output_dir / "logs")))
+    warn_about_launch(accelerator)
+    return accelerator
 
 
 def load_backbone_for_training(recipe: Recipe, accelerator: Accelerator):
@@ -110,8 +122,9 @@ def load_backbone_for_training(recipe: Recipe, accelerator: Accelerator):
     fine-tuning enabled (and gradient checkpointing if asked)."""
     from diffalign.models.loading import load_backbone, resolve_pretrained
 
-    backbone = load_backbone(resolve_pretrained(recipe.model.pretrained), family=recipe.model.family,
-                             revision=recipe.model.revision, variant=recipe.model.variant)
+    with no_zero3_init(accelerator):  # ZeRO-3: the engine shards the denoiser at prepare, nothing else
+        backbone = load_backbone(resolve_pretrained(recipe.model.pretrained), family=recipe.model.family,
+                                 revision=recipe.model.revision, variant=recipe.model.variant)
     backbone.to(accelerator.device)
     if recipe.model.lora_rank > 0:
         backbone.add_lora(rank=recipe.model.lora_rank, alpha=recipe.model.lora_alpha,
@@ -125,7 +138,8 @@ def load_backbone_for_training(recipe: Recipe, accelerator: Accelerator):
 
 def setup_optimizer(recipe: Recipe, accelerator: Accelerator, backbone) -> tuple[torch.optim.Optimizer, object]:
     """AdamW (or 8-bit AdamW) on the trainable weights and the lr schedule; prepares the denoiser and
-    optimizer with accelerate and registers the trainable-weights-only checkpoint hooks."""
+    optimizer with accelerate (DeepSpeed first gets the recipe's batch, accumulation and clipping) and
+    registers the trainable-weights-only checkpoint hooks."""
     from diffusers.optimization import get_scheduler
 
     cfg = recipe.train
@@ -142,6 +156,7 @@ def setup_optimizer(recipe: Recipe, accelerator: Accelerator, backbone) -> tuple
     # stepped once per optimizer step by us (not by accelerate), so it is independent of the process count
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_steps)
+    configure_deepspeed(accelerator, cfg)
     backbone.denoiser, optimizer = accelerator.prepare(backbone.denoiser, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
     _register_checkpoint_hooks(accelerator, backbone)
@@ -167,13 +182,14 @@ def train(recipe: Recipe) -> Path:
     with tracking(run):
         for row, boundary in getattr(run.method, "steps", data_steps)(run):
             if row is not None:
-                nonfinite_in_a_row = 0 if not row["skipped"] else nonfinite_in_a_row + 1
+                nonfinite_in_a_row = 0 if math.isfinite(row["loss"]) else nonfinite_in_a_row + 1
                 if acc.is_main_process:
                     log_metrics(run, metrics_path, row)
                     run.progress.update(1)
                     run.progress.set_postfix(loss=f"{row['loss']:.4f}")
-                    if row["skipped"]:
-                        print(f"step {run.global_step}: non-finite loss, step skipped ({nonfinite_in_a_row} in a row)")
+                    if nonfinite_in_a_row:
+                        taken = "skipped" if row["skipped"] else "taken (DeepSpeed steps inside backward)"
+                        print(f"step {run.global_step}: non-finite loss, step {taken} ({nonfinite_in_a_row} in a row)")
                 if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                     raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row at step {run.global_step}; "
                                        f"stopping (train.max_nonfinite_steps={cfg.max_nonfinite_steps}). Lower the "
@@ -283,11 +299,13 @@ def log_metrics(run, metrics_path: Path, row: dict) -> None:
 
 def save_final(run) -> Path:
     """Write the trained weights to ``<output_dir>/final`` (main process, atomically; all processes
-    wait for it) and return ``output_dir``. Shared by the offline and the online loop."""
+    take part in gathering sharded weights and wait for it) and return ``output_dir``. Shared by the
+    offline and the online loop."""
     acc = run.accelerator
     acc.wait_for_everyone()
+    state_dict = gathered_state_dict(acc, run.backbone.denoiser)
     if acc.is_main_process:
-        _atomic_dir(run.output_dir / "final", lambda tmp: run.backbone.save_trained(tmp))
+        _atomic_dir(run.output_dir / "final", lambda tmp: run.backbone.save_trained(tmp, state_dict=state_dict))
     acc.wait_for_everyone()
     return run.output_dir
 
@@ -311,32 +329,52 @@ def optimizer_step(run, micro_losses: Sequence[Callable[[], StepOutput]]) -> dic
 
     Gradients are synchronised across processes on the last micro-batch only. A non-finite loss on
     any process skips the update (gradients dropped) and is reported.
+
+    Under DeepSpeed the engine reduces, clips (``gradient_clipping``, from ``max_grad_norm``) and steps
+    inside the last micro-batch's backward; ``grad_norm`` is its global norm, and ``skipped`` says
+    whether it skipped the step (its fp16 loss scaler on overflow): a non-finite bf16/fp32 loss
+    cannot be held back there (the loops count non-finite losses, not skipped steps, against
+    ``train.max_nonfinite_steps``, so such a run still stops).
     """
     cfg, acc = run.recipe.train, run.accelerator
     t0 = time.perf_counter()
     logs: list[dict[str, torch.Tensor]] = []
     finite = True
     n = len(micro_losses)
+    deepspeed = is_deepspeed(acc)
     for micro, compute in enumerate(micro_losses):
         last = micro == n - 1
-        with contextlib.nullcontext() if last else acc.no_sync(run.backbone.denoiser):
+        if deepspeed:  # the engine reduces and steps inside backward, at the boundary it is told
+            acc.sync_gradients = last
+        with contextlib.nullcontext() if last or deepspeed else acc.no_sync(run.backbone.denoiser):
             out = compute()
             finite &= bool(torch.isfinite(out.loss.detach()))
-            acc.backward(out.loss / n)
+            if deepspeed:  # the mean over micro-batches is ours: the engine must not divide again
+                acc.backward(out.loss / n, scale_wrt_gas=False)
+            else:
+                acc.backward(out.loss / n)
         logs.append({"loss": out.loss.detach(), **out.metrics})
 
     finite = bool(acc.gather(torch.tensor([float(finite)], device=acc.device)).min() > 0)
     grad_norm, lr = None, run.lr_scheduler.get_last_lr()[0]
-    if finite:
-        if cfg.max_grad_norm > 0:
-            grad_norm = float(acc.clip_grad_norm_(run.backbone.trainable_parameters(), cfg.max_grad_norm))
-        run.optimizer.step()
-        run.lr_scheduler.step()
+    if deepspeed:  # it stepped (clipping at gradient_clipping) in the last backward
+        norm = acc.clip_grad_norm_(run.backbone.trainable_parameters(), cfg.max_grad_norm)
+        grad_norm = None if norm is None else float(norm)
+        skipped = bool(getattr(run.optimizer, "step_was_skipped", False))
+        if not skipped:
+            run.lr_scheduler.step()
+    else:
+        if finite:
+            if cfg.max_grad_norm > 0:
+                grad_norm = float(acc.clip_grad_norm_(clip_parameters(acc, run.backbone), cfg.max_grad_norm))
+            run.optimizer.step()
+            run.lr_scheduler.step()
+        skipped = not finite
     run.optimizer.zero_grad(set_to_none=True)
     run.global_step += 1
     row = _reduce_logs(acc, logs)
     return {"step": run.global_step, "loss": row.pop("loss"), "lr": lr, **row,
-            "grad_norm": grad_norm, "skipped": not finite, "seconds": time.perf_counter() - t0}
+            "grad_norm": grad_norm, "skipped": skipped, "seconds": time.perf_counter() - t0}
 
 
 def _reduce_logs(acc: Accelerator, logs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -363,16 +401,26 @@ def _atomic_dir(final: Path, write) -> None:
 
 
 def _register_checkpoint_hooks(acc: Accelerator, backbone) -> None:
-    """Checkpoints hold the trainable weights only (the LoRA), not the whole frozen denoiser."""
+    """Checkpoints hold the trainable weights only (the LoRA), not the whole frozen denoiser.
+
+    Under FSDP and DeepSpeed accelerate saves and loads the model itself, in its sharded / engine
+    format (its ``weights`` and ``models`` lists come empty to the hooks), and the hooks leave it so:
+    a shard's parameters are not the model's weights.
+    """
     from safetensors.torch import load_file, save_file
 
     def save_hook(models, weights, output_dir):
-        trainable = {n: p.detach().cpu().contiguous() for n, p in acc.unwrap_model(models[0]).named_parameters()
-                     if p.requires_grad}
-        save_file(trainable, os.path.join(output_dir, "trainable.safetensors"))
+        if not weights:  # FSDP / DeepSpeed: accelerate wrote the model in its own format
+            return
+        if acc.is_main_process:
+            trainable = {n: p.detach().cpu().contiguous()
+                         for n, p in acc.unwrap_model(models[0]).named_parameters() if p.requires_grad}
+            save_file(trainable, os.path.join(output_dir, "trainable.safetensors"))
         weights.clear()
 
     def load_hook(models, input_dir):
+        if not models:  # FSDP / DeepSpeed: accelerate loaded the model from its own format
+            return
         model = acc.unwrap_model(models.pop())
         missing = model.load_state_dict(load_file(os.path.join(input_dir, "trainable.safetensors")), strict=False)
         if missing.unexpected_keys:
@@ -393,9 +441,10 @@ def save_checkpoint(run: Run, write_extra: Callable[[Path], None] | None = None)
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
+    state_dict = gathered_state_dict(acc, run.backbone.denoiser)  # every process: the gather is collective
     if acc.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"global_step": run.global_step, "epoch": run.epoch}))
-        run.backbone.save_trained(tmp)
+        run.backbone.save_trained(tmp, state_dict=state_dict)
         if write_extra is not None:
             write_extra(tmp)
         if final.exists():
@@ -458,8 +507,14 @@ def _maybe_resume(run: Run) -> Path | None:
 
 @torch.no_grad()
 def log_validation(run: Run) -> Path | None:
-    """Sample the validation prompts with the current weights; saves ``validation/step-N.png``."""
+    """Sample the validation prompts with the current weights; saves ``validation/step-N.png``.
+
+    Not under FSDP / ZeRO-3: the pipeline calls the bare denoiser, which holds one shard (a note is
+    printed instead)."""
     if not run.accelerator.is_main_process:
+        return None
+    if is_sharded(run.accelerator):
+        print(f"step {run.global_step}: validation images skipped, the denoiser is sharded (FSDP / ZeRO-3)")
         return None
     from diffalign.eval.grid import image_grid
 

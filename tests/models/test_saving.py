@@ -137,3 +137,25 @@ def test_low_precision_weights_with_fp32_lora(tiny_folder, inputs):
     assert out.shape == x_t.shape
     out.float().square().mean().backward()
     assert all(p.grad is not None for p in backbone.trainable_parameters())
+
+
+@pytest.mark.parametrize("variant", ["sd", "sd3"])
+def test_gathered_lora_entries_are_peft_s_own(backbone, perturb_lora):
+    """From a gathered full state dict the LoRA entries are picked as ``get_peft_model_state_dict``
+    picks them from the live module, and a missing one is an error, not a silently empty file."""
+    from peft.utils import get_peft_model_state_dict
+
+    from diffalign.models.backbone import adapter_state_dict
+
+    backbone.add_lora(rank=4)
+    perturb_lora(backbone)
+    raw = backbone.raw_denoiser
+    full = {k: v.clone() for k, v in raw.state_dict().items()}
+    want = get_peft_model_state_dict(raw)
+    got = adapter_state_dict(raw, full)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key])
+    lora_key = next(k for k in full if "lora_B" in k)
+    with pytest.raises(KeyError, match="lacks the LoRA weights"):
+        adapter_state_dict(raw, {k: v for k, v in full.items() if k != lora_key})

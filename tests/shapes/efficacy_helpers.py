@@ -28,8 +28,8 @@ from diffalign.shapes.demo import (
     preference_rows,
 )
 from diffalign.shapes.oracle import Oracle
-from diffalign.trainers.registry import load_recipe
 from diffalign.trainers.loop import train
+from diffalign.trainers.registry import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 CANDIDATES = ROOT / "datasets" / "shapes-candidates" / "candidates.parquet"

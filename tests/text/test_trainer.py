@@ -135,3 +135,61 @@ def test_diffalign_train_runs_a_text_recipe(tiny_lm_dir, pairs_file, tmp_path):
                  "--data.format=trl", "--method.name=text-dpo", "--train.max_steps=1", "--train.batch_size=2",
                  f"--train.output_dir={out}", "--train.checkpointing_steps=0"]) == 0
     assert (out / "final" / "adapter_config.json").is_file()
+
+
+def test_lora_saved_from_a_gathered_state_dict_is_peft_s_own(tiny_lm_dir, tmp_path):
+    """Under FSDP / ZeRO-3 the loop passes the gathered full state dict: the adapter folder written from
+    it holds what peft's own save_pretrained writes, and PeftModel loads it."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    lm = CausalLM.from_pretrained(tiny_lm_dir)
+    lm.add_lora(rank=4)
+    with torch.no_grad():
+        for name, p in lm.raw_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    lm.save_trained(tmp_path / "own")
+    lm.save_trained(tmp_path / "gathered", state_dict={k: v.clone() for k, v in lm.raw_model.state_dict().items()})
+    own = load_file(str(tmp_path / "own" / "adapter_model.safetensors"))
+    gathered = load_file(str(tmp_path / "gathered" / "adapter_model.safetensors"))
+    assert sorted(gathered) == sorted(own)
+    for key in own:
+        torch.testing.assert_close(gathered[key], own[key])
+    assert (json.loads((tmp_path / "gathered" / "adapter_config.json").read_text())
+            == json.loads((tmp_path / "own" / "adapter_config.json").read_text()))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir))
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "gathered"))
+    ids = lm.tokenizer("a photo of a red circle", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, lm.raw_model(ids).logits)
+
+
+@pytest.mark.slow
+def test_text_dpo_under_deepspeed_zero3_saves_the_plain_run_s_adapter(tiny_lm_dir, pairs_file, tmp_path):
+    """The text side on the same loop under DeepSpeed ZeRO-3 (one CPU process): the gathered adapter
+    equals the one of the same run without DeepSpeed."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    pytest.importorskip("deepspeed", reason="deepspeed not installed")
+    args = ["-m", "diffalign.cli", "train", "-", f"--model.pretrained={tiny_lm_dir}", "--model.lora_rank=4",
+            f"--data.source={pairs_file}", "--data.format=trl", "--method.name=text-dpo", "--train.max_steps=2",
+            "--train.batch_size=2", "--train.gradient_accumulation_steps=2", "--train.learning_rate=1e-3",
+            "--train.checkpointing_steps=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, *args, f"--train.output_dir={tmp_path / 'plain'}"], check=True, env=env)
+    ds_env = {**env, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+              "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29527",
+                    *args, f"--train.output_dir={tmp_path / 'ds'}"], check=True, env=ds_env)
+    want = load_file(str(tmp_path / "plain" / "final" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "ds" / "final" / "adapter_model.safetensors"))
+    assert sorted(got) == sorted(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert any(v.abs().max() > 0 for k, v in want.items() if "lora_B" in k)
