@@ -174,6 +174,9 @@ def train(recipe: Recipe) -> Path:
     if acc.is_main_process:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         recipe.save(run.output_dir / "config.yaml")
+        stats = data_stats(run)
+        if stats is not None:  # what the readers saw (also printed when the data was read)
+            (run.output_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
     _maybe_resume(run)
 
     metrics_path = run.output_dir / "metrics.jsonl"
@@ -246,6 +249,13 @@ def log_with(report_to: str | Sequence[str] | None) -> list[str] | str | None:
     return names
 
 
+def data_stats(run) -> dict | None:
+    """What the run's stored-data readers saw (rows read, kept, ties dropped, images skipped, the first
+    skipped rows with why, labels), or None for a batch source without counts (prompts, on-line)."""
+    stats = getattr(run.data, "stats", None)
+    return stats.as_dict() if stats is not None and hasattr(stats, "as_dict") else None
+
+
 def flat_config(recipe: Recipe) -> dict[str, int | float | str | bool]:
     """The recipe as one flat ``{"train.learning_rate": 1e-05, ...}`` mapping of scalars (the trackers'
     hyperparameters; lists and None are written as JSON text)."""
@@ -280,6 +290,9 @@ def tracking(run):
     if run.global_step > 0:
         init_kwargs["tensorboard"] = {"purge_step": run.global_step + 1}
     acc.init_trackers(TRACKER_PROJECT, config=flat_config(run.recipe), init_kwargs=init_kwargs)
+    stats = data_stats(run)
+    if stats is not None and run.global_step == 0:  # the data's counts, once, at step 0
+        acc.log({f"data/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}, step=0)
     try:
         yield
     finally:

@@ -1,6 +1,7 @@
 """Training data holds images as file bytes and decodes only what a step encodes for the first time."""
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -109,6 +110,9 @@ def test_skipped_rows_are_reported_and_too_many_stop_the_run(tiny_models, tmp_pa
     assert "data: 16 rows read, 14 kept, 0 ties dropped, 2 undecodable images skipped" in out
     assert f"skipped {data}:row 0: field 'jpg_1'" in out and f"skipped {data}:row 1:" in out
     assert (tmp_path / "run" / "final").is_dir()
+    written = json.loads((tmp_path / "run" / "data_stats.json").read_text())  # and kept with the run
+    assert (written["rows"], written["kept"], written["bad_images"]) == (16, 14, 2)
+    assert written["bad_rows"] == [f"{data}:row 0", f"{data}:row 1"] and "jpg_1" in written["bad_reasons"][0]
 
     many = _pairs_with_bad_images(tmp_path / "five-bad.parquet", 16, 5)
     assert train(many, tmp_path / "run2") == 2
