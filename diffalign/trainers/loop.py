@@ -158,8 +158,9 @@ def setup_optimizer(recipe: Recipe, accelerator: Accelerator, backbone) -> tuple
                                  num_training_steps=cfg.max_steps)
     configure_deepspeed(accelerator, cfg)
     backbone.denoiser, optimizer = accelerator.prepare(backbone.denoiser, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    _register_checkpoint_hooks(accelerator, backbone)
+    if uses_accelerate_state(accelerator):  # FSDP / DeepSpeed checkpoints are accelerate's save_state
+        accelerator.register_for_checkpointing(lr_scheduler)
+        _register_checkpoint_hooks(accelerator, backbone)
     return optimizer, lr_scheduler
 
 
@@ -443,17 +444,36 @@ def _register_checkpoint_hooks(acc: Accelerator, backbone) -> None:
     acc.register_load_state_pre_hook(load_hook)
 
 
+def uses_accelerate_state(acc: Accelerator) -> bool:
+    """FSDP and DeepSpeed shard the optimizer (and the model): their checkpoints are accelerate's own
+    ``save_state`` folders (which pickle the optimizer, schedule and RNG states). Every other run's
+    checkpoint holds safetensors and JSON only (:mod:`diffalign.trainers.checkpoint_state`)."""
+    return is_deepspeed(acc) or is_sharded(acc)
+
+
 def save_checkpoint(run: Run, write_extra: Callable[[Path], None] | None = None) -> Path:
-    """``checkpoints/step-N/``: accelerate state (optimizer, scheduler, RNG, trainable weights), the
-    trainer state, and the weights in diffusers format (``load_lora_weights`` loads the folder).
-    ``write_extra(folder)`` adds a trainer's own state (main process, before the atomic rename)."""
+    """``checkpoints/step-N/``: the trainable weights (``trainable.safetensors``), the optimizer, lr
+    schedule and RNG states (safetensors + JSON; FSDP / DeepSpeed: accelerate's state), the trainer state,
+    and the weights in diffusers format (``load_lora_weights`` loads the folder). ``write_extra(folder)``
+    adds a trainer's own state (main process, before the atomic rename)."""
+    from safetensors.torch import save_file
+
+    from diffalign.trainers.checkpoint_state import save_training_state
+
     acc = run.accelerator
     final = run.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{run.global_step}"
     tmp = final.with_name(f".tmp-{final.name}")
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
+    if uses_accelerate_state(acc):
+        acc.save_state(str(tmp))
+    elif acc.is_main_process:
+        tmp.mkdir(parents=True)
+        trainable = {n: p.detach().cpu().contiguous()
+                     for n, p in acc.unwrap_model(run.backbone.denoiser).named_parameters() if p.requires_grad}
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        save_training_state(tmp, run.optimizer, run.lr_scheduler)
     state_dict = gathered_state_dict(acc, run.backbone.denoiser)  # every process: the gather is collective
     if acc.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"global_step": run.global_step, "epoch": run.epoch}))
@@ -485,6 +505,33 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
+def _load_checkpoint_state(run: Run, ckpt: Path) -> None:
+    """Trainable weights, optimizer, schedule and RNG of a checkpoint (safetensors and JSON only; FSDP /
+    DeepSpeed: accelerate's ``load_state``). A checkpoint in accelerate's pickled format (written by an
+    earlier diffalign) is refused: unpickling a file can run code."""
+    from safetensors.torch import load_file
+
+    from diffalign.errors import UsageError
+    from diffalign.trainers.checkpoint_state import (
+        has_training_state,
+        load_training_state,
+    )
+
+    acc = run.accelerator
+    if uses_accelerate_state(acc):
+        acc.load_state(str(ckpt))
+        return
+    if not has_training_state(ckpt):
+        raise UsageError(f"{ckpt}: no optimizer.safetensors / scheduler.json / random_states.json: not a "
+                         "checkpoint of this diffalign (older ones pickled their state, which is not read, since "
+                         "unpickling a file can run code); start the run again or resume from a newer checkpoint")
+    model = acc.unwrap_model(run.backbone.denoiser)
+    missing = model.load_state_dict(load_file(str(ckpt / "trainable.safetensors")), strict=False)
+    if missing.unexpected_keys:
+        raise RuntimeError(f"checkpoint {ckpt} has unexpected keys {missing.unexpected_keys[:5]}")
+    load_training_state(ckpt, run.optimizer, run.lr_scheduler)
+
+
 def _maybe_resume(run: Run) -> Path | None:
     """Load ``train.resume`` (``latest`` or a folder) into the run; returns the checkpoint used."""
     resume = run.recipe.train.resume
@@ -501,7 +548,7 @@ def _maybe_resume(run: Run) -> Path | None:
         ckpt = Path(resume)
         if not (ckpt / "trainer_state.json").is_file():
             raise FileNotFoundError(f"{ckpt} is not a diffalign checkpoint (no trainer_state.json)")
-    run.accelerator.load_state(str(ckpt))
+    _load_checkpoint_state(run, ckpt)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     run.global_step, run.epoch = state["global_step"], state.get("epoch", 0)
     if hasattr(run.method, "load_state"):

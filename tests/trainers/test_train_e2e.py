@@ -194,3 +194,35 @@ def test_report_to_names_are_checked_before_any_model_loads():
     assert log_with("all") == "all"
     with pytest.raises(ValueError, match="train.report_to: unknown tracker"):
         log_with("tensorbored")
+
+
+class _Payload:
+    """Unpickling this object creates the file ``path`` (what a crafted checkpoint could do)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoints_hold_no_pickle_and_resume_never_unpickles(tiny_models, pair_parquet, tmp_path):
+    import pickle
+
+    import torch
+
+    out = _train(tiny_models["sd"], pair_parquet, tmp_path / "run", "--train.max_steps=2",
+                 "--train.checkpointing_steps=1")
+    ckpt = out / "checkpoints" / "step-2"
+    files = sorted(p.name for p in ckpt.iterdir())
+    assert not [f for f in files if f.endswith((".pkl", ".bin", ".pt", ".pth"))], files
+    assert {"trainable.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
+            "random_states.safetensors", "random_states.json", "trainer_state.json"} <= set(files)
+    # plant pickle payloads where accelerate's format keeps its pickles: resuming reads none of them
+    marker = tmp_path / "code-ran"
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "scheduler.bin"):
+        (ckpt / name).write_bytes(pickle.dumps(_Payload(marker)))
+    torch.save({"state": _Payload(marker)}, ckpt / "optimizer.bin")
+    _train(tiny_models["sd"], pair_parquet, out, "--train.max_steps=3", "--resume", "latest")
+    assert not marker.exists()
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
