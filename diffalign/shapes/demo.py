@@ -300,7 +300,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # 3. Diffusion-DPO with LoRA, through the normal recipe
     recipe = load_recipe(cfg.recipe or RECIPE, [
-        f"data.source={data_path}", f"train.output_dir={out / 'train'}", f"train.seed={cfg.seed}", *cfg.overrides])
+        f"data.source={data_path}", f"train.output_dir={out / 'train'}", f"train.seed={cfg.seed}",
+        "train.overwrite=true", *cfg.overrides])  # the demo's own rerun replaces its training run
     run_dir = run_recipe(recipe)
 
     # 4. base vs aligned on held-out prompts, same seeds

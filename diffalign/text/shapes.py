@@ -181,6 +181,7 @@ def run_shapes_rewriter(cfg: ShapesRewriterConfig) -> dict:
     write_jsonl(sft_rows, out / "sft.jsonl")
     sft = train(_load_recipe("shapes-rewriter-sft.yaml", [
         f"model.pretrained={base_dir}", f"data.source={out / 'sft.jsonl'}", f"train.output_dir={out / 'sft'}",
+        "train.overwrite=true",
         f"train.max_steps={cfg.sft_steps}", f"train.seed={cfg.seed}", *cfg.overrides])) / "final"
 
     # 3. pairs from images scored against the original captions
@@ -198,6 +199,7 @@ def run_shapes_rewriter(cfg: ShapesRewriterConfig) -> dict:
     # 4. DPO from the SFT model
     dpo = train(_load_recipe("shapes-rewriter-dpo.yaml", [
         f"model.pretrained={sft}", f"data.source={out / 'pairs.jsonl'}", f"train.output_dir={out / 'dpo'}",
+        "train.overwrite=true",
         f"train.max_steps={cfg.dpo_steps}", f"train.seed={cfg.seed}", *cfg.overrides])) / "final"
 
     # 5b. held-out pairs: preference of the DPO model over the SFT model's

@@ -12,6 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", help="recipe YAML or a bundled recipe's name (see pipelines/); "
                                                   "'-' starts from defaults")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (same as --train.resume=...)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run in train.output_dir (same as --train.overwrite=true)")
     parser.add_argument("--dry-run", action="store_true",
                         help="resolve the recipe, check its model and data paths, print the plan; train nothing")
     parser.add_argument("-h", "--help", action="store_true",
@@ -33,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(getattr(args, "overrides", []))
     if args.resume:
         overrides.append(f"train.resume={args.resume}")
+    if args.overwrite:
+        overrides.append("train.overwrite=true")
     recipe = load_recipe(None if args.recipe == "-" else args.recipe, overrides)
     if args.help:
         _parser().print_usage()

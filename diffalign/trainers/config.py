@@ -123,6 +123,8 @@ class TrainConfig:
         validation_num_inference_steps, validation_guidance_scale: the validation sampler's.
         max_nonfinite_steps: stop after this many non-finite losses in a row (each is skipped).
         resume: ``latest`` or a checkpoint folder to continue from.
+        overwrite: replace an earlier run in ``output_dir`` (its latent cache is kept); without it (or
+            ``resume``) a run directory that holds a run is refused.
         report_to: experiment trackers, as accelerate's ``log_with``: ``None``/``"none"`` (default:
             ``metrics.jsonl`` only, nothing leaves the machine), ``"tensorboard"``, ``"wandb"``, another
             accelerate tracker name, a list of them (or a comma-separated string), or ``"all"``. Every
@@ -152,6 +154,7 @@ class TrainConfig:
     validation_guidance_scale: float = 5.0
     max_nonfinite_steps: int = 5
     resume: str | None = None
+    overwrite: bool = False
     report_to: str | list[str] | None = None
 
 

@@ -170,15 +170,19 @@ def train(recipe: Recipe) -> Path:
     Everything but the method's step is here, once: :func:`setup`, config.yaml, resume, metrics.jsonl
     and the trackers, progress, non-finite skipping, checkpoints, validation, ``final/``.
     """
+    check_run_dir(recipe)
     run = setup(recipe)
     cfg, acc = recipe.train, run.accelerator
     if acc.is_main_process:
+        if cfg.overwrite and not cfg.resume:
+            clear_run_dir(run.output_dir)
         run.output_dir.mkdir(parents=True, exist_ok=True)
+    _maybe_resume(run)
+    if acc.is_main_process:  # after a resume that worked: a failed one leaves the run as it was
         recipe.save(run.output_dir / "config.yaml")
         stats = data_stats(run)
         if stats is not None:  # what the readers saw (also printed when the data was read)
             (run.output_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
-    _maybe_resume(run)
 
     metrics_path = run.output_dir / "metrics.jsonl"
     nonfinite_in_a_row, last_checkpoint = 0, run.global_step
@@ -211,6 +215,36 @@ def train(recipe: Recipe) -> Path:
                 print(run.stopped)
             return run.output_dir
         return save_final(run)
+
+
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "data_stats.json", "checkpoints", "final", "logs", "validation")
+
+
+def check_run_dir(recipe: Recipe) -> None:
+    """A run directory that holds an earlier run is continued (``--resume``) or replaced
+    (``--overwrite``), never mixed into: a :class:`~diffalign.errors.UsageError` otherwise, before any
+    model loads."""
+    from diffalign.errors import UsageError
+
+    cfg = recipe.train
+    out = Path(cfg.output_dir)
+    # what a run that trained has written (a run stopped before its first step, e.g. D3PO waiting for
+    # labels, leaves only config.yaml, and its rerun continues it)
+    earlier = [name for name in ("metrics.jsonl", "checkpoints", "final") if (out / name).exists()]
+    if earlier and not cfg.resume and not cfg.overwrite:
+        raise UsageError(f"{out} holds an earlier run ({', '.join(earlier)}): continue it with --resume latest, "
+                         "replace it with --overwrite (train.overwrite=true), or pick another train.output_dir")
+
+
+def clear_run_dir(out: Path) -> None:
+    """Remove an earlier run's outputs from ``out`` (its latent cache stays: its entries are keyed by
+    content and reusable)."""
+    for name in RUN_OUTPUTS:
+        path = Path(out) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def data_steps(run: Run) -> Iterator[tuple[dict, bool]]:
@@ -451,17 +485,23 @@ def uses_accelerate_state(acc: Accelerator) -> bool:
     return is_deepspeed(acc) or is_sharded(acc)
 
 
-def save_checkpoint(run: Run, write_extra: Callable[[Path], None] | None = None) -> Path:
+def save_checkpoint(run: Run, write_extra: Callable[[Path], None] | None = None) -> Path | None:
     """``checkpoints/step-N/``: the trainable weights (``trainable.safetensors``), the optimizer, lr
     schedule and RNG states (safetensors + JSON; FSDP / DeepSpeed: accelerate's state), the trainer state,
     and the weights in diffusers format (``load_lora_weights`` loads the folder). ``write_extra(folder)``
-    adds a trainer's own state (main process, before the atomic rename)."""
+    adds a trainer's own state (main process, before the atomic rename). Weights that are not finite are
+    never checkpointed (None is returned), so ``--resume latest`` always finds finite ones."""
     from safetensors.torch import save_file
 
     from diffalign.trainers.checkpoint_state import save_training_state
 
     acc = run.accelerator
     final = run.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{run.global_step}"
+    finite = all(bool(torch.isfinite(p.detach()).all()) for p in run.backbone.trainable_parameters())
+    if not bool(acc.gather(torch.tensor([float(finite)], device=acc.device)).min() > 0):
+        if acc.is_main_process:  # `latest` stays the last checkpoint of finite weights
+            print(f"step {run.global_step}: the trainable weights are not finite; no checkpoint written")
+        return None
     tmp = final.with_name(f".tmp-{final.name}")
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,7 @@
 training, config errors are one line with exit status 2 (a traceback only with --debug)."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -52,3 +53,18 @@ def test_config_errors_are_one_line_with_exit_2_and_a_traceback_only_with_debug(
 
     with pytest.raises(ConfigError, match="max_steps"):
         main(["train", "shapes-mapo", "--train.max_steps=-3", "--debug"])
+
+
+def test_a_rerun_into_an_earlier_run_needs_resume_or_overwrite(tiny_models, pair_parquet, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "-", f"--model.pretrained={tiny_models['sd']}", f"--data.source={pair_parquet}",
+            "--data.resolution=32", f"--train.output_dir={out}", "--train.batch_size=2", "--train.max_steps=2",
+            "--train.checkpointing_steps=0", "--model.lora_rank=4"]
+    assert main(args) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert main(args) == 2  # refused before any model loads: nothing of the earlier run changes
+    err = capsys.readouterr().err
+    assert "holds an earlier run" in err and "--resume latest" in err and "--overwrite" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    assert main([*args, "--overwrite", "--train.max_steps=1"]) == 0  # replaced, not appended to
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]

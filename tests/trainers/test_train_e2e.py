@@ -226,3 +226,23 @@ def test_checkpoints_hold_no_pickle_and_resume_never_unpickles(tiny_models, pair
     _train(tiny_models["sd"], pair_parquet, out, "--train.max_steps=3", "--resume", "latest")
     assert not marker.exists()
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+def test_no_checkpoint_is_written_from_weights_that_are_not_finite(tiny_models, pair_parquet, tmp_path, monkeypatch):
+    import torch
+
+    from diffalign.trainers import loop
+
+    real = loop.train_step
+
+    def blow_up_after_step_2(run):  # finite losses, then weights that overflowed in the update
+        row = real(run)
+        if run.global_step >= 3:
+            with torch.no_grad():
+                next(iter(run.backbone.trainable_parameters())).fill_(float("inf"))
+        return row
+
+    monkeypatch.setattr(loop, "train_step", blow_up_after_step_2)
+    out = _train(tiny_models["sd"], pair_parquet, tmp_path / "run", "--train.max_steps=4",
+                 "--train.checkpointing_steps=1")
+    assert [p.name for p in loop.list_checkpoints(out)] == ["step-1", "step-2"]  # latest is finite
