@@ -92,13 +92,11 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
     import yaml
 
     from diffalign.eval.config import eval_config_from_dict
-    from diffalign.recipes import apply_overrides
+    from diffalign.recipes import apply_overrides, resolve_recipe
 
     raw: dict[str, Any] = {}
     if args.recipe:
-        path = Path(args.recipe)
-        if not path.is_file():
-            raise FileNotFoundError(f"eval recipe {path} does not exist")
+        path = resolve_recipe(args.recipe)  # a file, or a bundled recipe's name (eval-shapes)
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"eval recipe {path} must be a YAML mapping of sections")

@@ -254,3 +254,17 @@ def test_detector_choice():
         build_detector("yolo")
     with pytest.raises(OSError, match="neither a local folder nor downloadable"):
         build_detector(f"transformers:{REPO / 'no-such-detector'}")
+
+
+def test_a_bundled_eval_recipe_resolves_by_name_outside_the_repository(tmp_path, monkeypatch):
+    import argparse
+
+    from diffalign.eval.cli import add_arguments, build_config
+
+    monkeypatch.chdir(tmp_path)  # no pipelines/ here
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["eval-shapes"])
+    args.overrides = []
+    cfg = build_config(args)
+    assert cfg.model.pretrained == "bundled:shapes-sd-base" and cfg.prompts.name == "shapes"
