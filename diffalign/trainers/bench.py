@@ -7,7 +7,8 @@ GPU, peak resident set size on a CPU).
 
 `diffalign bench RECIPE.yaml --sampling`: rollout throughput of the on-line methods instead:
 trajectories/s of :func:`diffalign.core.sampling.sample_trajectory` (every latent and per-step
-log-prob recorded, CFG included) on the recipe's model at ``data.resolution``, and the peak memory.
+log-prob recorded, CFG included) on the recipe's model at its sampling size (:func:`sampling_resolution`),
+and the peak memory.
 
 For a reward-backprop recipe (AlignProp, DRaFT-K, DRaFT-LV, ReFL) `diffalign bench RECIPE.yaml`
 times whole training steps instead: sampling with gradients, VAE decoding, the differentiable
@@ -210,6 +211,18 @@ def bench_online(recipe, steps: int = 5, warmup: int = 1) -> dict:
         }
 
 
+def sampling_resolution(recipe, backbone) -> int:
+    """The size the recipe samples at: an on-line method's ``resolution`` if set, else the pipeline's own
+    default (``default_sample_size × vae_scale_factor``: 64 px for the Shapes base, 1024 for SDXL), not the
+    data section's training resolution (512 by default, which a sampling-only recipe never sets)."""
+    size = getattr(recipe.method.config, "resolution", None)
+    if size:
+        return int(size)
+    pipe = backbone.pipeline
+    latent = getattr(pipe, "default_sample_size", None) or backbone.raw_denoiser.config.sample_size
+    return int(latent * pipe.vae_scale_factor)
+
+
 def bench_sampling(recipe, batches: int = 5, warmup: int = 1, num_steps: int = 20, batch_size: int = 4,
                    eta: float | None = None, guidance_scale: float = 5.0) -> dict:
     """Time ``batches`` calls of ``sample_trajectory`` (``batch_size`` trajectories of ``num_steps``
@@ -228,7 +241,7 @@ def bench_sampling(recipe, batches: int = 5, warmup: int = 1, num_steps: int = 2
     prompts = ["a photo of a red cat and a blue dog"] * batch_size
     cond = backbone.encode_prompt(prompts)
     generator = torch.Generator(device).manual_seed(recipe.train.seed)
-    size = recipe.data.resolution
+    size = sampling_resolution(recipe, backbone)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

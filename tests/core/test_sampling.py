@@ -299,3 +299,16 @@ def test_bench_sampling_mode_reports_trajectories_per_second(folder, capsys, tmp
     assert "trajectories/s" in capsys.readouterr().out
     result = json.loads(out_json.read_text())
     assert result["trajectories_per_s"] > 0 and result["sampler"] == "ddim" and result["eta"] == 1.0
+
+
+def test_bench_samples_at_the_models_own_size_not_the_data_sections():
+    """`diffalign bench pipelines/shapes-grpo.yaml --sampling` samples the Shapes base at its 64 px (the
+    data section's default 512 is a training size such a recipe never sets); a method resolution wins."""
+    from diffalign.models.loading import load_backbone, resolve_pretrained
+    from diffalign.trainers.bench import sampling_resolution
+    from diffalign.trainers.registry import load_recipe
+
+    recipe = load_recipe("shapes-grpo")
+    backbone = load_backbone(resolve_pretrained(recipe.model.pretrained))
+    assert recipe.data.resolution == 512 and sampling_resolution(recipe, backbone) == 64
+    assert sampling_resolution(load_recipe("shapes-grpo", ["method.resolution=32"]), backbone) == 32
