@@ -346,14 +346,21 @@ def log_metrics(run, metrics_path: Path, row: dict) -> None:
 
 
 def save_final(run) -> Path:
-    """Write the trained weights to ``<output_dir>/final`` (main process, atomically; all processes
-    take part in gathering sharded weights and wait for it) and return ``output_dir``. Shared by the
-    offline and the online loop."""
+    """Write the trained weights and their model card (``README.md``) to ``<output_dir>/final`` (main
+    process, atomically; all processes take part in gathering sharded weights and wait for it) and return
+    ``output_dir``."""
     acc = run.accelerator
     acc.wait_for_everyone()
     state_dict = gathered_state_dict(acc, run.backbone.denoiser)
     if acc.is_main_process:
-        _atomic_dir(run.output_dir / "final", lambda tmp: run.backbone.save_trained(tmp, state_dict=state_dict))
+        from diffalign.trainers.model_card import write_model_card
+
+        def write(tmp: Path) -> None:
+            run.backbone.save_trained(tmp, state_dict=state_dict)
+            write_model_card(tmp, run.recipe, steps=run.global_step, metrics_path=run.output_dir / "metrics.jsonl",
+                             data_stats=data_stats(run), lora=run.recipe.model.lora_rank > 0)
+
+        _atomic_dir(run.output_dir / "final", write)
     acc.wait_for_everyone()
     return run.output_dir
 

@@ -36,6 +36,11 @@ def test_dpo_lora_runs_and_loads_in_plain_diffusers(family, tiny_models, pair_pa
     assert written["method"] == {"name": "diffusion-dpo", "beta": float(BETA[family]), "loss_type": "sigmoid",
                                  "loss_weights": None, "label_smoothing": 0.0}
 
+    card = (out / "final" / "README.md").read_text()  # the model card, as the Hub reads it
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == str(tiny_models[family]) and front["library_name"] == "diffusers"
+    assert {"diffalign", "diffusion-dpo", "lora"} <= set(front["tags"])
+    assert "pipe.load_lora_weights(\"final\")" in card and "3 optimizer steps" in card and "| loss |" in card
     no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}  # SD3 without T5, as users load it
     pipe = DiffusionPipeline.from_pretrained(tiny_models[family], **no_t5)
     pipe.set_progress_bar_config(disable=True)
