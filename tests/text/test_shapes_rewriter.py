@@ -113,7 +113,8 @@ def test_shapes_rewriter_dpo_prefers_better_rewrites_on_heldout_pairs(tmp_path):
     r = run_shapes_rewriter(cfg)
     assert r["pairs"]["pairs"] > 0 and r["heldout_pairs"]["pairs"] > 0
     # mean over the training pairs of log pi(y_w) - log pi(y_l): DPO well above SFT
-    # (seen: +0.39 -> +24.4 under AVX-512, +0.34 -> +25.1 under AVX2, -0.52 -> +31.8 with the scalar kernels)
+    # (seen: +0.39 -> +24.4 under AVX-512, +0.34 -> +25.1 under AVX2, -0.52 -> +31.8 with the scalar kernels;
+    # -1.53 -> +40.7 under AVX-512 with TRL's tokenisation, no EOS after a chat template's end of turn)
     print(f"\npair margins: train {r['train_pair_margin']}, held-out {r['heldout_pair_margin']}")
     if os.environ.get("DIFFALIGN_EFFICACY_LOG"):  # as the Shapes efficacy tests: one JSON line per run
         with open(os.environ["DIFFALIGN_EFFICACY_LOG"], "a") as f:
