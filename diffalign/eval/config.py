@@ -37,6 +37,8 @@ class ModelSpec:
         variant, revision: passed to ``from_pretrained`` (e.g. ``variant: fp16``).
         images: an already generated folder in GenEval's layout: scored, not generated.
         name: the label in the report (default: built from the fields above).
+        allow_pickle: also load pickled (``.bin``) model and LoRA weights; by default only safetensors load,
+            since unpickling a file can run code.
     """
 
     pretrained: str = ""
@@ -49,6 +51,7 @@ class ModelSpec:
     revision: str | None = None
     images: str | None = None
     name: str | None = None
+    allow_pickle: bool = False
 
     @property
     def is_set(self) -> bool:

@@ -299,18 +299,20 @@ def resolve_device(device: str | None) -> str:
 def load_eval_pipeline(pretrained: str, *, lora: str | None = None, finetuned: str | None = None,
                        family: str | None = None, scheduler: str | None = None, dtype: str | None = None,
                        variant: str | None = None, revision: str | None = None,
-                       device: str | None = "auto") -> DiffusionPipeline:
+                       device: str | None = "auto", allow_pickle: bool = False) -> DiffusionPipeline:
     """A diffusers pipeline to sample from: ``pretrained`` (hub id, folder, or ``bundled:NAME``),
     optionally with a LoRA (``pipe.load_lora_weights``: a folder such as a run's ``final/``, a
     ``.safetensors`` file or a hub id) or a fine-tuned denoiser (a folder holding ``unet/`` or
     ``transformer/``, as a full fine-tune's ``final/``), and another scheduler class by name
-    (``DPMSolverMultistepScheduler``, built from the pipeline's scheduler config)."""
+    (``DPMSolverMultistepScheduler``, built from the pipeline's scheduler config). Weights load from
+    safetensors only unless ``allow_pickle``."""
     from diffalign.models.loading import load_backbone, resolve_pretrained
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     backbone = load_backbone(resolve_pretrained(pretrained), family=family,
-                             torch_dtype=DTYPES[dtype] if dtype else None, variant=variant, revision=revision)
+                             torch_dtype=DTYPES[dtype] if dtype else None, variant=variant, revision=revision,
+                             allow_pickle=allow_pickle)
     pipe = backbone.pipeline
     if finetuned:
         path = Path(finetuned)
@@ -320,7 +322,7 @@ def load_eval_pipeline(pretrained: str, *, lora: str | None = None, finetuned: s
         backbone.load_trained(path)
     if lora:
         try:
-            pipe.load_lora_weights(lora)
+            pipe.load_lora_weights(lora, use_safetensors=None if allow_pickle else True)
         except (OSError, ValueError) as e:
             raise OSError(f"cannot load the LoRA {lora!r} into {type(pipe).__name__}: {e}") from e
     if scheduler:

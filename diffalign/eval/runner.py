@@ -75,7 +75,7 @@ def _generate(spec: ModelSpec, cfg: EvalConfig, items: list, indices: list[int],
     g = cfg.generation
     pipe = load_eval_pipeline(spec.pretrained, lora=spec.lora, finetuned=spec.finetuned, family=spec.family,
                               scheduler=spec.scheduler, dtype=spec.dtype, variant=spec.variant,
-                              revision=spec.revision, device=g.device)
+                              revision=spec.revision, device=g.device, allow_pickle=spec.allow_pickle)
     info = {"model": spec.pretrained, "lora": spec.lora, "finetuned": spec.finetuned, "family": spec.family,
             "variant": spec.variant, "revision": spec.revision, "device": resolve_device(g.device),
             "label": spec.label(), "prompt_set": cfg.prompts.name, "limit": cfg.prompts.limit}

@@ -20,6 +20,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 
 from diffalign.core.forward import forward_process_from_scheduler
+from diffalign.errors import UsageError
 from diffalign.models.base import Conditioning
 
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -52,6 +53,10 @@ def adapter_state_dict(raw: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     if not names or missing:
         raise KeyError(f"the gathered state dict lacks the LoRA weights {missing[:5] or '(none trainable)'}")
     return {name.replace(f".{adapter}.", "."): state_dict[name] for name in sorted(names)}
+
+
+class PickledWeightsError(UsageError):
+    """A model whose weights are pickled, loaded without ``allow_pickle``."""
 
 
 class Backbone:
@@ -94,11 +99,14 @@ class Backbone:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, torch_dtype: torch.dtype | None = None,
-                        variant: str | None = None, revision: str | None = None, **kwargs) -> "Backbone":
+                        variant: str | None = None, revision: str | None = None, allow_pickle: bool = False,
+                        **kwargs) -> "Backbone":
         """Load from a hub id or a local folder with the family's diffusers pipeline class.
 
-        Extra ``kwargs`` go to the pipeline's ``from_pretrained`` (e.g. ``text_encoder_3=None``).
-        Components the folder leaves out (SD3 saved without T5, SD without safety checker) are None.
+        Weights load from safetensors only: a component saved as a pickle (``.bin``) is refused unless
+        ``allow_pickle`` (unpickling a file can run code). Extra ``kwargs`` go to the pipeline's
+        ``from_pretrained`` (e.g. ``text_encoder_3=None``). Components the folder leaves out (SD3 saved
+        without T5, SD without safety checker) are None.
         """
         import diffusers
 
@@ -118,8 +126,14 @@ class Backbone:
             kwargs.setdefault("requires_safety_checker", False)
         try:
             pipe = pipeline_cls.from_pretrained(str(name_or_path), torch_dtype=torch_dtype, variant=variant,
-                                                revision=revision, **kwargs)
+                                                revision=revision, use_safetensors=None if allow_pickle else True,
+                                                **kwargs)
         except (OSError, ValueError) as e:
+            if not allow_pickle and ".safetensors" in str(e):
+                raise PickledWeightsError(
+                    f"{name_or_path}: {e} Its weights are pickled (.bin), and unpickling a file can run code: "
+                    "convert them (save_pretrained with safe_serialization=True), or pass --allow-pickle "
+                    "(model.allow_pickle=true) if you trust the files") from None
             raise OSError(f"cannot load {cls.pipeline_class_name} from {str(name_or_path)!r}: {e}") from e
         return cls(pipe)
 

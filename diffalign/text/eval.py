@@ -95,7 +95,7 @@ def generate_rewritten(cfg, rewriter: str, *, guidance: str = "rewrite", origina
             f.write(json.dumps({"index": i, "prompt": items[i].text, "rewrite": rewrites[items[i].text]}) + "\n")
     pipe = load_eval_pipeline(spec.pretrained, lora=spec.lora, finetuned=spec.finetuned, family=spec.family,
                               scheduler=spec.scheduler, dtype=spec.dtype, variant=spec.variant,
-                              revision=spec.revision, device=g.device)
+                              revision=spec.revision, device=g.device, allow_pickle=spec.allow_pickle)
     info = {"model": spec.pretrained, "lora": spec.lora, "finetuned": spec.finetuned, "rewriter": rewriter,
             "rewriter_guidance": guidance, "original_weight": original_weight, "prompt_set": cfg.prompts.name,
             "limit": cfg.prompts.limit}

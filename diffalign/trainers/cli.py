@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (same as --train.resume=...)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier run in train.output_dir (same as --train.overwrite=true)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="also load pickled (.bin) model weights (same as --model.allow_pickle=true); "
+                             "by default only safetensors load, since unpickling a file can run code")
     parser.add_argument("--dry-run", action="store_true",
                         help="resolve the recipe, check its model and data paths, print the plan; train nothing")
     parser.add_argument("-h", "--help", action="store_true",
@@ -37,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.resume={args.resume}")
     if args.overwrite:
         overrides.append("train.overwrite=true")
+    if args.allow_pickle:
+        overrides.append("model.allow_pickle=true")
     recipe = load_recipe(None if args.recipe == "-" else args.recipe, overrides)
     if args.help:
         _parser().print_usage()

@@ -48,6 +48,8 @@ class ModelConfig:
         lora_target_modules: module names to adapt; ``None`` = the family's default.
         gradient_checkpointing: trade compute for memory in the denoiser.
         revision, variant: passed to ``from_pretrained``.
+        allow_pickle: also load pickled (``.bin``) weights; by default only safetensors load, since
+            unpickling a file can run code (``--allow-pickle``).
     """
 
     pretrained: str = ""
@@ -58,6 +60,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     revision: str | None = None
     variant: str | None = None
+    allow_pickle: bool = False
 
 
 @dataclass

@@ -124,7 +124,8 @@ def load_backbone_for_training(recipe: Recipe, accelerator: Accelerator):
 
     with no_zero3_init(accelerator):  # ZeRO-3: the engine shards the denoiser at prepare, nothing else
         backbone = load_backbone(resolve_pretrained(recipe.model.pretrained), family=recipe.model.family,
-                                 revision=recipe.model.revision, variant=recipe.model.variant)
+                                 revision=recipe.model.revision, variant=recipe.model.variant,
+                                 allow_pickle=recipe.model.allow_pickle)
     backbone.to(accelerator.device)
     if recipe.model.lora_rank > 0:
         backbone.add_lora(rank=recipe.model.lora_rank, alpha=recipe.model.lora_alpha,

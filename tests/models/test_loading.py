@@ -92,3 +92,38 @@ def test_a_family_that_does_not_match_the_folder_names_both(tiny_folder):
                                          r"\(StableDiffusionPipeline\)"):
         load_backbone(folder, family="sdxl")
     assert type(load_backbone(folder, family="sd")) is SDBackbone  # a matching family loads
+
+
+class _Payload:
+    """Unpickling this object creates the file ``path`` (what a crafted weights file could do)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_weights_load_only_with_allow_pickle_and_a_payload_never_runs(tmp_path, tiny_folder, capsys):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from diffalign.cli import main
+    from diffalign.models.backbone import PickledWeightsError
+
+    pickled = tmp_path / "bin"
+    StableDiffusionPipeline.from_pretrained(tiny_folder("sd")).save_pretrained(pickled, safe_serialization=False)
+    assert (pickled / "unet" / "diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(PickledWeightsError, match=r"--allow-pickle"):
+        load_backbone(pickled)
+    assert isinstance(load_backbone(pickled, allow_pickle=True), SDBackbone)  # the user's explicit opt-in
+    # a crafted .bin: the default refuses it before reading it
+    marker = tmp_path / "code-ran"
+    torch.save({"weight": _Payload(marker)}, pickled / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(PickledWeightsError):
+        load_backbone(pickled)
+    assert not marker.exists()
+    # through `diffalign train`: one line naming the flag, exit 2, the payload never unpickled
+    assert main(["train", "-", f"--model.pretrained={pickled}", f"--train.output_dir={tmp_path / 'run'}",
+                 "--method.name=mapo", "--data.source=none.parquet"]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err and not marker.exists()
