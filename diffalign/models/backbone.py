@@ -142,6 +142,16 @@ class Backbone:
         return [m for n in names if (m := getattr(self.pipeline, n, None)) is not None]
 
     @property
+    def module(self) -> torch.nn.Module:
+        """The trained module, as the engine names it for any model (accelerate prepares and wraps it):
+        the denoiser."""
+        return self.denoiser
+
+    @module.setter
+    def module(self, value: torch.nn.Module) -> None:
+        self.denoiser = value
+
+    @property
     def raw_denoiser(self) -> torch.nn.Module:
         """The denoiser without DDP / FSDP / DeepSpeed / ``torch.compile`` wrappers."""
         return extract_model_from_parallel(self.denoiser, keep_torch_compile=False)

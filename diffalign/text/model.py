@@ -1,7 +1,7 @@
 """A causal LM as the shared training loop's "backbone": policy, reference, LoRA, saving.
 
-The loop (:mod:`diffalign.trainers.loop`) trains ``backbone.denoiser`` (here: the language model;
-the name is the loop's), steps ``trainable_parameters()`` and writes ``save_trained(dir)``.
+The engine (:mod:`diffalign.trainers.loop`) trains a model's ``module`` (here: the language model, as
+an image backbone's is its denoiser), steps ``trainable_parameters()`` and writes ``save_trained(dir)``.
 
 * LoRA (peft): the reference is the same model with the adapters disabled, as TRL does when no
   ``ref_model`` is given. ``save_trained`` writes a peft adapter folder (``adapter_config.json`` +
@@ -49,11 +49,20 @@ class CausalLM:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, source: str | Path | None = None):
-        self.denoiser = model
+        self.model = model
         self.tokenizer = tokenizer
         self.source = source
         self._reference_model: torch.nn.Module | None = None
         self._lora = False
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The trained module, as the engine names it (accelerate prepares and wraps it): the LM."""
+        return self.model
+
+    @module.setter
+    def module(self, value: torch.nn.Module) -> None:
+        self.model = value
 
     # ---- loading
     @classmethod
@@ -85,14 +94,14 @@ class CausalLM:
         """The model without a DDP/accelerate wrapper."""
         from accelerate.utils import extract_model_from_parallel
 
-        return extract_model_from_parallel(self.denoiser)
+        return extract_model_from_parallel(self.model)
 
     @property
     def device(self) -> torch.device:
         return next(self.raw_model.parameters()).device
 
     def to(self, device) -> CausalLM:
-        self.denoiser.to(device)
+        self.model.to(device)
         if self._reference_model is not None:
             self._reference_model.to(device)
         return self
@@ -105,7 +114,7 @@ class CausalLM:
 
         config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
                             target_modules=target_modules or "all-linear", task_type="CAUSAL_LM")
-        self.denoiser = get_peft_model(self.denoiser, config)
+        self.model = get_peft_model(self.model, config)
         self._lora = True
 
     def enable_full_finetune(self) -> None:
@@ -133,7 +142,7 @@ class CausalLM:
         """Context giving the reference model: adapters disabled (LoRA) or the frozen copy."""
         if self._lora:
             with self.raw_model.disable_adapter():
-                yield self.denoiser
+                yield self.model
         elif self._reference_model is not None:
             yield self._reference_model
         else:
@@ -144,7 +153,7 @@ class CausalLM:
         """Completion log-probs ``[N]`` of the policy (gradients on) or the reference (no grad)."""
         batch = batch.to(self.device)
         if not reference:
-            return sequence_logprobs(self.denoiser, batch)
+            return sequence_logprobs(self.model, batch)
         with torch.no_grad(), self.reference() as ref:
             return sequence_logprobs(ref, batch)
 

@@ -89,7 +89,7 @@ class PromptRewriter:
         lm = CausalLM.from_pretrained(name_or_path, adapter=adapter, torch_dtype=torch_dtype,
                                       trust_remote_code=trust_remote_code)
         lm.to(device)
-        lm.denoiser.eval()
+        lm.model.eval()
         saved = Path(lm.source) / FORMAT_FILE if lm.source is not None else None
         if saved is not None and saved.is_file():
             kwargs = {**json.loads(saved.read_text()), **kwargs}

@@ -137,7 +137,7 @@ def pair_margins(model_dir: Path, rows: list[dict]) -> torch.Tensor:
     from diffalign.text.model import CausalLM
 
     lm = CausalLM.from_pretrained(model_dir)
-    lm.denoiser.eval()
+    lm.model.eval()
     ex = [preference_example(r, f"row {i}") for i, r in enumerate(rows)]
     data = TextData.build(ex, "pairs", lm.tokenizer, max_length=64, batch_size=len(ex),
                           gradient_accumulation_steps=1, seed=0)

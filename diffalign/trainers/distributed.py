@@ -43,7 +43,7 @@ def clip_parameters(accelerator, backbone) -> list:
     which reduces the norm over the shards; with any other list each process clips its shard by that
     shard's norm (frozen weights have no gradient and add nothing)."""
     if accelerator.distributed_type == DistributedType.FSDP:
-        return list(backbone.denoiser.parameters())
+        return list(backbone.module.parameters())
     return backbone.trainable_parameters()
 
 

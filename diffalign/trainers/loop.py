@@ -158,7 +158,7 @@ def setup_optimizer(recipe: Recipe, accelerator: Accelerator, backbone) -> tuple
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_steps)
     configure_deepspeed(accelerator, cfg)
-    backbone.denoiser, optimizer = accelerator.prepare(backbone.denoiser, optimizer)
+    backbone.module, optimizer = accelerator.prepare(backbone.module, optimizer)
     if uses_accelerate_state(accelerator):  # FSDP / DeepSpeed checkpoints are accelerate's save_state
         accelerator.register_for_checkpointing(lr_scheduler)
         _register_checkpoint_hooks(accelerator, backbone)
@@ -352,7 +352,7 @@ def save_final(run) -> Path:
     ``output_dir``."""
     acc = run.accelerator
     acc.wait_for_everyone()
-    state_dict = gathered_state_dict(acc, run.backbone.denoiser)
+    state_dict = gathered_state_dict(acc, run.backbone.module)
     if acc.is_main_process:
         from diffalign.trainers.model_card import write_model_card
 
@@ -402,7 +402,7 @@ def optimizer_step(run, micro_losses: Sequence[Callable[[], StepOutput]]) -> dic
         last = micro == n - 1
         if deepspeed:  # the engine reduces and steps inside backward, at the boundary it is told
             acc.sync_gradients = last
-        with contextlib.nullcontext() if last or deepspeed else acc.no_sync(run.backbone.denoiser):
+        with contextlib.nullcontext() if last or deepspeed else acc.no_sync(run.backbone.module):
             out = compute()
             finite &= bool(torch.isfinite(out.loss.detach()))
             if deepspeed:  # the mean over micro-batches is ours: the engine must not divide again
@@ -519,10 +519,10 @@ def save_checkpoint(run: Run, write_extra: Callable[[Path], None] | None = None)
     elif acc.is_main_process:
         tmp.mkdir(parents=True)
         trainable = {n: p.detach().cpu().contiguous()
-                     for n, p in acc.unwrap_model(run.backbone.denoiser).named_parameters() if p.requires_grad}
+                     for n, p in acc.unwrap_model(run.backbone.module).named_parameters() if p.requires_grad}
         save_file(trainable, str(tmp / "trainable.safetensors"))
         save_training_state(tmp, run.optimizer, run.lr_scheduler)
-    state_dict = gathered_state_dict(acc, run.backbone.denoiser)  # every process: the gather is collective
+    state_dict = gathered_state_dict(acc, run.backbone.module)  # every process: the gather is collective
     if acc.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"global_step": run.global_step, "epoch": run.epoch}))
         run.backbone.save_trained(tmp, state_dict=state_dict)
@@ -573,7 +573,7 @@ def _load_checkpoint_state(run: Run, ckpt: Path) -> None:
         raise UsageError(f"{ckpt}: no optimizer.safetensors / scheduler.json / random_states.json: not a "
                          "checkpoint of this diffalign (older ones pickled their state, which is not read, since "
                          "unpickling a file can run code); start the run again or resume from a newer checkpoint")
-    model = acc.unwrap_model(run.backbone.denoiser)
+    model = acc.unwrap_model(run.backbone.module)
     missing = model.load_state_dict(load_file(str(ckpt / "trainable.safetensors")), strict=False)
     if missing.unexpected_keys:
         raise RuntimeError(f"checkpoint {ckpt} has unexpected keys {missing.unexpected_keys[:5]}")

@@ -53,7 +53,7 @@ def test_greedy_rewrite_is_the_models_argmax_continuation():
 
 def test_format_file_travels_with_saved_models(tmp_path):
     rw = _rewriter(system=None, instruction="{prompt}")
-    rw.lm.denoiser.save_pretrained(tmp_path / "m")
+    rw.lm.model.save_pretrained(tmp_path / "m")
     rw.tokenizer.save_pretrained(tmp_path / "m")
     rw.save_format(tmp_path / "m")
     loaded = PromptRewriter.from_pretrained(tmp_path / "m")

@@ -321,7 +321,7 @@ def test_fsdp_clips_the_prepared_model_s_own_parameters():
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[0].requires_grad_(False)
-    backbone = SimpleNamespace(denoiser=model,
+    backbone = SimpleNamespace(module=model,
                                trainable_parameters=lambda: [p for p in model.parameters() if p.requires_grad])
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
     ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
