@@ -140,7 +140,8 @@ def load_backbone_for_training(recipe: Recipe, accelerator: Accelerator):
 def setup_optimizer(recipe: Recipe, accelerator: Accelerator, backbone) -> tuple[torch.optim.Optimizer, object]:
     """AdamW (or 8-bit AdamW) on the trainable weights and the lr schedule; prepares the denoiser and
     optimizer with accelerate (DeepSpeed first gets the recipe's batch, accumulation and clipping) and
-    registers the trainable-weights-only checkpoint hooks."""
+    registers the schedule with accelerate's checkpointing where that is the checkpoint format
+    (FSDP / DeepSpeed, whose model and optimizer accelerate saves in its sharded format)."""
     from diffusers.optimization import get_scheduler
 
     cfg = recipe.train
@@ -161,7 +162,6 @@ def setup_optimizer(recipe: Recipe, accelerator: Accelerator, backbone) -> tuple
     backbone.module, optimizer = accelerator.prepare(backbone.module, optimizer)
     if uses_accelerate_state(accelerator):  # FSDP / DeepSpeed checkpoints are accelerate's save_state
         accelerator.register_for_checkpointing(lr_scheduler)
-        _register_checkpoint_hooks(accelerator, backbone)
     return optimizer, lr_scheduler
 
 
@@ -454,36 +454,6 @@ def _atomic_dir(final: Path, write) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-
-
-def _register_checkpoint_hooks(acc: Accelerator, backbone) -> None:
-    """Checkpoints hold the trainable weights only (the LoRA), not the whole frozen denoiser.
-
-    Under FSDP and DeepSpeed accelerate saves and loads the model itself, in its sharded / engine
-    format (its ``weights`` and ``models`` lists come empty to the hooks), and the hooks leave it so:
-    a shard's parameters are not the model's weights.
-    """
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        if not weights:  # FSDP / DeepSpeed: accelerate wrote the model in its own format
-            return
-        if acc.is_main_process:
-            trainable = {n: p.detach().cpu().contiguous()
-                         for n, p in acc.unwrap_model(models[0]).named_parameters() if p.requires_grad}
-            save_file(trainable, os.path.join(output_dir, "trainable.safetensors"))
-        weights.clear()
-
-    def load_hook(models, input_dir):
-        if not models:  # FSDP / DeepSpeed: accelerate loaded the model from its own format
-            return
-        model = acc.unwrap_model(models.pop())
-        missing = model.load_state_dict(load_file(os.path.join(input_dir, "trainable.safetensors")), strict=False)
-        if missing.unexpected_keys:
-            raise RuntimeError(f"checkpoint {input_dir} has unexpected keys {missing.unexpected_keys[:5]}")
-
-    acc.register_save_state_pre_hook(save_hook)
-    acc.register_load_state_pre_hook(load_hook)
 
 
 def uses_accelerate_state(acc: Accelerator) -> bool:
