@@ -58,4 +58,42 @@ class EpochOrder:
         return self._perm[i]
 
 
-__all__ = ["EpochOrder", "micro_batch_positions", "position_generator", "stable_seed"]
+class BlockOrder:
+    """Which of the items sits at each run position when they come in blocks best read together (parquet
+    row groups, tar shards; ``block_sizes`` in item order): each epoch visits the blocks in a permutation
+    seeded by ``(seed, stream, epoch)``, ``window`` blocks at a time, and the items of each window in a
+    permutation of their own. So a run reads each block once an epoch while keeping ``window`` blocks in
+    memory. With ``window`` blocks or fewer this is :class:`EpochOrder` exactly."""
+
+    def __init__(self, block_sizes: list[int], seed: int, stream: str = "epoch", window: int = 8):
+        sizes = [int(n) for n in block_sizes if n > 0]
+        self.n, self.seed, self.stream, self.window = sum(sizes), seed, stream, max(1, window)
+        if self.n <= 0:
+            raise ValueError("BlockOrder needs at least one item")
+        self._flat = EpochOrder(self.n, seed, stream) if len(sizes) <= self.window else None
+        self._sizes = torch.tensor(sizes, dtype=torch.long)
+        self._starts = torch.cumsum(self._sizes, 0) - self._sizes
+        self._epoch = self._perm = self._bounds = None
+        self._window_key, self._window_items = None, None
+
+    def __call__(self, position: int) -> int:
+        """The index of the item at ``position``."""
+        if self._flat is not None:
+            return self._flat(position)
+        epoch, i = divmod(position, self.n)
+        if epoch != self._epoch:
+            g = position_generator(self.seed, self.stream, "blocks", epoch)
+            self._epoch, self._perm = epoch, torch.randperm(len(self._sizes), generator=g)
+            totals = self._sizes[self._perm].split(self.window)
+            self._bounds = torch.cumsum(torch.tensor([0] + [int(t.sum()) for t in totals]), 0)
+        w = int(torch.searchsorted(self._bounds, torch.tensor(i), right=True)) - 1
+        if self._window_key != (epoch, w):
+            blocks = self._perm[w * self.window:(w + 1) * self.window]
+            items = torch.cat([torch.arange(int(self._starts[b]), int(self._starts[b] + self._sizes[b]))
+                               for b in blocks])
+            g = position_generator(self.seed, self.stream, "window", epoch, w)
+            self._window_key, self._window_items = (epoch, w), items[torch.randperm(len(items), generator=g)]
+        return int(self._window_items[i - int(self._bounds[w])])
+
+
+__all__ = ["BlockOrder", "EpochOrder", "micro_batch_positions", "position_generator", "stable_seed"]

@@ -6,8 +6,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffalign.data.jsonl import iter_jsonl_rows, read_image_file, require_text
-from diffalign.data.pairs import DataStats, ImageLike, PreferencePair, content_key
+from diffalign.data.jsonl import image_skip, iter_jsonl_rows, read_image_file, require_text
+from diffalign.data.pairs import BadRow, DataStats, ImageLike, PreferencePair, SkipRow, content_key
 
 _TRUE = {"1", "+1", "true", "yes", "like", "liked", "desirable", "good", "win", "up", "thumbs_up"}
 _FALSE = {"0", "-1", "false", "no", "dislike", "disliked", "undesirable", "bad", "lose", "down", "thumbs_down"}
@@ -46,21 +46,39 @@ def read_feedback(source: str | Path | Iterable[PreferencePair], *, image_root: 
         return
     stats = stats if stats is not None else DataStats()
     for obj, src, root in iter_jsonl_rows(source, image_root, stats):
+        try:
+            sample = feedback_from_object(obj, src, root, decode, stats=stats)
+        except SkipRow as skip:
+            if strict:
+                raise ValueError(str(skip)) from None
+            stats.skip_bad(src, skip.detail, skip.reason)
+            continue
+        stats.kept += 1
+        yield sample
+
+
+def feedback_from_object(obj: dict, src: str, root: Path, decode: bool = True, check: bool = True,
+                         stats: DataStats | None = None) -> FeedbackSample:
+    """One JSONL object ``{"prompt", "image", "label"}`` as a feedback sample (``stats`` counts its label);
+    :class:`~diffalign.data.pairs.BadRow` for a bad field, :class:`~diffalign.data.pairs.SkipRow` for an
+    unreadable image."""
+    try:
         prompt = require_text(obj, "prompt", src)
         name = require_text(obj, "image", src)
         if "label" not in obj:
             raise ValueError(f"{src}: missing field 'label'")
         desirable = parse_label(obj["label"], src)
+    except ValueError as e:
+        raise BadRow(str(e), "bad label" if "'label'" in str(e) else "bad field") from None
+    if stats is not None:
         stats.labels["like" if desirable else "dislike"] += 1
-        try:
-            raw, image = read_image_file(root, name, "image", decode)
-        except ValueError as e:
-            if strict:
-                raise ValueError(f"{src}: {e}") from None
-            stats.skip_bad(src, str(e))
-            continue
-        stats.kept += 1
-        yield FeedbackSample(prompt, image, desirable, src, content_key(raw, prompt))
+    if not prompt.strip():
+        raise SkipRow("empty caption", "field 'prompt' is empty", src)
+    try:
+        raw, image = read_image_file(root, name, "image", decode, check)
+    except ValueError as e:
+        raise image_skip(src, e) from None
+    return FeedbackSample(prompt, image, desirable, src, content_key(raw, prompt))
 
 
 def feedback_from_pairs(pairs: Iterable[PreferencePair]) -> Iterator[FeedbackSample]:

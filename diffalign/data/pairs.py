@@ -32,19 +32,22 @@ class EncodedImage:
         return self.width, self.height
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> EncodedImage:
+    def from_bytes(cls, data: bytes, where: str, check: bool = True) -> EncodedImage:
         """Check that ``data`` decodes (a ``ValueError`` naming ``where`` if not) and keep it undecoded.
 
         The check decodes the whole stream, so truncated files are caught here rather than mid-run;
-        JPEGs are decoded at reduced scale for it (same check, about half the time)."""
+        JPEGs are decoded at reduced scale for it (same check, about half the time). ``check=False``
+        reads only the header (the size): training does this, meeting a bad stream when it decodes the
+        image (a counted skip), and not at all when the image's latents are cached."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ValueError(f"{where}: expected image bytes, got {type(data).__name__}")
         data = bytes(data)
         try:
             img = Image.open(io.BytesIO(data))
             width, height = img.size
-            img.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # a no-op for formats other than JPEG
-            img.load()
+            if check:
+                img.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # a no-op for formats other than JPEG
+                img.load()
         except Exception as e:  # PIL raises several types for bad data
             raise ValueError(f"{where}: undecodable image ({type(e).__name__}: {e})") from None
         return cls(data, width, height)
@@ -83,6 +86,25 @@ class PreferencePair:
     scores: tuple[float, float] | None = None
 
 
+class SkipRow(Exception):
+    """A row left out of training, not an error: ``reason`` is a short label (``tie``, ``undecodable image``,
+    ``missing image``, ``bad label``, ``empty caption``, ``bad field``, ``malformed row``), ``where`` names
+    the file and row, ``detail`` says what was wrong."""
+
+    def __init__(self, reason: str, detail: str = "", where: str = ""):
+        super().__init__(f"{where}: {detail or reason}" if where else (detail or reason))
+        self.reason, self.detail, self.where = reason, detail or reason, where
+
+
+class BadRow(ValueError):
+    """A row whose field cannot be right (a label outside {0, 0.5, 1}, a caption that is not text...): an
+    error for the readers, a skip (reason ``reason``) for training unless ``data.strict``."""
+
+    def __init__(self, message: str, reason: str = "bad field"):
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass
 class DataStats:
     """What a reader saw: rows read, pairs kept, ties dropped, bad images skipped, label histogram.
@@ -93,27 +115,31 @@ class DataStats:
     rows: int = 0
     kept: int = 0
     ties_dropped: int = 0
-    bad_images: int = 0
+    bad_images: int = 0  # rows skipped as bad, for any reason of ``skipped`` (the name is historical)
     bad_rows: list[str] = field(default_factory=list)
     bad_reasons: list[str] = field(default_factory=list)  # why each row of bad_rows was skipped
     labels: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)  # reason ("undecodable image", "bad label"...) -> rows
 
-    def skip_bad(self, source: str, reason: str = "") -> None:
-        """Count a row skipped for an undecodable or missing image (``source`` names file and row; the
-        first few are kept with their ``reason``)."""
+    def skip_bad(self, source: str, reason: str = "", kind: str = "undecodable image") -> None:
+        """Count a row skipped as bad (``source`` names file and row; ``kind`` is the short reason it is
+        counted under; the first few rows are kept with their full ``reason``)."""
         self.bad_images += 1
+        self.skipped[kind] += 1
         if len(self.bad_rows) < MAX_BAD_ROWS_KEPT:
             self.bad_rows.append(source)
             self.bad_reasons.append(reason)
 
     def as_dict(self) -> dict:
         return {"rows": self.rows, "kept": self.kept, "ties_dropped": self.ties_dropped,
-                "bad_images": self.bad_images, "bad_rows": list(self.bad_rows), "bad_reasons": list(self.bad_reasons),
+                "bad_images": self.bad_images, "skipped": dict(sorted(self.skipped.items())),
+                "bad_rows": list(self.bad_rows), "bad_reasons": list(self.bad_reasons),
                 "labels": {str(k): v for k, v in sorted(self.labels.items(), key=lambda kv: str(kv[0]))}}
 
     def __str__(self) -> str:
+        why = ", ".join(f"{n} {k}" for k, n in sorted(self.skipped.items()))
         return (f"{self.rows} rows read, {self.kept} kept, {self.ties_dropped} ties dropped, "
-                f"{self.bad_images} undecodable images skipped")
+                f"{self.bad_images} bad rows skipped" + (f" ({why})" if why else ""))
 
 
 def content_key(*parts: bytes | str) -> str:

@@ -36,10 +36,12 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from diffalign.data.pairs import (
+    BadRow,
     DataStats,
     EncodedImage,
     ImageLike,
     PreferencePair,
+    SkipRow,
     content_key,
     decode_image,
 )
@@ -293,12 +295,12 @@ def _image_bytes(row: dict, i: int, cache_dir: Path | None) -> bytes | Image.Ima
     return data
 
 
-def _decode(data, where: str, decode: bool) -> tuple[ImageLike, bytes]:
+def _decode(data, where: str, decode: bool, check: bool = True) -> tuple[ImageLike, bytes]:
     """The image (RGB, or checked bytes if not ``decode``) and the bytes its cache key is made from."""
     if isinstance(data, Image.Image):  # a `datasets` Image feature, already decoded
         img = data.convert("RGB")
         return img, f"{img.size}".encode() + img.tobytes()
-    return (decode_image(data, where) if decode else EncodedImage.from_bytes(data, where)), bytes(data)
+    return (decode_image(data, where) if decode else EncodedImage.from_bytes(data, where, check)), bytes(data)
 
 
 # ---- rows to pairs
@@ -307,47 +309,68 @@ def _label(value, src: str, fld: str) -> float:
     try:
         label = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{src}: field {fld!r} is {value!r}, not a number in {{0, 0.5, 1}}") from None
+        raise BadRow(f"{src}: field {fld!r} is {value!r}, not a number in {{0, 0.5, 1}}", "bad label") from None
     if label not in VALID_LABELS:
-        raise ValueError(f"{src}: field {fld!r} is {value!r}; Pick-a-Pic labels are 0, 0.5 (tie) or 1")
+        raise BadRow(f"{src}: field {fld!r} is {value!r}; Pick-a-Pic labels are 0, 0.5 (tie) or 1", "bad label")
     return label
+
+
+def pair_from_row(src: str, row: dict, *, drop_ties: bool = True, cache_dir: Path | None = None,
+                  decode: bool = True, check: bool = True, stats: DataStats | None = None) -> PreferencePair:
+    """One Pick-a-Pic row as a preference pair, winner first (``src`` names file and row).
+
+    Raises :class:`~diffalign.data.pairs.SkipRow` for a row left out (a tie when ``drop_ties``, an
+    empty caption, an undecodable or missing image) and :class:`~diffalign.data.pairs.BadRow` (a
+    ``ValueError``) for a field that cannot be right. ``stats``, when given, counts the label.
+    ``check=False`` reads only the images' headers (see :meth:`EncodedImage.from_bytes`)."""
+    label = _label(row.get("label_0"), src, "label_0")
+    if row.get("label_1") is not None and _label(row["label_1"], src, "label_1") != 1.0 - label:
+        raise BadRow(f"{src}: field 'label_1' is {row['label_1']!r} but label_0 is {row['label_0']!r}; "
+                     "they must sum to 1", "bad label")
+    if stats is not None:
+        stats.labels[label] += 1
+    if label == 0.5 and drop_ties:
+        raise SkipRow("tie", "a tie (label_0 = 0.5)", src)
+    captions = [row.get("caption"), row.get("caption_1") or row.get("caption")]
+    for fld, c in zip(("caption", "caption_1"), captions):
+        if not isinstance(c, str):
+            raise BadRow(f"{src}: field {fld!r} is {c!r}, not text", "bad caption")
+    if not captions[0].strip():
+        raise SkipRow("empty caption", "field 'caption' is empty", src)
+    weight = row.get("weight")
+    weight = 1.0 if weight is None else weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise BadRow(f"{src}: field 'weight' is {weight!r}; expected a finite number >= 0")
+    scores = _scores(row, src)
+    try:
+        decoded = [_decode(_image_bytes(row, j, cache_dir), f"field 'jpg_{j}'", decode, check) for j in (0, 1)]
+    except Exception as e:  # undecodable bytes, missing image, failed fetch
+        kind = "undecodable image" if "undecodable" in str(e) else "missing image"
+        raise SkipRow(kind, str(e), src) from None
+    w = 0 if label >= 0.5 else 1  # ties kept (drop_ties=False) put image 0 first
+    (img_w, raw_w), (img_l, raw_l) = decoded[w], decoded[1 - w]
+    p_w, p_l = captions[w], captions[1 - w]
+    return PreferencePair(prompt=p_w, chosen=img_w, rejected=img_l, prompt_rejected=p_l if p_l != p_w else None,
+                          weight=float(weight), source=src, key=content_key(raw_w, raw_l, p_w, p_l),
+                          scores=None if scores is None else (scores[w], scores[1 - w]))
 
 
 def _rows_to_pairs(rows: Iterable[tuple[str, dict]], drop_ties: bool, strict: bool, stats: DataStats,
                    cache_dir: Path | None, decode: bool = True) -> Iterator[PreferencePair]:
     for src, row in rows:
         stats.rows += 1
-        label = _label(row.get("label_0"), src, "label_0")
-        if row.get("label_1") is not None and _label(row["label_1"], src, "label_1") != 1.0 - label:
-            raise ValueError(f"{src}: field 'label_1' is {row['label_1']!r} but label_0 is {row['label_0']!r}; "
-                             "they must sum to 1")
-        stats.labels[label] += 1
-        if label == 0.5 and drop_ties:
-            stats.ties_dropped += 1
-            continue
-        captions = [row.get("caption"), row.get("caption_1") or row.get("caption")]
-        for fld, c in zip(("caption", "caption_1"), captions):
-            if not isinstance(c, str):
-                raise ValueError(f"{src}: field {fld!r} is {c!r}, not text")
-        weight = row.get("weight")
-        weight = 1.0 if weight is None else weight
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"{src}: field 'weight' is {weight!r}; expected a finite number >= 0")
-        scores = _scores(row, src)
         try:
-            decoded = [_decode(_image_bytes(row, j, cache_dir), f"field 'jpg_{j}'", decode) for j in (0, 1)]
-        except Exception as e:  # undecodable bytes, missing image, failed fetch
+            pair = pair_from_row(src, row, drop_ties=drop_ties, cache_dir=cache_dir, decode=decode, stats=stats)
+        except SkipRow as skip:
+            if skip.reason == "tie":
+                stats.ties_dropped += 1
+                continue
             if strict:
-                raise ValueError(f"{src}: {e}") from None
-            stats.skip_bad(src, str(e))
+                raise ValueError(str(skip)) from None
+            stats.skip_bad(src, skip.detail, skip.reason)
             continue
-        w = 0 if label >= 0.5 else 1  # ties kept (drop_ties=False) put image 0 first
-        (img_w, raw_w), (img_l, raw_l) = decoded[w], decoded[1 - w]
-        p_w, p_l = captions[w], captions[1 - w]
         stats.kept += 1
-        yield PreferencePair(prompt=p_w, chosen=img_w, rejected=img_l, prompt_rejected=p_l if p_l != p_w else None,
-                             weight=float(weight), source=src, key=content_key(raw_w, raw_l, p_w, p_l),
-                             scores=None if scores is None else (scores[w], scores[1 - w]))
+        yield pair
 
 
 def _scores(row: dict, src: str) -> tuple[float, float] | None:
@@ -357,7 +380,7 @@ def _scores(row: dict, src: str) -> tuple[float, float] | None:
         return None
     for fld, v in zip(("score_0", "score_1"), values):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{src}: field {fld!r} is {v!r}; expected a finite number (give both scores or neither)")
+            raise BadRow(f"{src}: field {fld!r} is {v!r}; expected a finite number (give both scores or neither)")
     return float(values[0]), float(values[1])
 
 

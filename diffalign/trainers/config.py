@@ -68,7 +68,9 @@ class DataConfig:
     """Where the training data comes from and how images are prepared.
 
     Attributes:
-        source: local parquet file/dir/glob, a JSONL file, or a hub dataset id.
+        source: parquet files (a file, a directory in the Hub's layout, a glob, or a list), WebDataset
+            ``.tar`` shards, a JSONL file, a ``save_to_disk`` folder, a hub dataset id (downloaded once,
+            memory-mapped), or (from Python) a ``datasets.Dataset``. Rows are read when a step needs them.
         format: ``pickapic`` (``jpg_0``/``jpg_1``/``label_0``/``caption``), ``jsonl``
             (``prompt``/``chosen``/``rejected``), ``feedback`` (per-image like/dislike, for KTO), or
             ``ranked`` (ranked lists of images per prompt from ``diffalign data label``, for RankDPO).
@@ -77,13 +79,18 @@ class DataConfig:
         center_crop: center crop (else random crop).
         random_flip: flip both images of a pair together.
         drop_ties: drop ``label_0 == 0.5`` pairs (official Diffusion-DPO does; 12% of Pick-a-Pic v2).
-        strict: an undecodable image is an error instead of a skipped, counted row.
-        max_samples: use only the first N pairs (after filtering).
+        strict: a bad row (undecodable or missing image, bad label, empty caption) is an error naming file,
+            row and field, instead of a skipped, counted row.
+        max_samples: use only the first N rows of the source.
         caption_dropout: probability of training on the empty prompt (official Diffusion-DPO: 0.2).
         cache_dir: where VAE latents and text embeddings are cached; ``None`` = ``<output_dir>/cache``;
             ``""`` disables the cache.
-        max_bad_fraction: stop before training when more than this share of the rows read was skipped for
-            an undecodable or missing image (each skip is counted and reported; ``strict`` stops at the first).
+        max_bad_fraction: stop when more than this share of the rows read was skipped as bad (judged once
+            100 rows, or the whole of a smaller set, have been read; ties do not count; each skip is counted,
+            printed after the first step and logged as ``data/skipped_<reason>``; ``strict`` stops at the first).
+        num_workers: DataLoader worker processes that read, decode, crop and render the examples ahead of
+            the step (0: in the training process). The batches are the same for any number.
+        prefetch_factor: micro-batches each worker reads ahead.
     """
 
     source: str | list[str] = ""
@@ -98,6 +105,8 @@ class DataConfig:
     caption_dropout: float = 0.0
     cache_dir: str | None = None
     max_bad_fraction: float = 0.2
+    num_workers: int = 0
+    prefetch_factor: int = 2
 
 
 @dataclass
@@ -427,7 +436,7 @@ RANGES: dict[str, dict[str, Range]] = {
     },
     "model": {"lora_rank": NON_NEGATIVE, "lora_alpha": POSITIVE},
     "data": {"resolution": POSITIVE, "caption_dropout": PROBABILITY, "max_samples": POSITIVE,
-             "max_bad_fraction": PROBABILITY},
+             "max_bad_fraction": PROBABILITY, "num_workers": NON_NEGATIVE, "prefetch_factor": POSITIVE},
     "train": {
         "max_steps": POSITIVE, "batch_size": POSITIVE, "gradient_accumulation_steps": POSITIVE,
         "learning_rate": POSITIVE, "lr_warmup_steps": NON_NEGATIVE, "adam_beta1": BETA_HIGH_OPEN,

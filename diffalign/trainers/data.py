@@ -8,6 +8,7 @@ seeded by ``(seed, example position)``. VAE latents and text embeddings go throu
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from diffalign.core.positions import (
+    BlockOrder,
     EpochOrder,
     micro_batch_positions,
     position_generator,
@@ -23,10 +25,66 @@ from diffalign.core.positions import (
 from diffalign.models.base import Conditioning
 from diffalign.trainers.method import TrainBatch
 
+MAX_SKIP_AHEAD = 10_000  # rows tried for one position before the data is declared unusable
+MIN_ROWS_JUDGED = 100  # rows read before data.max_bad_fraction is judged (all of them in a smaller set)
+
+
+@dataclass
+class Example:
+    """One example as read by :meth:`TrainingData.read_example`: its images (each ``(image, placement,
+    cache key)``), one prompt and score per image, its loss weight and feedback, and its generator (the
+    placement draws taken; the noise and timestep come next)."""
+
+    images: list
+    prompts: list[str]
+    scores: list[float] | None
+    weight: float
+    desirable: bool | None
+    generator: torch.Generator
+
+
+@dataclass
+class CpuBatch:
+    """The CPU half of a micro-batch, made in a DataLoader worker (or in the training process with
+    ``data.num_workers: 0``), rows group-major (all winners, then all losers):
+
+    ``latents[r]`` the cached latent ``[C, h, w]`` of row ``r`` or ``None``; ``pixels[r]`` its pixels
+    ``[3, R, R]`` in [-1, 1] when it is not cached; ``keys``, ``prompts``, ``placements`` per row;
+    ``scores`` per row or ``None``; ``weights`` and ``desirable`` per loss row; ``generator_states``
+    per example; ``reads``: ``(row index, None or (reason, where, detail))`` for every row read,
+    skipped ones included (the training process counts them)."""
+
+    group: int
+    latents: list
+    pixels: list
+    keys: list[str]
+    prompts: list[str]
+    placements: list
+    scores: list[float] | None
+    weights: list[float]
+    desirable: list[bool] | None
+    generator_states: list[torch.Tensor]
+    reads: list[tuple]
+
+    def pin_memory(self) -> CpuBatch:
+        """Pinned copies of the tensors (the DataLoader calls this with ``pin_memory=True``)."""
+        self.latents = [None if t is None else t.pin_memory() for t in self.latents]
+        self.pixels = [None if t is None else t.pin_memory() for t in self.pixels]
+        return self
+
 
 @dataclass
 class TrainingData:
-    """Materialised examples plus everything needed to turn a run position into a ``TrainBatch``.
+    """A data set plus everything needed to turn a run position into a ``TrainBatch``.
+
+    The examples are read on demand, by index (``examples``: :class:`~diffalign.data.examples.Examples`;
+    memory does not grow with the set), or held in memory (``items``: the video pairs of DenseDPO).
+    A position's example is the one :class:`~diffalign.core.positions.BlockOrder` puts there; a row that
+    is skipped (a tie, an undecodable image, a bad field) is counted once in ``stats`` and the position
+    takes the next usable row in the order, so the batch at a run position does not depend on who
+    reads it. ``data.num_workers`` DataLoader workers read, decode, place and render the examples
+    (:meth:`read`, started by :meth:`start`); the training process encodes what the latent cache
+    misses, the prompts, and draws noise and timesteps (:meth:`finish`).
 
     ``kind``: ``pairs`` (winner, loser), ``chosen`` (winners only, SFT), ``feedback`` (KTO: single
     images), ``feedback-pairs`` (KTO from preference pairs, laid out as ``pairs``: the winners desirable,
@@ -35,7 +93,7 @@ class TrainingData:
     kept in rank order).
     """
 
-    items: list
+    items: list | None
     kind: str
     backbone: object
     resolution: int
@@ -48,7 +106,20 @@ class TrainingData:
     cache: object | None = None
     stats: object | None = None
     list_size: int = 2
-    _order: EpochOrder | None = field(default=None, repr=False)
+    examples: object | None = None
+    strict: bool = False
+    max_bad_fraction: float = 1.0
+    source_name: str = ""
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    verbose: bool = True
+    _order: object | None = field(default=None, repr=False)
+    _seen: object | None = field(default=None, repr=False)
+    _loader: object | None = field(default=None, repr=False)
+    _next: tuple | None = field(default=None, repr=False)
+    _finished: int = field(default=0, repr=False)
+    _main_pid: int = field(default_factory=os.getpid, repr=False)
+    _cache_epoch: int | None = field(default=None, repr=False)
 
     # ---- which examples (diffalign.core.positions)
     def positions(self, step: int, micro: int, process: int, num_processes: int) -> list[int]:
@@ -56,107 +127,265 @@ class TrainingData:
         return micro_batch_positions(step, micro, process, num_processes, self.batch_size,
                                      self.gradient_accumulation_steps)
 
-    def item_at(self, position: int):
-        """The item at a run position (each epoch a seeded shuffle of the items)."""
+    def order(self, position: int) -> int:
+        """The index of the example (or item) at a run position, before skipping."""
         if self._order is None:
-            self._order = EpochOrder(len(self.items), self.seed, "epoch")
-        return self.items[self._order(position)]
+            if self.examples is not None:
+                from diffalign.data.sources import ROW_GROUPS_KEPT
+
+                blocks = self.examples.blocks() or [len(self.examples)]
+                self._order = BlockOrder(blocks, self.seed, "epoch", window=ROW_GROUPS_KEPT)
+            else:
+                self._order = EpochOrder(len(self.items), self.seed, "epoch")
+        return self._order(position)
+
+    def item_at(self, position: int):
+        """The item the order puts at a run position (before any skip: a bad row raises here)."""
+        if self.examples is not None:
+            return self.examples.get(self.order(position))
+        return self.items[self.order(position)]
+
+    def __len__(self) -> int:
+        return len(self.examples) if self.examples is not None else len(self.items)
 
     def example_generators(self, positions: list[int]) -> list[torch.Generator]:
         """One generator per example, seeded by ``(seed, position)``: its placement, caption dropout,
         noise and timestep are drawn from it, in that order."""
         return [position_generator(self.seed, "example", p) for p in positions]
 
-    # ---- one micro-batch
-    def batch(self, step: int, micro: int, process: int, num_processes: int) -> TrainBatch:
-        from diffalign.data.dataset import latent_key
-        from diffalign.data.transforms import place_image, place_pair, render
-
+    # ---- the CPU half: runs in DataLoader workers
+    def read(self, step: int, micro: int, process: int, num_processes: int) -> CpuBatch:
+        """Read, place and render one micro-batch (cached latents where the cache has them)."""
         positions = self.positions(step, micro, process, num_processes)
-        gens = self.example_generators(positions)
-        items = [self.item_at(p) for p in positions]
-        # each example's images with their placements (crop, flip): pixels are made only for cache misses
-        placed, prompts, keys, weights, desirable, scores = [], [], [], [], [], []
-        res = self.resolution
-        for item, g in zip(items, gens):
-            drop = self.caption_dropout > 0 and torch.rand((), generator=g).item() < self.caption_dropout
-            if self.kind == "ranked":
-                k = self.list_size
-                pick = sorted(torch.randperm(len(item.ranking), generator=g)[:k].tolist())  # rank positions
-                order = [item.ranking[r] for r in pick]  # image indices, best first
-                flip = self.random_flip and bool(torch.rand((), generator=g) < 0.5)
-                images = [item.images[i] for i in order]
-                spots = [place_image(im.width, im.height, res, center_crop=self.center_crop, flip=flip, generator=g)
-                         for im in images]
-                placed.append(list(zip(images, spots)))
-                keys.append([latent_key(item.key, f"image{i}", pl) for i, pl in zip(order, spots)])
-                prompts.append(["" if drop else item.caption] * k)
-                scores.append([float(item.scores[i]) for i in order])
-                weights.append(1.0)
-                continue
-            if self.kind == "feedback":
-                spot = place_image(item.image.width, item.image.height, res, center_crop=self.center_crop,
-                                   random_flip=self.random_flip, generator=g)
-                placed.append([(item.image, spot)])
-                keys.append([latent_key(item.key, "image", spot)])
-                prompts.append(["" if drop else item.prompt])
-                desirable.append(bool(item.desirable))
-                weights.append(1.0)
-                continue
-            w, l = place_pair(item, res, center_crop=self.center_crop, random_flip=self.random_flip, generator=g)
-            if self.kind == "chosen":
-                placed.append([(item.chosen, w)])
-                keys.append([latent_key(item.key, "chosen", w)])
-                prompts.append(["" if drop else item.prompt])
-            else:
-                placed.append([(item.chosen, w), (item.rejected, l)])
-                keys.append([latent_key(item.key, "chosen", w), latent_key(item.key, "rejected", l)])
-                p_l = item.prompt_rejected if item.prompt_rejected is not None else item.prompt
-                prompts.append(["" if drop else item.prompt, "" if drop else p_l])
-                sc = getattr(item, "scores", None)
-                scores.append(list(sc) if sc is not None else [float("nan")] * 2)
-            weights.append(float(getattr(item, "weight", 1.0)))
-        group = len(placed[0])
+        if self.cache is not None and os.getpid() != self._main_pid:  # a worker: see the shards written since
+            epoch = positions[0] // max(1, len(self))
+            if epoch != self._cache_epoch:
+                self.cache.refresh()
+                self._cache_epoch = epoch
+        reads: list[tuple] = []
+        examples = [self.read_example(p, reads) for p in positions]
+        group = len(examples[0].images)
+        n = len(examples)
+        rows = [examples[i].images[j] for j in range(group) for i in range(n)]
+        scores = [examples[i].scores[j] for j in range(group) for i in range(n)] \
+            if examples[0].scores is not None else None
+        weights = [e.weight for e in examples]
+        desirable = [e.desirable for e in examples] if self.kind == "feedback" else None
         if self.kind == "feedback-pairs":  # per-row feedback and weights: [winners, losers]
-            desirable = [True] * len(items) + [False] * len(items)
-            weights = weights * 2
-        # group-major layout: [all winners, all losers]
-        rows = [placed[i][j] for j in range(group) for i in range(len(items))]
-        row_keys = [keys[i][j] for j in range(group) for i in range(len(items))]
-        row_prompts = [prompts[i][j] for j in range(group) for i in range(len(items))]
-        row_scores = [scores[i][j] for j in range(group) for i in range(len(items))] if scores else None
+            desirable, weights = [True] * n + [False] * n, weights * 2
+        return CpuBatch(group=group, latents=[r[3] for r in rows], pixels=[r[4] for r in rows],
+                        keys=[r[2] for r in rows], prompts=[examples[i].prompts[j] for j in range(group) for i in range(n)],
+                        placements=[r[1] for r in rows], scores=scores, weights=weights, desirable=desirable,
+                        generator_states=[e.generator.get_state() for e in examples], reads=reads)
 
+    def read_example(self, position: int, reads: list[tuple]) -> Example:
+        """The example at ``position``: the first usable row from the order's choice on; every row tried
+        is appended to ``reads``. ``data.strict``: the first bad row is an error naming file, row and field."""
+        from diffalign.data.pairs import BadRow, SkipRow
+
+        for k in range(min(len(self), MAX_SKIP_AHEAD)):
+            index = self.order(position + k)
+            row = self.examples.row_of(index)
+            g = position_generator(self.seed, "example", position)
+            try:
+                item = self.examples.get(index)
+                example = self._place(item, g)
+                example.images = [self._pixels_or_latent(*im, where=getattr(item, "source", ""))
+                                  for im in example.images]
+            except SkipRow as skip:
+                outcome = (skip.reason, skip.where, skip.detail)
+                if self.strict and skip.reason != "tie":
+                    raise ValueError(str(skip)) from None
+            except BadRow as bad:
+                if self.strict:
+                    raise
+                outcome = (bad.reason, str(bad).partition(": ")[0], str(bad))
+            else:
+                reads.append((row, None))
+                return example
+            reads.append((row, outcome))
+        raise ValueError(f"{self.source_name}: no usable row among the {k + 1} read from run position {position} on "
+                         f"(the last: {outcome[1]}: {outcome[2]})")
+
+    def _place(self, item, g: torch.Generator) -> Example:
+        """Caption dropout, then the placements (crop, flip) of the item's images, drawn from ``g``."""
+        from diffalign.data.dataset import latent_key
+        from diffalign.data.transforms import place_image, place_pair
+
+        res = self.resolution
+        drop = self.caption_dropout > 0 and torch.rand((), generator=g).item() < self.caption_dropout
+        if self.kind == "ranked":
+            k = self.list_size
+            pick = sorted(torch.randperm(len(item.ranking), generator=g)[:k].tolist())  # rank positions
+            order = [item.ranking[r] for r in pick]  # image indices, best first
+            flip = self.random_flip and bool(torch.rand((), generator=g) < 0.5)
+            images = [item.images[i] for i in order]
+            spots = [place_image(im.width, im.height, res, center_crop=self.center_crop, flip=flip, generator=g)
+                     for im in images]
+            return Example([(im, pl, latent_key(item.key, f"image{i}", pl)) for im, pl, i in zip(images, spots, order)],
+                           ["" if drop else item.caption] * k, [float(item.scores[i]) for i in order], 1.0, None, g)
+        if self.kind == "feedback":
+            spot = place_image(item.image.width, item.image.height, res, center_crop=self.center_crop,
+                               random_flip=self.random_flip, generator=g)
+            return Example([(item.image, spot, latent_key(item.key, "image", spot))], ["" if drop else item.prompt],
+                           None, 1.0, bool(item.desirable), g)
+        w, l = place_pair(item, res, center_crop=self.center_crop, random_flip=self.random_flip, generator=g)
+        weight = float(getattr(item, "weight", 1.0))
+        if self.kind == "chosen":
+            return Example([(item.chosen, w, latent_key(item.key, "chosen", w))], ["" if drop else item.prompt],
+                           None, weight, None, g)
+        p_l = item.prompt_rejected if item.prompt_rejected is not None else item.prompt
+        sc = getattr(item, "scores", None)
+        return Example([(item.chosen, w, latent_key(item.key, "chosen", w)),
+                        (item.rejected, l, latent_key(item.key, "rejected", l))],
+                       ["" if drop else item.prompt, "" if drop else p_l],
+                       list(sc) if sc is not None else [float("nan")] * 2, weight, None, g)
+
+    def _pixels_or_latent(self, image, placement, key: str, where: str = "") -> tuple:
+        """``(image, placement, key, cached latent or None, pixels or None)``; an image that does not decode
+        is a skipped row."""
+        from diffalign.data.pairs import SkipRow
+        from diffalign.data.transforms import render
+
+        if self.cache is not None:
+            found = self.cache.get_latents([key])
+            if key in found:
+                return image, placement, key, found[key], None
+        try:
+            pixels = render(image, placement, self.resolution)
+        except ValueError as e:
+            raise SkipRow("undecodable image", str(e), where) from None
+        return image, placement, key, None, pixels
+
+    # ---- the training process: workers, encoding, noise
+    def start(self, first_step: int, last_step: int, process: int, num_processes: int) -> None:
+        """Start ``num_workers`` DataLoader workers reading the micro-batches of steps ``first_step`` to
+        ``last_step`` for this process (nothing with ``num_workers: 0``: :meth:`batch` reads inline)."""
+        self.close()
+        if self.examples is None or self.num_workers <= 0 or last_step <= first_step:
+            return
+        ga = self.gradient_accumulation_steps
+        micro_batches = _MicroBatches(self, process, num_processes)
+        loader = torch.utils.data.DataLoader(
+            micro_batches, batch_size=None, sampler=range(first_step * ga, last_step * ga),
+            num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
+            pin_memory=torch.device(self.backbone.device).type == "cuda", collate_fn=_as_is)
+        self._loader = iter(loader)
+        self._next = (first_step, 0, process, num_processes)
+
+    def close(self) -> None:
+        """Stop the workers (if any)."""
+        self._loader, self._next = None, None
+
+    def batch(self, step: int, micro: int, process: int, num_processes: int) -> TrainBatch:
+        """The micro-batch at a run position: from the workers when they have read ahead to it, else read
+        here; the same batch either way."""
+        if self._loader is not None and self._next == (step, micro, process, num_processes):
+            cpu = next(self._loader)
+            s, m = divmod(step * self.gradient_accumulation_steps + micro + 1, self.gradient_accumulation_steps)
+            self._next = (s, m, process, num_processes)
+        else:
+            cpu = self.read(step, micro, process, num_processes)
+        return self.finish(cpu)
+
+    def finish(self, cpu: CpuBatch) -> TrainBatch:
+        """Count the rows read, encode the rows the cache missed and the prompts, and draw each example's
+        noise and timestep (continuing its generator)."""
+        self._account(cpu.reads)
         device = self.backbone.device
-        latents = self.encode_latents(lambda idx: torch.stack([render(*rows[i], res) for i in idx]), row_keys)
+        res = self.resolution
+        latents = self.encode_latents(lambda idx: torch.stack([cpu.pixels[i] for i in idx]), cpu.keys,
+                                      known={k: t for k, t in zip(cpu.keys, cpu.latents) if t is not None})
         latents = latents.to(device)
-        cond = self.encode_text(row_prompts).to(device)
+        cond = self.encode_text(cpu.prompts).to(device)
         if getattr(self.backbone, "family", None) == "sdxl":
             cond.time_ids = self.backbone.time_ids(
-                torch.tensor([pl.original_size for _, pl in rows]), torch.tensor([pl.crop_top_left for _, pl in rows]),
-                (res, res)).to(device)
-
-        noisy = self.backbone.forward_process.noise_examples(latents, gens, group_size=group)
+                torch.tensor([pl.original_size for pl in cpu.placements]),
+                torch.tensor([pl.crop_top_left for pl in cpu.placements]), (res, res)).to(device)
+        gens = []
+        for state in cpu.generator_states:
+            g = torch.Generator()
+            g.set_state(state)
+            gens.append(g)
+        noisy = self.backbone.forward_process.noise_examples(latents, gens, group_size=cpu.group)
         return TrainBatch(
             latents=latents, noise=noisy.noise, x_t=noisy.x_t, target=noisy.target,
-            timesteps=noisy.timesteps, cond=cond, weights=torch.tensor(weights, device=device),
-            desirable=torch.tensor(desirable, device=device) if self.kind.startswith("feedback") else None,
-            prompts=row_prompts,
-            scores=None if row_scores is None else torch.tensor(row_scores, device=device, dtype=torch.float32),
+            timesteps=noisy.timesteps, cond=cond, weights=torch.tensor(cpu.weights, device=device),
+            desirable=torch.tensor(cpu.desirable, device=device) if cpu.desirable is not None else None,
+            prompts=cpu.prompts,
+            scores=None if cpu.scores is None else torch.tensor(cpu.scores, device=device, dtype=torch.float32),
         )
+
+    def _account(self, reads: list[tuple]) -> None:
+        """Count each row read for the first time (kept, tie, or skipped with its reason); print the counts
+        once the first optimizer step's batches are read; stop when the skipped share passes
+        ``data.max_bad_fraction``."""
+        import numpy as np
+
+        if self.stats is None or self.examples is None:
+            return
+        if self._seen is None:
+            self._seen = np.zeros(self.examples.num_rows(), dtype=bool)
+        for row, outcome in reads:
+            if self._seen[row]:
+                continue
+            self._seen[row] = True
+            self.stats.rows += 1
+            if outcome is None:
+                self.stats.kept += 1
+            elif outcome[0] == "tie":
+                self.stats.ties_dropped += 1
+            else:
+                self.stats.skip_bad(outcome[1], outcome[2], outcome[0])
+        self._finished += 1
+        if self._finished == self.gradient_accumulation_steps and self.verbose:
+            report_data_stats(self.stats, f"data (first step, {self.source_name})")
+        judged = min(self.examples.num_rows(), MIN_ROWS_JUDGED)
+        if self.stats.rows >= judged and self.stats.bad_images > self.max_bad_fraction * self.stats.rows:
+            from diffalign.errors import UsageError
+
+            st = self.stats
+            first = f" (first: {st.bad_rows[0]}: {st.bad_reasons[0]})" if st.bad_rows else ""
+            why = ", ".join(f"{n} {k}" for k, n in sorted(st.skipped.items()))
+            raise UsageError(f"{self.source_name}: {st.bad_images} of the {st.rows} rows read were skipped ({why})"
+                             f"{first}: more than data.max_bad_fraction={self.max_bad_fraction:g}. Fix the data or "
+                             "raise the threshold (data.strict=true stops at the first bad row).")
+
+    def report(self, when: str) -> None:
+        """Print the counts so far and the first skipped rows (e.g. ``when="end of run"``)."""
+        if self.stats is not None and self.examples is not None and self.verbose:
+            report_data_stats(self.stats, f"data ({when}, {self.source_name})")
+
+    def step_scalars(self) -> dict[str, int]:
+        """The data counts so far, for the metrics rows: ``data/rows_read``, ``data/kept``,
+        ``data/ties_dropped``, ``data/skipped`` and ``data/skipped_<reason>``."""
+        st = self.stats
+        if st is None or self.examples is None:
+            return {}
+        out = {"data/rows_read": st.rows, "data/kept": st.kept, "data/ties_dropped": st.ties_dropped,
+               "data/skipped": st.bad_images}
+        out.update({"data/skipped_" + k.replace(" ", "_"): n for k, n in sorted(st.skipped.items())})
+        return out
 
     # ---- encoding through the cache
     @torch.no_grad()
-    def encode_latents(self, pixels: torch.Tensor | Callable[[list[int]], torch.Tensor], keys: list[str]
-                       ) -> torch.Tensor:
+    def encode_latents(self, pixels: torch.Tensor | Callable[[list[int]], torch.Tensor], keys: list[str],
+                       known: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """VAE latents ``[N, C, h, w]`` (the posterior mean) of the ``N`` images named by ``keys``.
 
         ``pixels``: ``[N, 3, H, W]`` in [-1, 1], or a function giving the pixels of the rows at the given
-        indices; it is called for the cache misses only, so a cached step decodes no image."""
+        indices; it is called for the misses only (of ``known`` latents, then of the cache), so a cached
+        step decodes no image."""
         encode = lambda px: self.backbone.encode_images(px.to(self.backbone.device), sample=False).float().cpu()  # noqa: E731
         pixels_of = pixels if callable(pixels) else (lambda idx: pixels[idx])
+        known = dict(known or {})
         if self.cache is None:
-            return encode(pixels_of(list(range(len(keys)))))
-        found = self.cache.get_latents(keys)
+            missing = [i for i, k in enumerate(keys) if k not in known]
+            if missing:
+                fresh = encode(pixels_of(missing))
+                known.update({keys[i]: fresh[j] for j, i in enumerate(missing)})
+            return torch.stack([known[k] for k in keys])
+        found = {**self.cache.get_latents([k for k in keys if k not in known]), **known}
         missing = [i for i, k in enumerate(keys) if k not in found]
         if missing:
             fresh = encode(pixels_of(missing))
@@ -180,109 +409,64 @@ class TrainingData:
         return Conditioning.cat([Conditioning.from_dict({k: v[None] for k, v in found[p].items()}) for p in prompts])
 
 
-def load_training_data(recipe, kind: str, backbone, output_dir: Path, accelerator=None) -> TrainingData:
-    """Read the recipe's data source into memory and set up the latent cache.
+class _MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch ``k`` (step ``k // accumulation``, micro ``k % accumulation``) of one process, as a
+    map-style dataset for the DataLoader's workers."""
 
-    Images are kept as their checked file bytes (:class:`~diffalign.data.pairs.EncodedImage`) and decoded
-    only when a step misses the cache, so memory grows with the compressed size of the set."""
+    def __init__(self, data: TrainingData, process: int, num_processes: int):
+        self.data, self.process, self.num_processes = data, process, num_processes
+
+    def __getitem__(self, k: int) -> CpuBatch:
+        step, micro = divmod(k, self.data.gradient_accumulation_steps)
+        return self.data.read(step, micro, self.process, self.num_processes)
+
+
+def _as_is(batch: CpuBatch) -> CpuBatch:
+    return batch
+
+
+def load_training_data(recipe, kind: str, backbone, output_dir: Path, accelerator=None) -> TrainingData:
+    """Open the recipe's data source for random access (nothing of it read into memory but what locates
+    rows; :func:`diffalign.data.examples.open_examples`) and set up the latent cache.
+
+    Rows are read when a step needs them, in ``data.num_workers`` DataLoader workers; bad rows are met
+    then, counted and reported (:meth:`TrainingData.finish`)."""
     from diffalign.data.cache import LatentCache
+    from diffalign.data.examples import open_examples, ranked_list_size
     from diffalign.data.pairs import DataStats
 
     d = recipe.data
     if not d.source:
         raise ValueError("the recipe has no data.source (a parquet/JSONL path or a hub dataset id)")
-    stats = DataStats()
-    if d.format == "pickapic":
-        from diffalign.data.pickapic import read_pickapic
-
-        items = read_pickapic(d.source, split=d.split, drop_ties=d.drop_ties, strict=d.strict, stats=stats,
-                              decode=False)
-    elif d.format == "jsonl":
-        from diffalign.data.jsonl import read_jsonl_pairs
-
-        items = read_jsonl_pairs(d.source, strict=d.strict, stats=stats, decode=False)
-    elif d.format == "feedback":
-        from diffalign.data.kto import read_feedback
-
-        items = read_feedback(d.source, strict=d.strict, stats=stats, decode=False)
-    elif d.format == "ranked":
-        items = _ranked_items(d.source, stats)
-    else:
-        raise ValueError(f"unknown data.format {d.format!r}; choose pickapic, jsonl, feedback or ranked")
-    if (kind == "ranked") != (d.format == "ranked"):
-        raise ValueError(f"data.format {d.format!r} does not fit this method: ranked-list methods (RankDPO) take "
-                         "data.format: ranked (from 'diffalign data label --format ranked'), the others do not")
-    items = _take(items, d.max_samples)  # the readers stream: the counts are complete once this has read
-    report_data_stats(stats, d, accelerator)
-    if kind == "feedback-pairs" and d.format == "feedback":
-        kind = "feedback"  # per-image feedback has no pairs to keep together
-    if kind == "feedback" and d.format != "feedback":
-        from diffalign.data.kto import feedback_from_pairs
-
-        items = list(feedback_from_pairs(items))
-    if not items:
-        raise ValueError(f"no usable training examples in {d.source} ({stats})")
-
+    examples, kind = open_examples(d, kind)
+    main = accelerator is None or accelerator.is_main_process
+    source_name = d.source if isinstance(d.source, str) else ", ".join(map(str, d.source)) \
+        if isinstance(d.source, (list, tuple)) else "dataset"
+    if main:
+        print(f"data: {source_name}: {examples.num_rows()} rows, read as the steps need them "
+              f"({d.num_workers} DataLoader workers)")
     cache = None
     if d.cache_dir != "":
         root = Path(d.cache_dir) if d.cache_dir else output_dir / "cache"
         namespace = stable_seed(recipe.model.pretrained, recipe.model.revision, recipe.model.variant, d.resolution,
                                  d.center_crop, str(backbone.vae.dtype))
         cache = LatentCache(root, namespace=f"{namespace:016x}")
-    list_size = min(len(it.ranking) for it in items) if kind == "ranked" else 2
+    list_size = ranked_list_size(examples.rows) if kind == "ranked" else 2
     return TrainingData(
-        items=items, kind=kind, backbone=backbone, resolution=d.resolution, batch_size=recipe.train.batch_size,
+        items=None, kind=kind, backbone=backbone, resolution=d.resolution, batch_size=recipe.train.batch_size,
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps, seed=recipe.train.seed,
         center_crop=d.center_crop, random_flip=d.random_flip, caption_dropout=d.caption_dropout, cache=cache,
-        stats=stats, list_size=list_size,
+        stats=DataStats(), list_size=list_size, examples=examples, strict=d.strict,
+        max_bad_fraction=d.max_bad_fraction, source_name=source_name, num_workers=d.num_workers,
+        prefetch_factor=d.prefetch_factor, verbose=main,
     )
 
 
-def report_data_stats(stats, data_config, accelerator=None) -> None:
-    """Print what the readers saw (rows read, kept, ties dropped, images skipped and the first skipped rows
-    with why) on the main process, and stop with a :class:`~diffalign.errors.UsageError` when the skipped
-    share passes ``data.max_bad_fraction``."""
-    from diffalign.errors import UsageError
-
-    if accelerator is None or accelerator.is_main_process:
-        print(f"data: {stats}")
-        for row, why in list(zip(stats.bad_rows, stats.bad_reasons))[:5]:
-            print(f"  skipped {row}: {why}" if why else f"  skipped {row}")
-        if stats.bad_images > len(stats.bad_rows[:5]):
-            print(f"  ... {stats.bad_images - len(stats.bad_rows[:5])} more skipped")
-    if stats.rows and stats.bad_images / stats.rows > data_config.max_bad_fraction:
-        first = f" (first: {stats.bad_rows[0]}: {stats.bad_reasons[0]})" if stats.bad_rows else ""
-        raise UsageError(f"{data_config.source}: {stats.bad_images} of {stats.rows} rows have an undecodable or "
-                         f"missing image{first}: more than data.max_bad_fraction={data_config.max_bad_fraction:g}. "
-                         "Fix the data or raise the threshold (data.strict=true stops at the first bad row).")
-
-
-def _ranked_items(source, stats) -> list:
-    """Ranked lists (:func:`diffalign.data.label.read_ranked`) with a content key each; lists with
-    fewer than two images are skipped."""
-    from diffalign.data.label import read_ranked
-    from diffalign.data.pairs import content_key
-
-    sources = source if isinstance(source, (list, tuple)) else [source]
-    out = []
-    for src in sources:
-        for n, lst in enumerate(read_ranked(src)):
-            stats.rows += 1
-            if len(lst.ranking) < 2:
-                continue
-            if sorted(lst.ranking) != list(range(len(lst.images))) or len(lst.scores) != len(lst.images):
-                raise ValueError(f"{src}: list {n}: 'ranking' must be a permutation of the images' indices and "
-                                 "'scores' hold one score per image")
-            lst.key = content_key(lst.caption, *lst.names, *(im.tobytes() for im in lst.images))
-            stats.kept += 1
-            out.append(lst)
-    return out
-
-
-def _take(iterator, n: int | None) -> list:
-    out = []
-    for item in iterator:
-        if n is not None and len(out) >= n:
-            break
-        out.append(item)
-    return out
+def report_data_stats(stats, label: str = "data") -> None:
+    """Print the counts (rows read, kept, ties dropped, rows skipped by reason) and the first skipped rows
+    with why."""
+    print(f"{label}: {stats}")
+    for row, why in list(zip(stats.bad_rows, stats.bad_reasons))[:5]:
+        print(f"  skipped {row}: {why}" if why else f"  skipped {row}")
+    if stats.bad_images > len(stats.bad_rows[:5]):
+        print(f"  ... {stats.bad_images - len(stats.bad_rows[:5])} more skipped")

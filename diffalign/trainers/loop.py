@@ -181,9 +181,7 @@ def train(recipe: Recipe) -> Path:
     _maybe_resume(run)
     if acc.is_main_process:  # after a resume that worked: a failed one leaves the run as it was
         recipe.save(run.output_dir / "config.yaml")
-        stats = data_stats(run)
-        if stats is not None:  # what the readers saw (also printed when the data was read)
-            (run.output_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
+        write_data_stats(run)
 
     metrics_path = run.output_dir / "metrics.jsonl"
     nonfinite_in_a_row, last_checkpoint = 0, run.global_step
@@ -211,6 +209,10 @@ def train(recipe: Recipe) -> Path:
                     and run.global_step % cfg.validation_steps == 0:
                 log_validation(run)
         run.progress.close()
+        if acc.is_main_process:
+            write_data_stats(run)
+            if hasattr(run.data, "report"):
+                run.data.report("end of run")
         if run.stopped is not None:  # the step source waits for outside input (e.g. labels): no final/
             if acc.is_main_process:
                 print(run.stopped)
@@ -251,8 +253,15 @@ def clear_run_dir(out: Path) -> None:
 def data_steps(run: Run) -> Iterator[tuple[dict, bool]]:
     """The step source of the stored-data methods: :func:`train_step` until ``max_steps``; a checkpoint
     may follow any step."""
-    while run.global_step < run.recipe.train.max_steps:
-        yield train_step(run), True
+    acc, last = run.accelerator, run.recipe.train.max_steps
+    if hasattr(run.data, "start"):  # DataLoader workers read ahead (data.num_workers)
+        run.data.start(run.global_step, last, acc.process_index, acc.num_processes)
+    try:
+        while run.global_step < last:
+            yield train_step(run), True
+    finally:
+        if hasattr(run.data, "close"):
+            run.data.close()
 
 
 # ---------------------------------------------------------------- metrics and trackers
@@ -283,6 +292,13 @@ def log_with(report_to: str | Sequence[str] | None) -> list[str] | str | None:
     if missing:
         raise ImportError(f"train.report_to: {', '.join(missing)} not installed (pip install {' '.join(missing)})")
     return names
+
+
+def write_data_stats(run) -> None:
+    """``data_stats.json``: what the data readers have seen so far (rewritten at the end of the run)."""
+    stats = data_stats(run)
+    if stats is not None:
+        (run.output_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
 
 
 def data_stats(run) -> dict | None:
@@ -326,9 +342,6 @@ def tracking(run):
     if run.global_step > 0:
         init_kwargs["tensorboard"] = {"purge_step": run.global_step + 1}
     acc.init_trackers(TRACKER_PROJECT, config=flat_config(run.recipe), init_kwargs=init_kwargs)
-    stats = data_stats(run)
-    if stats is not None and run.global_step == 0:  # the data's counts, once, at step 0
-        acc.log({f"data/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}, step=0)
     try:
         yield
     finally:
@@ -376,7 +389,10 @@ def train_step(run: Run) -> dict:
     def micro_loss(micro: int):
         return run.method.loss(run.data.batch(run.global_step, micro, acc.process_index, acc.num_processes))
 
-    return optimizer_step(run, [lambda m=m: micro_loss(m) for m in range(cfg.gradient_accumulation_steps)])
+    row = optimizer_step(run, [lambda m=m: micro_loss(m) for m in range(cfg.gradient_accumulation_steps)])
+    if hasattr(run.data, "step_scalars"):  # rows read, kept, skipped by reason (bad rows are met when read)
+        row.update(run.data.step_scalars())
+    return row
 
 
 def optimizer_step(run, micro_losses: Sequence[Callable[[], StepOutput]]) -> dict:

@@ -46,9 +46,11 @@ def _count_decodes(monkeypatch) -> list:
 
 def test_batches_from_encoded_images_equal_batches_from_decoded_ones(backbone, recipe, tmp_path):
     data = load_training_data(recipe, "pairs", backbone, tmp_path)
-    assert all(isinstance(im, EncodedImage) for p in data.items for im in (p.chosen, p.rejected))
+    assert all(isinstance(im, EncodedImage) for i in range(6) for im in (data.item_at(i).chosen, data.item_at(i).rejected))
     encoded = data.batch(1, 0, 0, 1)
-    data.items = [PreferencePair(p.prompt, p.chosen.decode(), p.rejected.decode(), key=p.key) for p in data.items]
+    make = data.examples.make
+    data.examples.make = lambda r, where, row: (lambda p: PreferencePair(
+        p.prompt, p.chosen.decode(), p.rejected.decode(), key=p.key))(make(r, where, row))
     data.cache = None
     decoded = data.batch(1, 0, 0, 1)
     torch.testing.assert_close(encoded.latents, decoded.latents)
@@ -96,26 +98,33 @@ def _pairs_with_bad_images(path, n: int, bad: int):
     return path
 
 
-def test_skipped_rows_are_reported_and_too_many_stop_the_run(tiny_models, tmp_path, capsys):
+def test_skipped_rows_are_met_when_read_reported_and_too_many_stop_the_run(tiny_models, tmp_path, capsys):
     from diffalign.cli import main
 
-    def train(data, out):
+    def train(data, out):  # 8 steps of 2 pairs: one epoch, every row read
         return main(["train", "-", f"--model.pretrained={tiny_models['sd']}", f"--data.source={data}",
-                     "--data.resolution=32", f"--train.output_dir={out}", "--train.max_steps=1",
+                     "--data.resolution=32", f"--train.output_dir={out}", "--train.max_steps=8",
                      "--train.batch_size=2", "--train.checkpointing_steps=0", "--model.lora_rank=4"])
 
     data = _pairs_with_bad_images(tmp_path / "two-bad.parquet", 16, 2)
     assert train(data, tmp_path / "run") == 0
     out = capsys.readouterr().out
-    assert "data: 16 rows read, 14 kept, 0 ties dropped, 2 undecodable images skipped" in out
-    assert f"skipped {data}:row 0: field 'jpg_1'" in out and f"skipped {data}:row 1:" in out
+    assert f"data: {data}: 16 rows, read as the steps need them" in out  # nothing decoded before step 1
+    end = out[out.index("data (end of run"):]
+    assert "16 rows read, 14 kept, 0 ties dropped, 2 bad rows skipped (2 undecodable image)" in end
+    assert f"skipped {data}:row 0: field 'jpg_1'" in end and f"skipped {data}:row 1:" in end
     assert (tmp_path / "run" / "final").is_dir()
     written = json.loads((tmp_path / "run" / "data_stats.json").read_text())  # and kept with the run
     assert (written["rows"], written["kept"], written["bad_images"]) == (16, 14, 2)
-    assert written["bad_rows"] == [f"{data}:row 0", f"{data}:row 1"] and "jpg_1" in written["bad_reasons"][0]
+    assert written["skipped"] == {"undecodable image": 2}
+    assert sorted(written["bad_rows"]) == [f"{data}:row 0", f"{data}:row 1"] and "jpg_1" in written["bad_reasons"][0]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 8 and metrics[-1]["data/skipped_undecodable_image"] == 2
+    assert metrics[-1]["data/rows_read"] == 16 and metrics[-1]["data/kept"] == 14
+    assert [m["data/rows_read"] for m in metrics] == sorted(m["data/rows_read"] for m in metrics)
 
     many = _pairs_with_bad_images(tmp_path / "five-bad.parquet", 16, 5)
     assert train(many, tmp_path / "run2") == 2
     err = capsys.readouterr().err
-    assert "5 of 16 rows have an undecodable or missing image" in err and "data.max_bad_fraction=0.2" in err
-    assert not (tmp_path / "run2").exists()  # stopped before anything was written
+    assert "5 of the 16 rows read were skipped (5 undecodable image)" in err and "data.max_bad_fraction=0.2" in err
+    assert not (tmp_path / "run2" / "final").exists()
