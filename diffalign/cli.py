@@ -22,6 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "shapes": ("diffalign.shapes.cli", "Shapes world tools: pretrain the base model and reward, render, evaluate"),
 }
 
+# `diffalign data encode` needs the models and the recipe (the trainers' layer), which diffalign.data may not import
+ROUTES: dict[tuple[str, tuple[str, ...]], tuple[str, str]] = {("data", ("encode",)): ("diffalign.trainers.encode",
+                                  "pre-encode a recipe's data (VAE latents, text embeddings) into its latent cache")}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description=__doc__.splitlines()[0])
@@ -48,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     module_name, help_text = SUBCOMMANDS[name]
+    if (name, tuple(rest[:1])) in ROUTES:  # a subcommand owned by a module above its command's own
+        module_name, help_text = ROUTES[name, tuple(rest[:1])]
+        name, rest = f"{name} {rest[0]}", rest[1:]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"diffalign {name}", description=help_text,
                                      add_help=not getattr(module, "OWN_HELP", False))

@@ -74,11 +74,24 @@ class LatentCache:
                 "entries": len(self.index), "shards": len(set(self.index.values()))}
 
     # ---- generic tensors
-    def _shard(self, shard: str) -> dict[str, torch.Tensor]:
+    def _shard(self, shard: str) -> dict[str, torch.Tensor] | None:
+        """A shard's tensors; ``None`` (with a warning, once) for a shard that cannot be read: its entries
+        are dropped from the index and become misses, encoded again."""
         if shard in self._loaded:
             self._loaded.move_to_end(shard)
         else:
-            self._loaded[shard] = load_file(self.dir / shard)
+            try:
+                self._loaded[shard] = load_file(self.dir / shard)
+            except Exception as e:  # truncated or corrupt file: safetensors raises several types
+                import warnings
+
+                warnings.warn(f"latent cache: {self.dir / shard} is unreadable ({type(e).__name__}: {e}); its "
+                              "entries are treated as misses and encoded again", stacklevel=3)
+                for name in [n for n, sh in self.index.items() if sh == shard]:
+                    del self.index[name]
+                    if name.startswith("text:"):
+                        self._fields.get(name[: name.index("/") + 1], set()).discard(name)
+                return None
             while len(self._loaded) > self.max_loaded_shards:
                 self._loaded.popitem(last=False)
         return self._loaded[shard]
@@ -88,8 +101,18 @@ class LatentCache:
         for name in names:
             shard = self.index.get(name)
             if shard is not None:
-                out[name] = self._shard(shard)[name]
+                tensors = self._shard(shard)
+                if tensors is not None and name in tensors:
+                    out[name] = tensors[name]
         return out
+
+    def has_latent(self, key: str) -> bool:
+        """Whether ``key``'s latent is indexed (no shard is read)."""
+        return "latent:" + content_key(key) in self.index
+
+    def has_text(self, prompt: str) -> bool:
+        """Whether ``prompt``'s embeddings are indexed (no shard is read)."""
+        return bool(self._fields.get("text:" + content_key(prompt) + "/"))
 
     def _put(self, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {k: v for k, v in tensors.items() if k not in self.index}
@@ -133,7 +156,9 @@ class LatentCache:
             base = "text:" + content_key(p) + "/"
             fields = sorted(self._fields.get(base, ()))
             if fields:
-                out[p] = {n[len(base):]: t for n, t in self._get(fields).items()}
+                got = self._get(fields)
+                if len(got) == len(fields):  # all of them, or a miss (a field in an unreadable shard)
+                    out[p] = {n[len(base):]: t for n, t in got.items()}
         self.hits += len(out)
         self.misses += len(prompts) - len(out)
         return out

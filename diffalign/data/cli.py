@@ -14,6 +14,8 @@ from diffalign.data.pairs import DataStats
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    sub.add_parser("encode", help="pre-encode a recipe's data (VAE latents, text embeddings) into its latent cache "
+                                  "(diffalign data encode RECIPE --help)")
     p = sub.add_parser("inspect", help="count rows, kept pairs, ties and bad images; label histogram")
     p.add_argument("path", help="parquet/tar file, directory or glob (Pick-a-Pic), a .jsonl file, or a hub id")
     p.add_argument("--format", choices=["auto", "pickapic", "jsonl", "feedback"], default="auto")

@@ -55,6 +55,15 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return pair, w, l
 
 
+def placed_image_key(image, placement: Placement) -> str:
+    """Cache key of one image at one placement: the image's content key (:func:`~diffalign.data.pairs.image_key`)
+    and the crop/flip applied; the same for any row, pair or method that uses the image."""
+    from diffalign.data.pairs import image_key
+
+    top, left = placement.crop_top_left
+    return f"image:{image_key(image)}|crop=({top}, {left})|flip={int(placement.flipped)}"
+
+
 def latent_key(pair_key: str, role: str, image: Placement) -> str:
     """Cache key of one placed image: the pair's content key, its role, and the crop/flip applied."""
     top, left = image.crop_top_left

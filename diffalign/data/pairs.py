@@ -60,6 +60,19 @@ class EncodedImage:
 ImageLike = Image.Image | EncodedImage
 
 
+def image_key(img: ImageLike) -> str:
+    """A content key of one image: the hash of its file bytes (of its size and pixels for a decoded
+    image). Cached latents are keyed by it and the placement, so an image shared by several rows,
+    pairs or methods is encoded once."""
+    if isinstance(img, EncodedImage):
+        key = img.__dict__.get("_key")
+        if key is None:
+            key = content_key(img.data)
+            object.__setattr__(img, "_key", key)
+        return key
+    return content_key(f"{img.size}", img.convert("RGB").tobytes())
+
+
 def as_pil(img: ImageLike) -> Image.Image:
     """``img`` as a PIL image (decoding an :class:`EncodedImage`)."""
     return img.decode() if isinstance(img, EncodedImage) else img

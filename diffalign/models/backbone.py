@@ -100,13 +100,14 @@ class Backbone:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, torch_dtype: torch.dtype | None = None,
                         variant: str | None = None, revision: str | None = None, allow_pickle: bool = False,
-                        **kwargs) -> "Backbone":
+                        load_text_encoders: bool = True, **kwargs) -> "Backbone":
         """Load from a hub id or a local folder with the family's diffusers pipeline class.
 
         Weights load from safetensors only: a component saved as a pickle (``.bin``) is refused unless
         ``allow_pickle`` (unpickling a file can run code). Extra ``kwargs`` go to the pipeline's
         ``from_pretrained`` (e.g. ``text_encoder_3=None``). Components the folder leaves out (SD3 saved
-        without T5, SD without safety checker) are None.
+        without T5, SD without safety checker) are None. ``load_text_encoders=False`` loads none of the
+        text encoders (a run whose prompts are all in the latent cache).
         """
         import diffusers
 
@@ -121,6 +122,10 @@ class Backbone:
             if name not in ("self", "kwargs") and (entry is None or (isinstance(entry, (list, tuple))
                                                                       and entry[0] is None)):
                 kwargs.setdefault(name, None)
+        if not load_text_encoders:
+            for name in inspect.signature(pipeline_cls.__init__).parameters:
+                if name.startswith("text_encoder"):
+                    kwargs[name] = None
         if "safety_checker" in inspect.signature(pipeline_cls.__init__).parameters:
             kwargs.setdefault("safety_checker", None)
             kwargs.setdefault("requires_safety_checker", False)
@@ -136,6 +141,17 @@ class Backbone:
                     "(model.allow_pickle=true) if you trust the files") from None
             raise OSError(f"cannot load {cls.pipeline_class_name} from {str(name_or_path)!r}: {e}") from e
         return cls(pipe)
+
+    def drop_vae_encoder(self) -> None:
+        """Free the VAE's encoder (a run whose latents are all cached): encoding an image is then an error
+        saying so. Decoding (validation images) still works."""
+        class Dropped(torch.nn.Module):
+            def forward(self, *args, **kwargs):
+                raise RuntimeError("the VAE encoder was dropped: this run's latents all come from the cache "
+                                   "(diffalign data encode)")
+
+        self.vae.encoder = Dropped()
+        self.encoders_dropped = True
 
     def _frozen_modules(self) -> list[torch.nn.Module]:
         names = ["vae", "text_encoder", "text_encoder_2", "text_encoder_3"]

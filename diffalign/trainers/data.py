@@ -113,6 +113,7 @@ class TrainingData:
     num_workers: int = 0
     prefetch_factor: int = 2
     verbose: bool = True
+    encoders_loaded: bool = True
     _order: object | None = field(default=None, repr=False)
     _seen: object | None = field(default=None, repr=False)
     _loader: object | None = field(default=None, repr=False)
@@ -209,7 +210,7 @@ class TrainingData:
 
     def _place(self, item, g: torch.Generator) -> Example:
         """Caption dropout, then the placements (crop, flip) of the item's images, drawn from ``g``."""
-        from diffalign.data.dataset import latent_key
+        from diffalign.data.dataset import placed_image_key as key_of
         from diffalign.data.transforms import place_image, place_pair
 
         res = self.resolution
@@ -222,22 +223,21 @@ class TrainingData:
             images = [item.images[i] for i in order]
             spots = [place_image(im.width, im.height, res, center_crop=self.center_crop, flip=flip, generator=g)
                      for im in images]
-            return Example([(im, pl, latent_key(item.key, f"image{i}", pl)) for im, pl, i in zip(images, spots, order)],
+            return Example([(im, pl, key_of(im, pl)) for im, pl in zip(images, spots)],
                            ["" if drop else item.caption] * k, [float(item.scores[i]) for i in order], 1.0, None, g)
         if self.kind == "feedback":
             spot = place_image(item.image.width, item.image.height, res, center_crop=self.center_crop,
                                random_flip=self.random_flip, generator=g)
-            return Example([(item.image, spot, latent_key(item.key, "image", spot))], ["" if drop else item.prompt],
+            return Example([(item.image, spot, key_of(item.image, spot))], ["" if drop else item.prompt],
                            None, 1.0, bool(item.desirable), g)
         w, l = place_pair(item, res, center_crop=self.center_crop, random_flip=self.random_flip, generator=g)
         weight = float(getattr(item, "weight", 1.0))
         if self.kind == "chosen":
-            return Example([(item.chosen, w, latent_key(item.key, "chosen", w))], ["" if drop else item.prompt],
+            return Example([(item.chosen, w, key_of(item.chosen, w))], ["" if drop else item.prompt],
                            None, weight, None, g)
         p_l = item.prompt_rejected if item.prompt_rejected is not None else item.prompt
         sc = getattr(item, "scores", None)
-        return Example([(item.chosen, w, latent_key(item.key, "chosen", w)),
-                        (item.rejected, l, latent_key(item.key, "rejected", l))],
+        return Example([(item.chosen, w, key_of(item.chosen, w)), (item.rejected, l, key_of(item.rejected, l))],
                        ["" if drop else item.prompt, "" if drop else p_l],
                        list(sc) if sc is not None else [float("nan")] * 2, weight, None, g)
 
@@ -379,6 +379,8 @@ class TrainingData:
         encode = lambda px: self.backbone.encode_images(px.to(self.backbone.device), sample=False).float().cpu()  # noqa: E731
         pixels_of = pixels if callable(pixels) else (lambda idx: pixels[idx])
         known = dict(known or {})
+        if not self.encoders_loaded:
+            encode = lambda px: self._not_encoded(len(px), "image")  # noqa: E731
         if self.cache is None:
             missing = [i for i, k in enumerate(keys) if k not in known]
             if missing:
@@ -393,9 +395,17 @@ class TrainingData:
             found.update({keys[i]: fresh[j] for j, i in enumerate(missing)})
         return torch.stack([found[k] for k in keys])
 
+    def _not_encoded(self, n: int, what: str):
+        raise RuntimeError(f"{n} {what}(s) of this batch are not in the encoded set's cache, and this run loaded no "
+                           "encoders for them (the set was found encoded by 'diffalign data encode'): was the cache "
+                           "made from another recipe? Run 'diffalign data encode' again with this recipe")
+
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> Conditioning:
+        """Text conditioning of ``prompts`` through the cache (the text encoders run for misses only)."""
         encode = lambda ps: self.backbone.encode_prompt(ps).to("cpu")  # noqa: E731
+        if not self.encoders_loaded:
+            encode = lambda ps: self._not_encoded(len(ps), "prompt")  # noqa: E731
         if self.cache is None:
             return encode(prompts)
         unique = list(dict.fromkeys(prompts))
@@ -445,12 +455,8 @@ def load_training_data(recipe, kind: str, backbone, output_dir: Path, accelerato
     if main:
         print(f"data: {source_name}: {examples.num_rows()} rows, read as the steps need them "
               f"({d.num_workers} DataLoader workers)")
-    cache = None
-    if d.cache_dir != "":
-        root = Path(d.cache_dir) if d.cache_dir else output_dir / "cache"
-        namespace = stable_seed(recipe.model.pretrained, recipe.model.revision, recipe.model.variant, d.resolution,
-                                 d.center_crop, str(backbone.vae.dtype))
-        cache = LatentCache(root, namespace=f"{namespace:016x}")
+    root = cache_root(recipe, output_dir)
+    cache = None if root is None else LatentCache(root, namespace=cache_namespace(recipe, str(backbone.vae.dtype)))
     list_size = ranked_list_size(examples.rows) if kind == "ranked" else 2
     return TrainingData(
         items=None, kind=kind, backbone=backbone, resolution=d.resolution, batch_size=recipe.train.batch_size,
@@ -459,7 +465,23 @@ def load_training_data(recipe, kind: str, backbone, output_dir: Path, accelerato
         stats=DataStats(), list_size=list_size, examples=examples, strict=d.strict,
         max_bad_fraction=d.max_bad_fraction, source_name=source_name, num_workers=d.num_workers,
         prefetch_factor=d.prefetch_factor, verbose=main,
+        encoders_loaded=not getattr(backbone, "encoders_dropped", False),
     )
+
+
+def cache_root(recipe, output_dir: Path | None = None) -> Path | None:
+    """The latent cache's folder: ``data.cache_dir``, else ``<train.output_dir>/cache``; None when
+    ``data.cache_dir`` is ``""`` (no cache)."""
+    d = recipe.data
+    if d.cache_dir == "":
+        return None
+    return Path(d.cache_dir) if d.cache_dir else Path(output_dir or recipe.train.output_dir) / "cache"
+
+
+def cache_namespace(recipe, vae_dtype: str) -> str:
+    """The cache namespace of a model and image preparation: what changes every latent and embedding."""
+    m, d = recipe.model, recipe.data
+    return f"{stable_seed(m.pretrained, m.revision, m.variant, d.resolution, d.center_crop, vae_dtype):016x}"
 
 
 def report_data_stats(stats, label: str = "data") -> None:
@@ -470,3 +492,37 @@ def report_data_stats(stats, label: str = "data") -> None:
         print(f"  skipped {row}: {why}" if why else f"  skipped {row}")
     if stats.bad_images > len(stats.bad_rows[:5]):
         print(f"  ... {stats.bad_images - len(stats.bad_rows[:5])} more skipped")
+
+
+# ---- sets pre-encoded by `diffalign data encode` (diffalign.trainers.encode)
+
+def encoded_set_id(recipe) -> str:
+    """What identifies an encoded set within a cache namespace: the data source and what decides which
+    placements and prompts training can draw."""
+    d = recipe.data
+    source = d.source if isinstance(d.source, str) else "|".join(map(str, d.source))
+    return f"{stable_seed(source, d.format, d.split, d.max_samples, d.random_flip, d.caption_dropout > 0):016x}"
+
+
+def manifest_path(recipe, vae_dtype: str = "torch.float32") -> Path | None:
+    """Where the manifest of the recipe's encoded set is (or would be); None with the cache off."""
+    root = cache_root(recipe)
+    if root is None:
+        return None
+    return root / cache_namespace(recipe, vae_dtype) / f"encoded-{encoded_set_id(recipe)}.json"
+
+
+def find_encoded_set(recipe) -> dict | None:
+    """The manifest of a complete ``diffalign data encode`` of the recipe's data and model, or None."""
+    import json
+
+    if not isinstance(recipe.data.source, (str, list, tuple)):  # a datasets.Dataset object: not identifiable
+        return None
+    path = manifest_path(recipe)
+    if path is None or not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return manifest if manifest.get("complete") else None

@@ -29,7 +29,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from diffalign.trainers.config import Recipe
-from diffalign.trainers.data import load_training_data
+from diffalign.trainers.data import find_encoded_set, load_training_data
 from diffalign.trainers.distributed import (
     clip_parameters,
     configure_deepspeed,
@@ -122,10 +122,17 @@ def load_backbone_for_training(recipe: Recipe, accelerator: Accelerator):
     fine-tuning enabled (and gradient checkpointing if asked)."""
     from diffalign.models.loading import load_backbone, resolve_pretrained
 
+    encoded = encoded_set_for(recipe)
     with no_zero3_init(accelerator):  # ZeRO-3: the engine shards the denoiser at prepare, nothing else
         backbone = load_backbone(resolve_pretrained(recipe.model.pretrained), family=recipe.model.family,
                                  revision=recipe.model.revision, variant=recipe.model.variant,
-                                 allow_pickle=recipe.model.allow_pickle)
+                                 allow_pickle=recipe.model.allow_pickle,
+                                 **({"load_text_encoders": False} if encoded else {}))
+    if encoded:
+        backbone.drop_vae_encoder()
+        if accelerator.is_main_process:
+            print(f"data: {recipe.data.source} is encoded ({encoded['rows']} rows, by diffalign data encode): "
+                  "no text encoder loaded, VAE encoder dropped")
     backbone.to(accelerator.device)
     if recipe.model.lora_rank > 0:
         backbone.add_lora(rank=recipe.model.lora_rank, alpha=recipe.model.lora_alpha,
@@ -135,6 +142,17 @@ def load_backbone_for_training(recipe: Recipe, accelerator: Accelerator):
     if recipe.model.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
     return backbone
+
+
+def encoded_set_for(recipe: Recipe) -> dict | None:
+    """The manifest of a ``diffalign data encode`` of this recipe's data when the run can use it alone: a
+    stored-data method (the default batch source) with no validation images to sample."""
+    cls = recipe.method.entry.method_class
+    if hasattr(cls, "training_data") or hasattr(cls, "load_model") or getattr(cls, "data_kind", "pairs") is None:
+        return None
+    if recipe.train.validation_steps and recipe.train.validation_prompts:
+        return None
+    return find_encoded_set(recipe)
 
 
 def setup_optimizer(recipe: Recipe, accelerator: Accelerator, backbone) -> tuple[torch.optim.Optimizer, object]:
