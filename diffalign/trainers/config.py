@@ -118,7 +118,8 @@ class TrainConfig:
         adam_beta1, adam_beta2, adam_epsilon, weight_decay: AdamW's.
         max_grad_norm: gradient clipping norm.
         use_8bit_adam: bitsandbytes' 8-bit AdamW (``pip install 'diffalign[bnb]'``).
-        mixed_precision: ``no``, ``fp16`` or ``bf16`` (accelerate's).
+        mixed_precision: ``no``, ``fp16``, ``bf16`` or ``fp8`` (accelerate's; ``--train.mixed_precision=no``
+            is the string ``"no"``: recipes read only ``true``/``false`` as booleans).
         checkpointing_steps: write ``checkpoints/step-N`` every N steps (0: never).
         checkpoints_total_limit: keep only the newest N checkpoints (``None``: all).
         validation_steps: sample ``validation_prompts`` every N steps (0: never).
@@ -439,6 +440,22 @@ RANGES: dict[str, dict[str, Range]] = {
 }
 
 
+# Allowed values of string fields, per recipe section (None is always allowed where the type allows it).
+CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "model": {"family": ("sd", "sdxl", "sd3", "wan")},
+    "train": {"mixed_precision": ("no", "fp16", "bf16", "fp8")},
+}
+
+
+def check_choices(config, where: str, section: str) -> None:
+    """A :class:`ConfigError` for the first string field of ``config`` that is not one of its
+    :data:`CHOICES` for ``section``."""
+    for name, allowed in CHOICES.get(section, {}).items():
+        value = getattr(config, name, None)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{where}.{name} must be one of {', '.join(allowed)}, not {value!r}")
+
+
 def check_ranges(config, where: str, section: str = "method") -> None:
     """A :class:`ConfigError` for the first numeric field of ``config`` outside its :data:`RANGES`
     entry for ``section`` (``where`` names it in the message, as in :func:`build_dataclass`)."""
@@ -452,9 +469,10 @@ def check_ranges(config, where: str, section: str = "method") -> None:
 
 
 def build_section(cls, values: dict[str, Any], where: str):
-    """A recipe section's dataclass ``cls`` from ``values``, checked (types and :data:`RANGES`)."""
+    """A recipe section's dataclass ``cls`` from ``values``, checked (types, :data:`RANGES`, :data:`CHOICES`)."""
     config = build_dataclass(cls, values, where)
     check_ranges(config, where, section=where)
+    check_choices(config, where, section=where)
     return config
 
 
