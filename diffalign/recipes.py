@@ -7,10 +7,9 @@ What the sections mean is the reader's business (:mod:`diffalign.trainers.config
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
-
-import re
 
 import yaml
 

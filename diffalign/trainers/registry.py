@@ -21,8 +21,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 # every module that defines methods: their decorators fill the table
 import diffalign.text.methods  # noqa: F401
 import diffalign.trainers.dcpo  # noqa: F401
