@@ -77,6 +77,7 @@ class DataConfig:
         center_crop: center crop (else random crop).
         random_flip: flip both images of a pair together.
         drop_ties: drop ``label_0 == 0.5`` pairs (official Diffusion-DPO does; 12% of Pick-a-Pic v2).
+            ``false`` is refused for a method that cannot use a tie (one without ``uses_ties``).
         strict: an undecodable image is an error instead of a skipped, counted row.
         max_samples: use only the first N pairs (after filtering).
         caption_dropout: probability of training on the empty prompt (official Diffusion-DPO: 0.2).
@@ -126,7 +127,9 @@ class TrainConfig:
         validation_prompts: prompts of the validation images.
         validation_num_inference_steps, validation_guidance_scale: the validation sampler's.
         max_nonfinite_steps: stop after this many non-finite losses in a row (each is skipped).
-        resume: ``latest`` or a checkpoint folder to continue from.
+        resume: ``latest`` (the newest checkpoint that reads; a damaged one is skipped, with a note) or a
+            checkpoint folder to continue from. The lr schedule continues as this recipe gives it at the
+            resumed step (a longer ``max_steps`` extends a cosine; it does not restart at lr 0).
         overwrite: replace an earlier run in ``output_dir`` (its latent cache is kept); without it (or
             ``resume``) a run directory that holds a run is refused.
         report_to: experiment trackers, as accelerate's ``log_with``: ``None``/``"none"`` (default:
