@@ -183,6 +183,16 @@ def test_no_readable_checkpoint_is_one_line_naming_each(tiny_sd, pairs, tmp_path
     assert snapshot(out) == before
 
 
+def test_a_named_checkpoint_that_does_not_read_is_one_line_naming_it(tiny_sd, pairs, tmp_path, capsys):
+    out = _train(tiny_sd, pairs, tmp_path / "run", "--train.max_steps=1", "--train.checkpointing_steps=1")
+    ckpt = out / "checkpoints" / "step-1"
+    (ckpt / "random_states.safetensors").unlink()
+    before = snapshot(out)
+    _refused(_args(tiny_sd, pairs, out, "--train.max_steps=2", "--resume", str(ckpt)), capsys,
+             f"--resume {ckpt}: the checkpoint cannot be read", "random_states.safetensors missing")
+    assert snapshot(out) == before
+
+
 def test_partial_last_metrics_line_does_not_block_resume_and_metrics_are_cut_back(tiny_sd, pairs, tmp_path, capsys):
     out = _train(tiny_sd, pairs, tmp_path / "run", "--train.max_steps=3", "--train.checkpointing_steps=2")
     with open(out / "metrics.jsonl", "a") as f:
@@ -207,9 +217,12 @@ def test_a_killed_final_write_leaves_no_temp_dir_behind(tiny_sd, pairs, tmp_path
     for path in stale:
         path.mkdir()
         (path / "half.safetensors").write_bytes(b"\0" * 10)
+    before = snapshot(out)
     capsys.readouterr()
     _train(tiny_sd, pairs, out, "--train.max_steps=2", "--train.checkpointing_steps=1", "--resume", "latest")
     assert "removed 2 unfinished write(s) of an earlier run" in capsys.readouterr().out
+    after = snapshot(out)
+    assert all(after[k] == v for k, v in before.items() if k.startswith("checkpoints/step-1/"))
     assert not any(p.exists() for p in stale)
     assert not [p for p in list(out.iterdir()) + list((out / "checkpoints").iterdir()) if p.name.startswith(".tmp-")]
 
@@ -257,6 +270,13 @@ def test_pickled_causal_lm_weights_are_refused_unless_allowed(tmp_path, capsys):
     _refused(args, capsys, f"{folder}:", "pickled", "--allow-pickle")
     assert snapshot(out) == {}
     assert CausalLM.from_pretrained(folder, allow_pickle=True).model is not None
+
+
+def test_rewrite_refuses_a_pickled_model_naming_the_flag(tmp_path, capsys):
+    folder = _tiny_lm_folder(tmp_path / "lm", pickled=True)
+    assert main(["rewrite", "generate", "--model", str(folder), "--prompt", "a red circle"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "pickled" in err and "--allow-pickle" in err, err
 
 
 def test_pickled_peft_adapter_folder_is_refused(tmp_path):

@@ -254,17 +254,21 @@ TEMP_PREFIX = ".tmp-"  # what _atomic_dir and save_checkpoint write into before 
 
 
 def remove_stale_temp_dirs(out: Path) -> list[Path]:
-    """Remove the temp dirs (``.tmp-final-PID``, ``checkpoints/.tmp-step-N``) a run killed while writing
-    ``final/`` or a checkpoint left behind; a run starting in ``out`` writes none of its own yet.
-    Returns what was removed."""
+    """Remove the temp dirs (``.tmp-final-PID``, ``checkpoints/.tmp-step-N``) and files
+    (``.tmp-metrics.jsonl``) a run killed while writing ``final/``, a checkpoint or the cut-back metrics
+    left behind; a run starting in ``out`` writes none of its own yet. Returns what was removed."""
     removed = []
     for folder in (Path(out), Path(out) / "checkpoints"):
         if not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
-            if path.name.startswith(TEMP_PREFIX) and path.is_dir():
+            if not path.name.startswith(TEMP_PREFIX):
+                continue
+            if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
     if removed:
         print(f"removed {len(removed)} unfinished write(s) of an earlier run: {', '.join(p.name for p in removed)}")
     return removed
