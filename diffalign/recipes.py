@@ -7,6 +7,7 @@ What the sections mean is the reader's business (:mod:`diffalign.trainers.config
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,27 @@ def resolve_recipe(path: str | Path) -> Path:
                             f"{', '.join(sorted(p.stem for p in BUNDLED_RECIPES.glob('*.yaml')))})")
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only ``true`` / ``false`` (any case) are booleans.
+    YAML 1.1 also reads ``yes``/``no``/``on``/``off`` as booleans, so ``--train.mixed_precision=no``
+    became ``False``; here it stays the string ``"no"`` (and ``yes`` for a boolean field is an error
+    naming the field, not a silent ``True``)."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` parsed as YAML with :class:`RecipeLoader` (safe; only true/false are booleans)."""
+    return yaml.load(text, Loader=RecipeLoader)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    """Apply ``key.sub=value`` overrides (values parsed as YAML, :func:`load_yaml`) to a nested dict, in place."""
     for item in overrides:
         item = item.removeprefix("--")
         if "=" not in item:
@@ -49,5 +69,5 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise UsageError(f"override {item!r}: {p!r} is not a section")
-        node[leaf] = yaml.safe_load(value) if value != "" else ""
+        node[leaf] = load_yaml(value) if value != "" else ""
     return raw

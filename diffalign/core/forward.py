@@ -202,11 +202,21 @@ class FlowMatchingForward(ForwardProcess):
 def forward_process_from_scheduler(scheduler, timestep_sampling: TimestepSampling | None = None) -> ForwardProcess:
     """Build the forward process matching a diffusers scheduler's config.
 
-    ``FlowMatch*`` schedulers, and multistep schedulers on flow sigmas (``use_flow_sigmas`` /
-    ``flow_prediction``, e.g. Wan's UniPC with ``flow_shift``), give :class:`FlowMatchingForward`
-    (logit-normal by default);
-    schedulers with ``alphas_cumprod`` give :class:`DDPMForward` (uniform by default).
+    The scheduler says what the model predicts, as it does for diffusers' own sampling:
+
+    * ``FlowMatch*`` schedulers, and multistep solvers on flow sigmas (``use_flow_sigmas: true`` with
+      ``prediction_type: flow_prediction``, e.g. Wan's UniPC with ``flow_shift``) give
+      :class:`FlowMatchingForward` (logit-normal by default);
+    * schedulers with ``alphas_cumprod`` give :class:`DDPMForward` with the config's ``prediction_type``
+      (``epsilon`` or ``v_prediction``; uniform by default).
+
+    A config that mixes the two (``flow_prediction`` on a DDPM schedule without ``use_flow_sigmas``, as
+    an edited SD ``scheduler_config.json`` would have; or flow sigmas with an ``epsilon`` / ``v_prediction``
+    target) is a :class:`~diffalign.errors.UsageError`: diffusers would sample such a model with
+    neither process, and training must not pick one silently.
     """
+    from diffalign.errors import UsageError
+
     config = scheduler.config
     if "FlowMatch" in type(scheduler).__name__:
         return FlowMatchingForward(
@@ -214,7 +224,15 @@ def forward_process_from_scheduler(scheduler, timestep_sampling: TimestepSamplin
             timestep_sampling=timestep_sampling or "logit_normal",
             num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
         )
-    if config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
+    prediction = config.get("prediction_type", "epsilon")
+    flow_sigmas = bool(config.get("use_flow_sigmas"))
+    name = type(scheduler).__name__
+    if flow_sigmas != (prediction == "flow_prediction"):
+        raise UsageError(
+            f"the model's scheduler config ({name}) has prediction_type {prediction!r} and use_flow_sigmas "
+            f"{flow_sigmas}: a flow model sets both (prediction_type: flow_prediction, use_flow_sigmas: true), an "
+            "epsilon / v_prediction model neither; fix the model's scheduler/scheduler_config.json")
+    if flow_sigmas:
         # multistep solvers run on flow sigmas (Wan's UniPC): the same rectified flow, shifted by flow_shift
         return FlowMatchingForward(
             shift=float(config.get("flow_shift", 1.0)),
@@ -223,8 +241,11 @@ def forward_process_from_scheduler(scheduler, timestep_sampling: TimestepSamplin
         )
     if not hasattr(scheduler, "alphas_cumprod"):
         raise TypeError(f"cannot derive a forward process from {type(scheduler).__name__}")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise UsageError(f"the model's scheduler config ({name}) has prediction_type {prediction!r}; diffalign trains "
+                         "epsilon and v_prediction models on DDPM schedules (and flow models)")
     return DDPMForward(
         scheduler.alphas_cumprod,
-        prediction_type=config.get("prediction_type", "epsilon"),
+        prediction_type=prediction,
         timestep_sampling=timestep_sampling or "uniform",
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffalign.errors import UsageError
 from diffalign.models.backbone import Backbone
 from diffalign.models.sd import SDBackbone
 from diffalign.models.sd3 import SD3Backbone
@@ -47,7 +48,7 @@ def detect_family(name_or_path: str | Path, revision: str | None = None) -> str:
     for name in sorted(_BY_PIPELINE, key=len, reverse=True):
         if cls.startswith(name.removesuffix("Pipeline")):
             return _BY_PIPELINE[name]
-    raise ValueError(f"{name_or_path}: unsupported pipeline {cls!r}; supported: {sorted(_BY_PIPELINE)}")
+    raise UsageError(f"{name_or_path}: unsupported pipeline {cls!r}; supported: {sorted(_BY_PIPELINE)}")
 
 
 def _class_name(folder: str | Path) -> str:
@@ -60,19 +61,20 @@ def load_backbone(name_or_path: str | Path, family: str | None = None, **kwargs)
     """A backbone from a hub id or a local diffusers folder, as a user types it.
 
     ``family`` (``"sd"``, ``"sdxl"``, ``"sd3"``, ``"wan"``) is detected unless given; a given family
-    that does not match a local folder's ``model_index.json`` is an error naming both. ``kwargs``
+    that does not match a local folder's ``model_index.json`` is a :class:`~diffalign.errors.UsageError`
+    naming both (one line from the command line). ``kwargs``
     (``torch_dtype``, ``variant``, ``revision``, pipeline components) go to :meth:`Backbone.from_pretrained`.
     """
     if family is None:
         family = detect_family(name_or_path, kwargs.get("revision"))
     if family not in FAMILIES:
-        raise ValueError(f"unknown backbone family {family!r}; choose from {sorted(FAMILIES)}")
+        raise UsageError(f"unknown backbone family {family!r}; choose from {sorted(FAMILIES)}")
     if (Path(name_or_path) / "model_index.json").is_file():
         try:
             found = detect_family(name_or_path)
-        except ValueError:  # a pipeline class we do not map: trust the family given
+        except UsageError:  # a pipeline class we do not map: trust the family given
             found = family
         if found != family:
-            raise ValueError(f"model.family is {family!r} but {name_or_path}/model_index.json is a {found!r} "
+            raise UsageError(f"model.family is {family!r} but {name_or_path}/model_index.json is a {found!r} "
                              f"pipeline ({_class_name(name_or_path)}); set model.family={found} or leave it unset")
     return FAMILIES[family].from_pretrained(name_or_path, **kwargs)

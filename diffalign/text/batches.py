@@ -141,7 +141,8 @@ def load_lm_for_training(recipe: Recipe, accelerator, method_class) -> object:
     if not recipe.model.pretrained:
         raise ValueError("model.pretrained must name a causal LM (hub id or local folder)")
     with no_zero3_init(accelerator):  # whole, as the reference copy must be; prepare shards the policy
-        lm = CausalLM.from_pretrained(recipe.model.pretrained, revision=recipe.model.revision)
+        lm = CausalLM.from_pretrained(recipe.model.pretrained, revision=recipe.model.revision,
+                                      allow_pickle=recipe.model.allow_pickle)
     if recipe.method.config.disable_dropout:
         lm.disable_dropout()
     lm.to(accelerator.device)

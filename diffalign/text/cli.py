@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--model", required=required, help="causal LM: hub id, folder, or a run's final/ (adapter)")
         p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
         p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="also load pickled (.bin) weights; by default only safetensors load, since unpickling "
+                            "a file can run code")
 
     def prompt_args(p):
         p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -52,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t = sub.add_parser("train", help="train a text recipe (text-sft / dpo / kto / simpo / orpo) on the shared loop")
     t.add_argument("recipe", help="recipe YAML (pipelines/text-*.yaml)")
     t.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    t.add_argument("--allow-pickle", action="store_true",
+                   help="also load pickled (.bin) model weights (same as --model.allow_pickle=true)")
 
     b = sub.add_parser("build-pairs", help="candidate rewrites -> images -> rewards -> TRL preference pairs")
     model_args(b)
@@ -165,6 +170,8 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.resume:
             overrides.append(f"train.resume={args.resume}")
+        if args.allow_pickle:
+            overrides.append("model.allow_pickle=true")
         recipe = load_recipe(args.recipe, overrides)
         if recipe.method.kind != "text":
             raise ValueError(f"`rewrite train` trains text methods; {recipe.method.name!r} is a {recipe.method.kind} "
@@ -186,8 +193,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {Path(args.out) / 'results.json'}")
         return 0
 
-    rewriter = PromptRewriter.from_pretrained(args.model, device=_device(args.device), torch_dtype=_dtype(args.dtype)) \
-        if args.model else None
+    rewriter = PromptRewriter.from_pretrained(args.model, device=_device(args.device), torch_dtype=_dtype(args.dtype),
+                                              allow_pickle=args.allow_pickle) if args.model else None
     prompts = _prompts(args)
     if args.action == "generate":
         cfg = RewriteConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
@@ -208,7 +215,7 @@ def _run(args: argparse.Namespace) -> int:
                          num_inference_steps=args.steps, guidance_scale=args.cfg,
                          sampling=RewriteConfig(do_sample=True, temperature=args.temperature,
                                                 max_new_tokens=args.max_new_tokens, seed=args.seed))
-        pipe = load_eval_pipeline(args.t2i, device=args.device)
+        pipe = load_eval_pipeline(args.t2i, device=args.device, allow_pickle=args.allow_pickle)
         rows, summary = build_pairs(rewriter, pipe, prompts, cfg)
         _emit(rows, args.out)
         print(json.dumps(summary))

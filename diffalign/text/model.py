@@ -22,6 +22,7 @@ import torch
 from diffalign.text.logprobs import SequenceLogProbs, TokenBatch, sequence_logprobs
 
 CARRIED_FILES = ("rewriter.json",)  # copied from the loaded folder into every saved one
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # weight files that unpickle when read
 
 
 def load_tokenizer(name_or_path: str | Path, *, revision: str | None = None, trust_remote_code: bool = False):
@@ -38,6 +39,24 @@ def load_tokenizer(name_or_path: str | Path, *, revision: str | None = None, tru
 
 def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
+
+
+def pickled_weights_error(source: str | Path, detail: str):
+    """The one refusal of pickled weights, naming ``--allow-pickle`` (as the image backbones do)."""
+    from diffalign.models.backbone import PickledWeightsError
+
+    return PickledWeightsError(
+        f"{source}: {detail.rstrip('.')}. Its weights are not in safetensors (pickled .bin/.pt), and unpickling a "
+        "file can run code: convert them (save_pretrained with safe_serialization=True), or pass --allow-pickle "
+        "(model.allow_pickle=true) if you trust the files")
+
+
+def _refuse_pickled_adapter(adapter: str | Path) -> None:
+    """A local peft adapter folder with only pickled weights (``adapter_model.bin``): peft would unpickle it."""
+    folder = Path(adapter)
+    if folder.is_dir() and not (folder / "adapter_model.safetensors").is_file() \
+            and any((folder / name).is_file() for name in ("adapter_model.bin", "adapter_model.pt")):
+        raise pickled_weights_error(folder, "no adapter_model.safetensors, only adapter_model.bin")
 
 
 class CausalLM:
@@ -68,20 +87,35 @@ class CausalLM:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, adapter: str | Path | None = None,
                         revision: str | None = None, torch_dtype: torch.dtype | None = None,
-                        trust_remote_code: bool = False) -> CausalLM:
+                        trust_remote_code: bool = False, allow_pickle: bool = False) -> CausalLM:
         """A hub id or local folder. A folder holding a peft adapter (``adapter_config.json``) loads its
         base model (``base_model_name_or_path``) with the adapter; ``adapter`` adds one explicitly.
-        The adapter is loaded for inference (merge it or train a new one on top)."""
+        The adapter is loaded for inference (merge it or train a new one on top).
+
+        Weights load from safetensors only: a model or local adapter saved as a pickle
+        (``pytorch_model.bin``, ``adapter_model.bin``) is a
+        :class:`~diffalign.models.backbone.PickledWeightsError` unless ``allow_pickle`` (``--allow-pickle``),
+        since unpickling a file can run code."""
         from transformers import AutoModelForCausalLM
 
         if adapter is None and is_adapter_folder(name_or_path):
             adapter, name_or_path = name_or_path, _adapter_base(name_or_path)
+        if adapter is not None and not allow_pickle:
+            _refuse_pickled_adapter(adapter)
         tok_source = adapter if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file() \
             else name_or_path
         tokenizer = load_tokenizer(tok_source, revision=revision, trust_remote_code=trust_remote_code)
         kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), revision=revision,
-                                                     trust_remote_code=trust_remote_code, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(name_or_path), revision=revision,
+                                                         trust_remote_code=trust_remote_code,
+                                                         use_safetensors=None if allow_pickle else True, **kwargs)
+        except (OSError, ValueError) as e:
+            folder = Path(name_or_path)
+            pickled = not folder.is_dir() or any(f.suffix in PICKLE_SUFFIXES for f in folder.iterdir())
+            if allow_pickle or "safetensors" not in str(e) or not pickled:
+                raise
+            raise pickled_weights_error(name_or_path, str(e).splitlines()[0]) from None
         if adapter is not None:
             from peft import PeftModel
 

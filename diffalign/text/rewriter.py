@@ -82,12 +82,12 @@ class PromptRewriter:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, adapter: str | Path | None = None,
                         device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None,
-                        trust_remote_code: bool = False, **kwargs) -> PromptRewriter:
+                        trust_remote_code: bool = False, allow_pickle: bool = False, **kwargs) -> PromptRewriter:
         """A hub id (``Qwen/Qwen2.5-0.5B-Instruct``), a local model folder, or a trained run's
         ``final/`` (peft adapter folder: its base model is loaded and the adapter merged). A
         ``rewriter.json`` in the folder sets ``system``/``instruction`` (keyword arguments win)."""
         lm = CausalLM.from_pretrained(name_or_path, adapter=adapter, torch_dtype=torch_dtype,
-                                      trust_remote_code=trust_remote_code)
+                                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         lm.to(device)
         lm.model.eval()
         saved = Path(lm.source) / FORMAT_FILE if lm.source is not None else None

@@ -79,6 +79,7 @@ class DataConfig:
         center_crop: center crop (else random crop).
         random_flip: flip both images of a pair together.
         drop_ties: drop ``label_0 == 0.5`` pairs (official Diffusion-DPO does; 12% of Pick-a-Pic v2).
+            ``false`` is refused for a method that cannot use a tie (one without ``uses_ties``).
         strict: a bad row (undecodable or missing image, bad label, empty caption) is an error naming file,
             row and field, instead of a skipped, counted row.
         max_samples: use only the first N rows of the source.
@@ -127,14 +128,17 @@ class TrainConfig:
         adam_beta1, adam_beta2, adam_epsilon, weight_decay: AdamW's.
         max_grad_norm: gradient clipping norm.
         use_8bit_adam: bitsandbytes' 8-bit AdamW (``pip install 'diffalign[bnb]'``).
-        mixed_precision: ``no``, ``fp16`` or ``bf16`` (accelerate's).
+        mixed_precision: ``no``, ``fp16``, ``bf16`` or ``fp8`` (accelerate's; ``--train.mixed_precision=no``
+            is the string ``"no"``: recipes read only ``true``/``false`` as booleans).
         checkpointing_steps: write ``checkpoints/step-N`` every N steps (0: never).
         checkpoints_total_limit: keep only the newest N checkpoints (``None``: all).
         validation_steps: sample ``validation_prompts`` every N steps (0: never).
         validation_prompts: prompts of the validation images.
         validation_num_inference_steps, validation_guidance_scale: the validation sampler's.
         max_nonfinite_steps: stop after this many non-finite losses in a row (each is skipped).
-        resume: ``latest`` or a checkpoint folder to continue from.
+        resume: ``latest`` (the newest checkpoint that reads; a damaged one is skipped, with a note) or a
+            checkpoint folder to continue from. The lr schedule continues as this recipe gives it at the
+            resumed step (a longer ``max_steps`` extends a cosine; it does not restart at lr 0).
         overwrite: replace an earlier run in ``output_dir`` (its latent cache is kept); without it (or
             ``resume``) a run directory that holds a run is refused.
         report_to: experiment trackers, as accelerate's ``log_with``: ``None``/``"none"`` (default:
@@ -448,6 +452,22 @@ RANGES: dict[str, dict[str, Range]] = {
 }
 
 
+# Allowed values of string fields, per recipe section (None is always allowed where the type allows it).
+CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "model": {"family": ("sd", "sdxl", "sd3", "wan")},
+    "train": {"mixed_precision": ("no", "fp16", "bf16", "fp8")},
+}
+
+
+def check_choices(config, where: str, section: str) -> None:
+    """A :class:`ConfigError` for the first string field of ``config`` that is not one of its
+    :data:`CHOICES` for ``section``."""
+    for name, allowed in CHOICES.get(section, {}).items():
+        value = getattr(config, name, None)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{where}.{name} must be one of {', '.join(allowed)}, not {value!r}")
+
+
 def check_ranges(config, where: str, section: str = "method") -> None:
     """A :class:`ConfigError` for the first numeric field of ``config`` outside its :data:`RANGES`
     entry for ``section`` (``where`` names it in the message, as in :func:`build_dataclass`)."""
@@ -461,9 +481,10 @@ def check_ranges(config, where: str, section: str = "method") -> None:
 
 
 def build_section(cls, values: dict[str, Any], where: str):
-    """A recipe section's dataclass ``cls`` from ``values``, checked (types and :data:`RANGES`)."""
+    """A recipe section's dataclass ``cls`` from ``values``, checked (types, :data:`RANGES`, :data:`CHOICES`)."""
     config = build_dataclass(cls, values, where)
     check_ranges(config, where, section=where)
+    check_choices(config, where, section=where)
     return config
 
 

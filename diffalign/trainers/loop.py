@@ -196,6 +196,8 @@ def train(recipe: Recipe) -> Path:
         if cfg.overwrite and not cfg.resume:
             clear_run_dir(run.output_dir)
         run.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_dirs(run.output_dir)
+    acc.wait_for_everyone()
     _maybe_resume(run)
     if acc.is_main_process:  # after a resume that worked: a failed one leaves the run as it was
         recipe.save(run.output_dir / "config.yaml")
@@ -266,6 +268,30 @@ def clear_run_dir(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+TEMP_PREFIX = ".tmp-"  # what _atomic_dir and save_checkpoint write into before their rename
+
+
+def remove_stale_temp_dirs(out: Path) -> list[Path]:
+    """Remove the temp dirs (``.tmp-final-PID``, ``checkpoints/.tmp-step-N``) and files
+    (``.tmp-metrics.jsonl``) a run killed while writing ``final/``, a checkpoint or the cut-back metrics
+    left behind; a run starting in ``out`` writes none of its own yet. Returns what was removed."""
+    removed = []
+    for folder in (Path(out), Path(out) / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if not path.name.startswith(TEMP_PREFIX):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        print(f"removed {len(removed)} unfinished write(s) of an earlier run: {', '.join(p.name for p in removed)}")
+    return removed
 
 
 def data_steps(run: Run) -> Iterator[tuple[dict, bool]]:
@@ -481,7 +507,7 @@ def _reduce_logs(acc: Accelerator, logs: list[dict[str, torch.Tensor]]) -> dict[
 
 def _atomic_dir(final: Path, write) -> None:
     """Write a directory through a temp dir and a rename: readers never see it half-written."""
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    tmp = final.with_name(f"{TEMP_PREFIX}{final.name}-{os.getpid()}")  # a killed run's: remove_stale_temp_dirs
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
@@ -514,7 +540,7 @@ def save_checkpoint(run: Run, write_extra: Callable[[Path], None] | None = None)
         if acc.is_main_process:  # `latest` stays the last checkpoint of finite weights
             print(f"step {run.global_step}: the trainable weights are not finite; no checkpoint written")
         return None
-    tmp = final.with_name(f".tmp-{final.name}")
+    tmp = final.with_name(f"{TEMP_PREFIX}{final.name}")
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
@@ -565,6 +591,7 @@ def _load_checkpoint_state(run: Run, ckpt: Path) -> None:
 
     from diffalign.errors import UsageError
     from diffalign.trainers.checkpoint_state import (
+        FILES,
         has_training_state,
         load_training_state,
     )
@@ -573,6 +600,9 @@ def _load_checkpoint_state(run: Run, ckpt: Path) -> None:
     if uses_accelerate_state(acc):
         acc.load_state(str(ckpt))
         return
+    if not has_training_state(ckpt) and not any((ckpt / name).exists() for name in ACCELERATE_PICKLES):
+        missing = [name for name in FILES if not (ckpt / name).is_file()]
+        raise FileNotFoundError(f"{ckpt}: incomplete checkpoint, {', '.join(missing)} missing")
     if not has_training_state(ckpt):
         raise UsageError(f"{ckpt}: no optimizer.safetensors / scheduler.json / random_states.json: not a "
                          "checkpoint of this diffalign (older ones pickled their state, which is not read, since "
@@ -584,34 +614,113 @@ def _load_checkpoint_state(run: Run, ckpt: Path) -> None:
     load_training_state(ckpt, run.optimizer, run.lr_scheduler)
 
 
+ACCELERATE_PICKLES = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl")
+"""What accelerate's pickled ``save_state`` format holds: such a checkpoint is refused, not treated as damaged."""
+
+
 def _maybe_resume(run: Run) -> Path | None:
-    """Load ``train.resume`` (``latest`` or a folder) into the run; returns the checkpoint used."""
+    """Load ``train.resume`` (``latest`` or a folder) into the run; returns the checkpoint used.
+
+    ``latest`` takes the newest checkpoint that reads: one that does not (truncated or missing files, bad
+    JSON) is reported and the one before it is tried. A named folder that does not read is an error
+    naming it. ``metrics.jsonl`` is cut back to the resumed step (to nothing when ``latest`` finds no
+    checkpoint), and the lr schedule continues as the recipe now gives it (:func:`_continue_schedule`)."""
+    from diffalign.errors import UsageError
+
     resume = run.recipe.train.resume
     if not resume:
         return None
-    if resume == "latest":
-        found = list_checkpoints(run.output_dir)
-        if not found:
-            if run.accelerator.is_main_process:
-                print(f"--resume latest: no checkpoint in {run.output_dir / 'checkpoints'}, starting from scratch")
-            return None
-        ckpt = found[-1]
-    else:
-        ckpt = Path(resume)
-        if not (ckpt / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"{ckpt} is not a diffalign checkpoint (no trainer_state.json)")
-    _load_checkpoint_state(run, ckpt)
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    run.global_step, run.epoch = state["global_step"], state.get("epoch", 0)
-    if hasattr(run.method, "load_state"):
-        run.method.load_state(ckpt)
+    main = run.accelerator.is_main_process
     metrics = run.output_dir / "metrics.jsonl"
-    if run.accelerator.is_main_process and metrics.exists():  # drop lines logged after the checkpoint
-        kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= run.global_step]
-        metrics.write_text("".join(line + "\n" for line in kept))
-    if run.accelerator.is_main_process:
+    if resume == "latest":
+        candidates = list_checkpoints(run.output_dir)[::-1]
+        if not candidates:
+            if main:
+                print(f"--resume latest: no checkpoint in {run.output_dir / 'checkpoints'}, starting from scratch")
+                cut_metrics(metrics, 0)
+            return None
+    else:
+        candidates = [Path(resume)]
+        if not (candidates[0] / "trainer_state.json").is_file():
+            raise UsageError(f"--resume {resume}: not a diffalign checkpoint (no trainer_state.json)")
+    base_lrs = list(getattr(run.lr_scheduler, "base_lrs", []))  # the recipe's, before a checkpoint's replace them
+    failures = []
+    for ckpt in candidates:
+        try:
+            _load_checkpoint_state(run, ckpt)
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            global_step, epoch = int(state["global_step"]), int(state.get("epoch", 0))
+            if hasattr(run.method, "load_state"):
+                run.method.load_state(ckpt)
+        except UsageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint: say which and why, try the one before
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if resume != "latest":
+                raise UsageError(f"--resume {ckpt}: the checkpoint cannot be read ({why})") from e
+            failures.append(f"{ckpt.name} ({why})")
+            if main:
+                print(f"warning: --resume latest: {ckpt} cannot be read ({why}); trying the checkpoint before it")
+            continue
+        break
+    else:
+        raise UsageError(f"--resume latest: no checkpoint in {run.output_dir / 'checkpoints'} can be read: "
+                         + "; ".join(failures))
+    run.global_step, run.epoch = global_step, epoch
+    _continue_schedule(run, base_lrs)
+    if main:
+        cut_metrics(metrics, run.global_step)
         print(f"resumed from {ckpt} at step {run.global_step}")
     return ckpt
+
+
+def cut_metrics(path: Path, step: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (atomically); a line that is not a JSON row (the
+    partial last line of a run killed mid-write) is dropped, and counted in a note."""
+    if not path.exists():
+        return
+    kept, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row_step = json.loads(line)["step"]
+            keep = row_step <= step
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+            continue
+        if keep:
+            kept.append(line)
+    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    if bad:
+        print(f"{path}: dropped {bad} line(s) that are not JSON rows (a run killed while writing one)")
+
+
+def _continue_schedule(run: Run, base_lrs: list[float]) -> None:
+    """After a resume, the lr is the recipe's schedule at the resumed step, as if the run had had this
+    recipe's ``learning_rate``, ``lr_scheduler``, ``lr_warmup_steps`` and ``max_steps`` all along. The
+    checkpoint's own last lr reflects the schedule it was written under: a cosine run to step N ends at lr 0,
+    and a resume with a larger ``max_steps`` would otherwise take its first step at lr 0. A note says when
+    the lr changes."""
+    sched = run.lr_scheduler
+    lambdas = getattr(sched, "lr_lambdas", None)
+    if lambdas is None or not base_lrs or len(base_lrs) != len(lambdas):
+        return
+    groups = sched.optimizer.param_groups
+    before = [g["lr"] for g in groups]
+    lrs = [base * fn(sched.last_epoch) for base, fn in zip(base_lrs, lambdas)]
+    sched.base_lrs = list(base_lrs)
+    for group, lr, base in zip(groups, lrs, base_lrs):
+        group["lr"], group["initial_lr"] = lr, base
+    sched._last_lr = list(lrs)
+    changed = any(not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12) for a, b in zip(before, lrs))
+    if changed and run.accelerator.is_main_process:
+        t = run.recipe.train
+        print(f"resume: lr {lrs[0]:.3g} at step {sched.last_epoch} from this recipe's schedule ({t.lr_scheduler}, "
+              f"{t.lr_warmup_steps} warm-up, max_steps {t.max_steps}, learning_rate {t.learning_rate:g}); the "
+              f"checkpoint's schedule was at {before[0]:.3g}")
 
 
 # ---------------------------------------------------------------- validation

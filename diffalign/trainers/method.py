@@ -105,6 +105,9 @@ class Method:
     kind: ClassVar[str]  # set by register_method
     data_kind: ClassVar[str] = "pairs"  # "pairs" | "feedback" | "feedback-pairs" | "chosen" | "ranked"
     uses_reference: ClassVar[bool] = True
+    # whether the loss uses a tied pair (label_0 = 0.5) as its paper does: with data.drop_ties false, a
+    # recipe of a method that does not is refused when it loads (a kept tie reads as "image 0 wins")
+    uses_ties: ClassVar[bool] = False
 
     def __init__(self, config, backbone):
         self.config = config

@@ -21,8 +21,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 # every module that defines methods: their decorators fill the table
 import diffalign.text.methods  # noqa: F401
 import diffalign.trainers.dcpo  # noqa: F401
@@ -35,7 +33,7 @@ import diffalign.trainers.rankdpo  # noqa: F401
 import diffalign.trainers.sft  # noqa: F401
 import diffalign.trainers.smpo  # noqa: F401
 import diffalign.trainers.tpo  # noqa: F401
-from diffalign.recipes import apply_overrides, resolve_recipe
+from diffalign.recipes import apply_overrides, load_yaml, resolve_recipe
 from diffalign.trainers import backprop, d3po, ddpo, densedpo, loop, online, seppo  # noqa: F401
 from diffalign.trainers.config import (
     ConfigError,
@@ -101,13 +99,33 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     method = raw.get("method") or {}
     if not isinstance(method, Mapping):
         raise ConfigError(f"the method section must be a mapping with a 'name', not {method!r}")
-    return Recipe(
+    recipe = Recipe(
         method=method_section({"name": "diffusion-dpo", **method}),
         model=build_section(ModelConfig, raw.get("model") or {}, "model"),
         data=build_section(DataConfig, raw.get("data") or {}, "data"),
         train=build_section(TrainConfig, raw.get("train") or {}, "train"),
         eval=dict(raw.get("eval") or {}),
     )
+    check_ties(recipe)
+    return recipe
+
+
+def uses_ties(entry: MethodEntry) -> bool:
+    """Whether the method declares that its loss uses tied pairs (``uses_ties = True`` on its class)."""
+    return bool(getattr(entry.method_class, "uses_ties", False))
+
+
+def check_ties(recipe: Recipe) -> None:
+    """``data.drop_ties: false`` keeps Pick-a-Pic's ties (``label_0 = 0.5``) in the data; a method whose
+    loss has no use for a tie would train each as "image 0 wins". Such a recipe is a :class:`ConfigError`
+    unless the method declares ``uses_ties``."""
+    d = recipe.data
+    if d.drop_ties or d.format != "pickapic" or not d.source or uses_ties(recipe.method.entry):
+        return
+    users = sorted(name for name, entry in REGISTERED.items() if uses_ties(entry))
+    raise ConfigError(f"data.drop_ties is false, but method {recipe.method.name!r} cannot use a tie (label_0 = 0.5): "
+                      "each would train as 'image 0 wins'; keep data.drop_ties: true (the default), or use a method "
+                      f"that uses ties ({', '.join(users) if users else 'no registered method does yet'})")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
@@ -118,7 +136,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: dict[str, Any] = {}
     if path is not None:
         path = resolve_recipe(path)
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"recipe {path} must be a YAML mapping of sections")
     return recipe_from_dict(apply_overrides(raw, overrides or []))
