@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from diffalign.trainers.config import Recipe
@@ -134,6 +134,10 @@ def load_backbone_for_training(recipe: Recipe, accelerator: Accelerator):
             print(f"data: {recipe.data.source} is encoded ({encoded['rows']} rows, by diffalign data encode): "
                   "no text encoder loaded, VAE encoder dropped")
     backbone.to(accelerator.device)
+    if recipe.model.channels_last and accelerator.distributed_type not in (DistributedType.FSDP,
+                                                                           DistributedType.DEEPSPEED):
+        # frozen weights only, before the LoRA: trained (saved, optimizer-state) tensors stay contiguous
+        backbone.use_channels_last(denoiser=recipe.model.lora_rank > 0)
     if recipe.model.lora_rank > 0:
         backbone.add_lora(rank=recipe.model.lora_rank, alpha=recipe.model.lora_alpha,
                           target_modules=recipe.model.lora_target_modules)
