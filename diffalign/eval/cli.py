@@ -150,12 +150,28 @@ def format_summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def check_prompt_flags(args: argparse.Namespace, cfg: EvalConfig) -> None:
+    """``--prompts`` / ``--limit`` choose the prompts to *generate*; when every model is a folder of
+    images (``--images``, ``--compare-images``) nothing is generated and each image's prompt is its
+    folder's ``metadata.jsonl`` line, so the flags would be ignored: a
+    :class:`~diffalign.errors.UsageError` rather than a silently different evaluation."""
+    from diffalign.errors import UsageError
+
+    given = [f"--{f}" for f in ("prompts", "limit") if getattr(args, f, None) is not None]
+    compare = cfg.compare_spec()
+    if given and cfg.model.images and (compare is None or compare.images):
+        raise UsageError(f"{' and '.join(given)} cannot be used with --images: nothing is generated, and every "
+                         "image is scored with the prompt of its folder's NNNNN/metadata.jsonl; drop "
+                         f"{' and '.join(given)}, or generate with --model instead of --images")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation, print its summary; 2 on bad input."""
     from diffalign.eval.runner import run_eval
 
     try:
         cfg = build_config(args)
+        check_prompt_flags(args, cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
