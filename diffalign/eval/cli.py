@@ -111,7 +111,7 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
 
 def format_summary(results: dict) -> str:
     """The text table ``diffalign eval`` prints: one row per metric, GenEval tasks, where the files are."""
-    from diffalign.eval.eval_report import metric_label
+    from diffalign.eval.eval_report import metric_label, small_sample_warnings
 
     models = results["models"]
     cmp = results.get("comparison")
@@ -128,6 +128,7 @@ def format_summary(results: dict) -> str:
         lines.append(f"GenEval detector: {results['geneval']['detector']}: not comparable with published GenEval "
                      "numbers")
     lines += [f"note: {n}" for n in results.get("notes", [])]
+    lines += [f"warning: {w}" for w in small_sample_warnings(results)]
     width = max(len(metric_label(n, results)) for n in results["metrics"]) + 2 if results["metrics"] else 10
     head = f"{'metric':<{width}}{'model':>10}"
     if cmp:

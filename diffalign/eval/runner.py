@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from diffalign.data.generated import GeneratedImage, read_folder
-from diffalign.eval.config import EvalConfig, ModelSpec
+from diffalign.eval.config import EvalConfig, ModelSpec, training_run
 from diffalign.eval.generate import (
     atomic_write_bytes,
     generate_folder,
@@ -266,7 +266,8 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
         "models": {role: {"label": specs[role].label(), "spec": {k: v for k, v in vars(specs[role]).items()},
                           "folder": role if not specs[role].images else specs[role].images,
                           "generation": generation[role], "summary": summarize(images[role], scores[role], breakdowns),
-                          "geneval": geneval.get(role)}
+                          "geneval": geneval.get(role),
+                          "training": training_run(specs[role].lora or specs[role].finetuned)}
                    for role in images},
         "rewards": _reward_info_from_cfg(cfg),
         "metrics": list(scores["model"]),
