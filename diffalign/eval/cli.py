@@ -111,7 +111,7 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
 
 def format_summary(results: dict) -> str:
     """The text table ``diffalign eval`` prints: one row per metric, GenEval tasks, where the files are."""
-    from diffalign.eval.eval_report import metric_label
+    from diffalign.eval.eval_report import metric_label, small_sample_warnings
 
     models = results["models"]
     cmp = results.get("comparison")
@@ -128,6 +128,7 @@ def format_summary(results: dict) -> str:
         lines.append(f"GenEval detector: {results['geneval']['detector']}: not comparable with published GenEval "
                      "numbers")
     lines += [f"note: {n}" for n in results.get("notes", [])]
+    lines += [f"warning: {w}" for w in small_sample_warnings(results)]
     width = max(len(metric_label(n, results)) for n in results["metrics"]) + 2 if results["metrics"] else 10
     head = f"{'metric':<{width}}{'model':>10}"
     if cmp:
@@ -150,12 +151,28 @@ def format_summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def check_prompt_flags(args: argparse.Namespace, cfg: EvalConfig) -> None:
+    """``--prompts`` / ``--limit`` choose the prompts to *generate*; when every model is a folder of
+    images (``--images``, ``--compare-images``) nothing is generated and each image's prompt is its
+    folder's ``metadata.jsonl`` line, so the flags would be ignored: a
+    :class:`~diffalign.errors.UsageError` rather than a silently different evaluation."""
+    from diffalign.errors import UsageError
+
+    given = [f"--{f}" for f in ("prompts", "limit") if getattr(args, f, None) is not None]
+    compare = cfg.compare_spec()
+    if given and cfg.model.images and (compare is None or compare.images):
+        raise UsageError(f"{' and '.join(given)} cannot be used with --images: nothing is generated, and every "
+                         "image is scored with the prompt of its folder's NNNNN/metadata.jsonl; drop "
+                         f"{' and '.join(given)}, or generate with --model instead of --images")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation, print its summary; 2 on bad input."""
     from diffalign.eval.runner import run_eval
 
     try:
         cfg = build_config(args)
+        check_prompt_flags(args, cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -66,10 +66,43 @@ class ModelSpec:
             return _short(self.images)
         text = _short(self.pretrained)
         if self.lora:
-            text += f" + LoRA {_short(self.lora)}"
+            run = training_run(self.lora)
+            text += (f" + {run['method']} LoRA ({_short(run['run'])})" if run and run.get("method")
+                     else f" + LoRA {_short(self.lora)}")
         if self.finetuned:
             text += f" + {_short(self.finetuned)}"
         return text
+
+
+def training_run(path: str | None) -> dict[str, Any] | None:
+    """The key settings of the diffalign run that wrote ``path`` (a run's ``final/``: its ``config.yaml``
+    is one folder up): method, β, learning rate, steps, batch, LoRA rank, data source; None when ``path``
+    is not such a folder (a hub id, a file, another tool's LoRA)."""
+    if not path:
+        return None
+    folder = Path(path)
+    run = folder.parent if folder.name == "final" else folder
+    config = run / "config.yaml"
+    if not config.is_file():
+        return None
+    try:
+        raw = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError:
+        return None
+    method, train, model = raw.get("method") or {}, raw.get("train") or {}, raw.get("model") or {}
+    out = {"run": str(run), "method": method.get("name"), "beta": method.get("beta"),
+           "learning_rate": train.get("learning_rate"), "max_steps": train.get("max_steps"),
+           "batch_size": train.get("batch_size"), "gradient_accumulation_steps": train.get("gradient_accumulation_steps"),
+           "lora_rank": model.get("lora_rank"), "base_model": model.get("pretrained"),
+           "data": (raw.get("data") or {}).get("source"), "seed": train.get("seed")}
+    card = folder / "README.md"
+    if card.is_file():
+        import re
+
+        m = re.search(r"for (\d+) optimizer steps", card.read_text())
+        if m:
+            out["steps"] = int(m.group(1))
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _short(path: str) -> str:

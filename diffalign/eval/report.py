@@ -53,7 +53,10 @@ def write_report(path: str | Path, title: str, sections: list[tuple[str, str]]) 
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
              "th{background:#f3f3f3}img{image-rendering:pixelated;max-width:100%}figure{display:inline-block;margin:0 1em 1em 0}"
-             "figcaption{text-align:center;font-size:0.9em}")
+             "figcaption{text-align:center;font-size:0.9em}"
+             ".warning{background:#fff3cd;border:1px solid #e0b000;padding:6px 10px;font-weight:bold}"
+             "table.tiles td,table.tiles th{border:none;text-align:center;padding:2px 4px;font-size:0.8em}"
+             ".score{display:block;font-family:monospace}")
     body = "".join(f"<h2 id='{section_id(h)}'>{html.escape(h)}</h2>\n{b}\n" for h, b in sections)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>\n{body}</body></html>")

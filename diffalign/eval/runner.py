@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from diffalign.data.generated import GeneratedImage, read_folder
-from diffalign.eval.config import EvalConfig, ModelSpec
+from diffalign.eval.config import EvalConfig, ModelSpec, training_run
 from diffalign.eval.generate import (
     atomic_write_bytes,
     generate_folder,
@@ -37,6 +37,7 @@ from diffalign.eval.generate import (
 from diffalign.eval.scoring import (
     GENEVAL_METRIC,
     build_detector,
+    drop_unreadable,
     geneval_records,
     has_geneval_metadata,
     paired,
@@ -121,15 +122,94 @@ def _detector_spec(cfg: EvalConfig, images: list[GeneratedImage], notes: list[st
     return spec
 
 
+def check_rewards(names: Sequence[str]) -> None:
+    """Every reward is registered (or a folder with a ``reward.yaml``): a
+    :class:`~diffalign.errors.UsageError` naming the unknown ones, before any image is generated."""
+    from diffalign.errors import UsageError
+    from diffalign.rewards import list_rewards
+
+    unknown = [n for n in names if n.lower() not in list_rewards() and not (Path(n) / "reward.yaml").is_file()]
+    if unknown:
+        raise UsageError(f"unknown reward(s) {unknown} in scoring.rewards (--rewards); registered: "
+                         f"{', '.join(list_rewards())}, or a folder with a reward.yaml")
+
+
+def _check_models(specs) -> None:
+    """Each model to sample from exists and has its weights (before anything is written or generated)."""
+    from diffalign.models import check_model
+
+    seen = set()
+    for spec in specs:
+        key = (spec.pretrained, spec.revision)
+        if spec.images or not spec.pretrained or key in seen:
+            continue
+        seen.add(key)
+        check_model(spec.pretrained, revision=spec.revision, allow_pickle=spec.allow_pickle)
+
+
+def _warn(notes: list[str], text: str) -> None:
+    """A note for results.json and the report, printed at once too."""
+    import sys
+
+    notes.append(text)
+    print(f"warning: {text}", file=sys.stderr)
+
+
+def _skip_unreadable(role: str, ims: list[GeneratedImage], folder: Path, notes: list[str],
+                     skipped: dict[str, list[dict]]) -> list[GeneratedImage]:
+    """A given folder's images that decode; the others are counted and named in ``notes`` and ``skipped``."""
+    from diffalign.errors import UsageError
+
+    good, bad = drop_unreadable(ims)
+    if not bad:
+        return good
+    if not good:
+        raise UsageError(f"{folder}: none of its {len(ims)} images decodes (first: {bad[0][0].path}: {bad[0][1]})")
+    skipped[role] = [{"file": str(im.path.relative_to(folder)), "reason": why} for im, why in bad]
+    _warn(notes, f"{role}: skipped {len(bad)} of {len(ims)} images that do not decode ("
+          + "; ".join(f"{d['file']}: {d['reason']}" for d in skipped[role][:3])
+          + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "") + ")")
+    return good
+
+
+def _pair(images: dict[str, list[GeneratedImage]], notes: list[str]) -> tuple[dict, dict]:
+    """Both models' images on their common (prompt, sample) keys, and what had no partner (reported)."""
+    keys = {role: {im.key for im in ims} for role, ims in images.items()}
+    common = keys["model"] & keys["compare"]
+    if not common:
+        raise ValueError("the two models share no (prompt, sample) image to compare")
+    unpaired = {}
+    for role, other in (("model", "compare"), ("compare", "model")):
+        only = sorted(keys[role] - keys[other])
+        if only:
+            unpaired[role] = [list(k) for k in only]
+            _warn(notes, f"{len(only)} image(s) of {role} have no {other} image (missing or unreadable), so the "
+                  f"comparison has {len(common)} pairs, not {len(keys[role])}: "
+                  + ", ".join(f"prompt {i} sample {j}" for i, j in only[:5]) + (" ..." if len(only) > 5 else ""))
+    paired_images = {role: [im for im in ims if im.key in common] for role, ims in images.items()}
+    for a, b in zip(paired_images["model"], paired_images["compare"]):
+        if a.prompt != b.prompt:
+            raise ValueError(f"prompt {a.prompt_index} differs between the folders: {a.prompt!r} vs {b.prompt!r}")
+    return paired_images, unpaired
+
+
 def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
-    """Run ``cfg`` to the end and return the results (also written to ``OUT/results.json``)."""
+    """Run ``cfg`` to the end and return the results (also written to ``OUT/results.json``).
+
+    Checked before anything is written or generated: the reward names, and that each model to sample
+    from exists with its weights (:func:`~diffalign.models.check_model`). A given folder's image that
+    does not decode is skipped, and a paired image without its partner leaves the comparison; both are
+    counted in ``notes`` (printed, in results.json and the report) and in ``skipped`` / ``unpaired``."""
     t0 = time.time()
+    check_rewards(cfg.scoring.rewards)
     out = Path(cfg.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     specs = {"model": cfg.model}
     if (c := cfg.compare_spec()) is not None:
         specs["compare"] = c
+    _check_models(specs.values())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if c is not None:
         if c.label() == cfg.model.label():  # the report needs two names
             specs = {role: dataclasses.replace(s, name=f"{s.label()} ({role})") for role, s in specs.items()}
 
@@ -137,9 +217,12 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
     items = indices = None
     generation: dict[str, dict] = {}
     images: dict[str, list[GeneratedImage]] = {}
+    notes: list[str] = []
+    skipped: dict[str, list[dict]] = {}
+    unpaired: dict[str, list] = {}
     for role, spec in specs.items():
         if spec.images:
-            images[role] = read_folder(spec.images)
+            images[role] = _skip_unreadable(role, read_folder(spec.images), Path(spec.images), notes, skipped)
             gen_file = Path(spec.images) / "generation.json"
             generation[role] = json.loads(gen_file.read_text()) if gen_file.is_file() else {"folder": spec.images}
             continue
@@ -151,13 +234,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
         keys = [(i, j) for i in indices for j in range(cfg.generation.images_per_prompt)]
         images[role] = read_folder(folder, keys)
     if len(images) == 2:  # a paired comparison needs the same (prompt, seed) on both sides
-        common = {im.key for im in images["model"]} & {im.key for im in images["compare"]}
-        if not common:
-            raise ValueError("the two models share no (prompt, sample) image to compare")
-        images = {role: [im for im in ims if im.key in common] for role, ims in images.items()}
-        for a, b in zip(images["model"], images["compare"]):
-            if a.prompt != b.prompt:
-                raise ValueError(f"prompt {a.prompt_index} differs between the folders: {a.prompt!r} vs {b.prompt!r}")
+        images, unpaired = _pair(images, notes)
 
     # 2. scores: rewards, then the GenEval protocol where the prompts carry its metadata
     rewards = _load_rewards(cfg)
@@ -166,7 +243,6 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
               for role, ims in images.items()}
     del rewards
     geneval: dict[str, dict] = {}
-    notes: list[str] = []
     detector_spec = _detector_spec(cfg, images["model"], notes)
     if detector_spec is not None:
         from diffalign.eval.geneval import geneval_score
@@ -190,7 +266,8 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
         "models": {role: {"label": specs[role].label(), "spec": {k: v for k, v in vars(specs[role]).items()},
                           "folder": role if not specs[role].images else specs[role].images,
                           "generation": generation[role], "summary": summarize(images[role], scores[role], breakdowns),
-                          "geneval": geneval.get(role)}
+                          "geneval": geneval.get(role),
+                          "training": training_run(specs[role].lora or specs[role].finetuned)}
                    for role in images},
         "rewards": _reward_info_from_cfg(cfg),
         "metrics": list(scores["model"]),
@@ -207,6 +284,10 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
                               "note": None if first["official"] else
                               "non-official detector: not comparable with published GenEval scores"}
     results["notes"] = notes
+    if skipped:
+        results["skipped"] = skipped
+    if unpaired:
+        results["unpaired"] = unpaired
     results["seconds"] = time.time() - t0
     _write_scores(out / "scores.jsonl", images, scores, specs)
     write_json(out / "results.json", results)

@@ -27,6 +27,20 @@ def _open(im: GeneratedImage) -> Image.Image:
         return f.convert("RGB")
 
 
+def drop_unreadable(images: Sequence[GeneratedImage]) -> tuple[list[GeneratedImage], list[tuple[GeneratedImage, str]]]:
+    """``(images that decode, [(image, reason), ...] of those that do not)``: a folder given to score
+    (``--images``) may hold a broken file; it is skipped and reported, not a crash after the others."""
+    good, bad = [], []
+    for im in images:
+        try:
+            _open(im)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            bad.append((im, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"))
+        else:
+            good.append(im)
+    return good, bad
+
+
 def score_images(images: Sequence[GeneratedImage], rewards: Mapping[str, object], *, batch_size: int = 16,
                  progress: str | None = "score") -> dict[str, list[float]]:
     """``{reward name: [score per image]}`` of every reward (``RewardModel.score``) on every image."""

@@ -4,6 +4,7 @@ from diffalign.models.backbone import Backbone
 from diffalign.models.base import Conditioning
 from diffalign.models.loading import (
            FAMILIES,
+           check_model,
            detect_family,
            load_backbone,
            resolve_pretrained,
@@ -14,4 +15,4 @@ from diffalign.models.sdxl import SDXLBackbone
 from diffalign.models.video import VideoBackbone, WanBackbone
 
 __all__ = ["FAMILIES", "Backbone", "Conditioning", "SD3Backbone", "SDBackbone", "SDXLBackbone", "VideoBackbone",
-           "WanBackbone", "detect_family", "load_backbone", "resolve_pretrained"]
+           "WanBackbone", "check_model", "detect_family", "load_backbone", "resolve_pretrained"]

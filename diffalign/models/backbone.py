@@ -59,6 +59,69 @@ class PickledWeightsError(UsageError):
     """A model whose weights are pickled, loaded without ``allow_pickle``."""
 
 
+class ModelNotFoundError(UsageError, OSError):
+    """A model name that is neither a local diffusers folder nor a hub id that can be had (offline: in
+    the cache), or a local folder that lacks a component's weights."""
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+WEIGHTS_NAMES = {"diffusers": "diffusion_pytorch_model.safetensors", "transformers": "model.safetensors"}
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name a user typed as a path (``./m``, ``/m``, ``~/m``, ``runs/a/b``), not a hub ``owner/name``."""
+    return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name
+
+
+def model_not_found(name: str | Path, error: Exception | None = None) -> ModelNotFoundError:
+    """The plain error for a model that cannot be loaded by name: a missing folder, a hub id not in the
+    cache while offline (``HF_HUB_OFFLINE=1``), or a hub id the hub does not have (or cannot be reached)."""
+    import huggingface_hub.constants as hub
+
+    name = str(name)
+    if Path(name).exists():
+        return ModelNotFoundError(f"{name}: not a diffusers model folder (no model_index.json)")
+    if _looks_like_path(name):
+        return ModelNotFoundError(f"{name}: no such folder")
+    if hub.HF_HUB_OFFLINE:
+        return ModelNotFoundError(
+            f"{name}: not a local folder and not in the Hugging Face cache ({hub.HF_HUB_CACHE}); offline "
+            f"(HF_HUB_OFFLINE=1) nothing is downloaded: download it once online (huggingface-cli download {name}), "
+            "or give the path of a local copy")
+    why = str(error).strip().splitlines()[0] if error is not None and str(error).strip() else "not found"
+    return ModelNotFoundError(f"{name}: not a local folder, and the Hugging Face hub gave no model_index.json for "
+                              f"it ({why}); check the id (and HF_TOKEN for a gated or private model)")
+
+
+def check_local_weights(folder: str | Path, index: dict, *, skip: set[str] = frozenset(),
+                        allow_pickle: bool = False) -> None:
+    """Before diffusers loads a local folder: every component with weights (a subfolder with a
+    ``config.json``) holds a ``.safetensors`` file. A component with only pickled weights is a
+    :class:`PickledWeightsError` (unless ``allow_pickle``); one with none is a :class:`ModelNotFoundError`
+    naming the missing file (diffusers would report a missing ``.bin``, or the safetensors refusal)."""
+    folder = Path(folder)
+    for name, entry in index.items():
+        if name.startswith("_") or name in skip or not (isinstance(entry, (list, tuple)) and entry[0]):
+            continue
+        sub = folder / name
+        if not (sub / "config.json").is_file():
+            continue
+        files = [f.name for f in sub.iterdir() if f.is_file()]
+        if any(f.endswith((".safetensors", ".safetensors.index.json")) for f in files):
+            continue
+        pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES) or f.endswith(".bin.index.json")]
+        if pickled and allow_pickle:
+            continue
+        if pickled:
+            raise PickledWeightsError(
+                f"{sub}: its weights are pickled ({pickled[0]}), and unpickling a file can run code: convert them "
+                "(save_pretrained with safe_serialization=True), or pass --allow-pickle (model.allow_pickle=true) "
+                "if you trust the files")
+        expected = WEIGHTS_NAMES.get(str(entry[0]), "*.safetensors")
+        raise ModelNotFoundError(f"{sub}: missing weights: no {expected} (the {name} component's weights file "
+                                 "was deleted or never copied)")
+
+
 class Backbone:
     """A text-to-image diffusion model seen through one interface (see :mod:`diffalign.models.base`).
 
@@ -115,8 +178,7 @@ class Backbone:
         try:
             index = diffusers.DiffusionPipeline.load_config(str(name_or_path), revision=revision)
         except (OSError, ValueError) as e:
-            raise OSError(f"cannot load {cls.pipeline_class_name} from {str(name_or_path)!r}: not a local "
-                          f"diffusers folder and not reachable on the hub ({e})") from e
+            raise model_not_found(name_or_path, e) from e
         for name in inspect.signature(pipeline_cls.__init__).parameters:
             entry = index.get(name, "absent")
             if name not in ("self", "kwargs") and (entry is None or (isinstance(entry, (list, tuple))
@@ -129,6 +191,8 @@ class Backbone:
         if "safety_checker" in inspect.signature(pipeline_cls.__init__).parameters:
             kwargs.setdefault("safety_checker", None)
             kwargs.setdefault("requires_safety_checker", False)
+        if Path(name_or_path).is_dir():
+            check_local_weights(name_or_path, index, skip=set(kwargs), allow_pickle=allow_pickle)  # given or None
         try:
             pipe = pipeline_cls.from_pretrained(str(name_or_path), torch_dtype=torch_dtype, variant=variant,
                                                 revision=revision, use_safetensors=None if allow_pickle else True,

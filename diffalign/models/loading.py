@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffalign.errors import UsageError
-from diffalign.models.backbone import Backbone
+from diffalign.models.backbone import Backbone, ModelNotFoundError, check_local_weights, model_not_found
 from diffalign.models.sd import SDBackbone
 from diffalign.models.sd3 import SD3Backbone
 from diffalign.models.sdxl import SDXLBackbone
@@ -25,7 +25,7 @@ def resolve_pretrained(name: str) -> str:
         return name
     path = BUNDLED_MODELS / name.split(":", 1)[1]
     if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"{name}: no bundled model at {path}")
+        raise ModelNotFoundError(f"{name}: no bundled model at {path}")
     return str(path)
 
 
@@ -39,8 +39,7 @@ def detect_family(name_or_path: str | Path, revision: str | None = None) -> str:
     try:
         config = DiffusionPipeline.load_config(str(name_or_path), revision=revision)
     except (OSError, ValueError) as e:
-        raise OSError(f"cannot load {str(name_or_path)!r}: not a local diffusers folder and not reachable "
-                      f"on the hub (no model_index.json): {e}") from e
+        raise model_not_found(name_or_path, e) from e
     cls = config.get("_class_name") or ""
     if cls in _BY_PIPELINE:
         return _BY_PIPELINE[cls]
@@ -49,6 +48,22 @@ def detect_family(name_or_path: str | Path, revision: str | None = None) -> str:
         if cls.startswith(name.removesuffix("Pipeline")):
             return _BY_PIPELINE[name]
     raise UsageError(f"{name_or_path}: unsupported pipeline {cls!r}; supported: {sorted(_BY_PIPELINE)}")
+
+
+def check_model(name_or_path: str | Path, revision: str | None = None, allow_pickle: bool = False) -> None:
+    """Before any work that needs the model: it exists (a folder with ``model_index.json``, or a hub id
+    whose ``model_index.json`` is in reach: offline, in the cache), and a local folder holds every
+    component's safetensors weights. Raises :class:`~diffalign.models.backbone.ModelNotFoundError` or
+    :class:`~diffalign.models.backbone.PickledWeightsError` (both one-line usage errors)."""
+    from diffusers import DiffusionPipeline
+
+    name = resolve_pretrained(str(name_or_path))
+    try:
+        index = DiffusionPipeline.load_config(name, revision=revision)
+    except (OSError, ValueError) as e:
+        raise model_not_found(name_or_path, e) from e
+    if Path(name).is_dir():
+        check_local_weights(name, index, skip={"safety_checker"}, allow_pickle=allow_pickle)
 
 
 def _class_name(folder: str | Path) -> str:

@@ -12,7 +12,9 @@ Inputs:
                     .json: ``{"file name": "prompt", ...}`` (file name with or without extension)
                     or a list in image order; .csv: columns ``file_name`` (or ``image``) and ``prompt``.
 Output: one row per image: ``image, prompt, <one column per reward>``, as CSV (default, or stdout
-when --out is not given) or JSON (a list of objects) when --out ends in .json.
+when --out is not given) or JSON (a list of objects) when --out ends in .json. The folder of --out must
+exist (checked before any scoring). An image that does not decode is skipped, and the skips are counted
+and named on stderr; the other images are scored.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from diffalign.rewards.scoring import (
     parquet_images,
     read_prompts,
     score_images,
+    unreadable_images,
 )
 
 
@@ -77,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     weights = dict(w.split("=", 1) for w in args.reward_weights)
     try:
+        if args.out:
+            check_out(Path(args.out))
         path = Path(args.images)
         if path.is_dir():
             files = list_images(path)
@@ -91,9 +96,20 @@ def run(args: argparse.Namespace) -> int:
             prompts = parquet_prompts
         else:
             raise InputError("--prompts is required (the images carry no prompts)")
+        skipped = unreadable_images(sources)
+        if len(skipped) == len(sources):
+            raise InputError(f"{path}: none of the {len(sources)} images decodes (first: {image_names[0]}: "
+                             f"{skipped[0][1]})")
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(sources)} images that do not decode: "
+              + "; ".join(f"{image_names[i]} ({why})" for i, why in skipped[:5])
+              + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""), file=sys.stderr)
+        drop = {i for i, _ in skipped}
+        keep = [i for i in range(len(sources)) if i not in drop]
+        image_names, sources, prompts = ([xs[i] for i in keep] for xs in (image_names, sources, prompts))
     rewards = {}
     for n in names:
         kw = {"mode": args.mode, "batch_size": args.batch_size}
@@ -107,5 +123,15 @@ def run(args: argparse.Namespace) -> int:
             for i, (name, prompt) in enumerate(zip(image_names, prompts))]
     write_rows(rows, args.out)
     if args.out:
-        print(f"wrote {len(rows)} rows to {args.out}", file=sys.stderr)
+        print(f"wrote {len(rows)} rows to {args.out}"
+              + (f" ({len(skipped)} unreadable image(s) skipped)" if skipped else ""), file=sys.stderr)
     return 0
+
+
+def check_out(out: Path) -> None:
+    """``--out`` can be written: its folder exists and it is not a folder itself (before any scoring)."""
+    if out.is_dir():
+        raise InputError(f"--out {out}: is a folder; give a file name (scores.csv or scores.json)")
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: the folder {out.parent} does not exist; create it first (nothing was "
+                         "scored)")

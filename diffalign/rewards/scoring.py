@@ -2,7 +2,8 @@
 
 A folder of image files (sorted file-name order), a parquet file (``image`` column or Pick-a-Pic
 ``jpg_0``/``jpg_1``), prompts from a .txt/.json/.csv file; :func:`score_images` runs rewards over
-them batch by batch. Bad input raises :class:`InputError` naming the file and row.
+them batch by batch. Bad input raises :class:`InputError` naming the file and row; an image that does not
+decode is found by :func:`unreadable_images` first, so a caller can skip and report it.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from diffalign.errors import UsageError
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-class InputError(ValueError):
+class InputError(UsageError):
     """Bad input (images, prompts file), reported with the file (and row) at fault."""
 
 
@@ -97,6 +100,17 @@ def read_prompts(path: Path, names: list[str]) -> list[str]:
 def _open(source) -> Image.Image:
     im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     return im.convert("RGB")
+
+
+def unreadable_images(sources: list) -> list[tuple[int, str]]:
+    """``(index, reason)`` of every source (file or bytes) PIL cannot decode, in order."""
+    bad = []
+    for i, source in enumerate(sources):
+        try:
+            _open(source)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            bad.append((i, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"))
+    return bad
 
 
 def _batches(n: int, size: int) -> Iterator[slice]:

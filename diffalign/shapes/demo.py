@@ -200,30 +200,48 @@ def heldout_eval_set(n_per_task: int, seeds_per_prompt: int, seed: int = 1) -> t
 
 def compare_images(base_imgs, aligned_imgs, prompts) -> dict:
     """ShapesEval per task of both, the oracle's win rate of aligned over base (paired bootstrap CI over
-    prompts), the mean oracle utility of both, and the learned reward's mean where available."""
-    from diffalign.shapes.evaluate import shapes_eval
+    prompts), the mean oracle utility of both, and the learned reward's mean where available; ``per_image``
+    (each image's ShapesEval verdict, oracle utility, learned reward) and ``deltas`` (aligned − base of every
+    summary row, with its 95% bootstrap interval over prompts, :func:`~diffalign.eval.compare.paired_comparison`)."""
+    from diffalign.eval.compare import paired_comparison
+    from diffalign.shapes.evaluate import evaluate, shapes_eval
     from diffalign.shapes.oracle import Oracle
 
     judge = Oracle(noise=0.0)
     rate, lo, hi = judge.win_rate(aligned_imgs, base_imgs, prompts)
+    per_image = {name: {"correct": [float(evaluate(im, p).correct) for im, p in zip(imgs, prompts)],
+                        "utility": [float(judge.utility(im, p)) for im, p in zip(imgs, prompts)]}
+                 for name, imgs in (("base", base_imgs), ("aligned", aligned_imgs))}
     out = {
         "n_images": len(prompts),
         "shapes_eval": {"base": shapes_eval(base_imgs, prompts), "aligned": shapes_eval(aligned_imgs, prompts)},
         "oracle_win_rate": {"aligned_over_base": rate, "ci95": [lo, hi]},
-        "oracle_utility": {"base": float(sum(judge.utility(im, p) for im, p in zip(base_imgs, prompts)) / len(prompts)),
-                           "aligned": float(sum(judge.utility(im, p) for im, p in zip(aligned_imgs, prompts)) / len(prompts))},
+        "oracle_utility": {k: float(sum(v["utility"]) / len(prompts)) for k, v in per_image.items()},
     }
     texts = [p.text for p in prompts]
     try:
         from diffalign.rewards import load_reward
 
         reward = load_reward("shapes-clip")
-        out["learned_reward"] = {
-            "base": float(reward.score(base_imgs, texts).mean()),
-            "aligned": float(reward.score(aligned_imgs, texts).mean()),
-        }
+        for name, imgs in (("base", base_imgs), ("aligned", aligned_imgs)):
+            per_image[name]["learned_reward"] = [float(v) for v in reward.score(imgs, texts).detach().cpu()]
+        out["learned_reward"] = {k: float(sum(v["learned_reward"]) / len(prompts)) for k, v in per_image.items()}
     except (ImportError, KeyError, FileNotFoundError, ValueError) as e:  # reward not available in this build
         out["learned_reward"] = {"error": str(e)}
+
+    def delta(key: str, idx: list[int]) -> dict:
+        c = paired_comparison([per_image["aligned"][key][i] for i in idx], [per_image["base"][key][i] for i in idx],
+                              groups=[texts[i] for i in idx])
+        return {k: c[k] for k in ("mean_diff", "diff_ci95", "n", "n_prompts")}
+
+    everything = list(range(len(prompts)))
+    deltas = {f"ShapesEval {t}": delta("correct", [i for i, p in enumerate(prompts) if p.task == t])
+              for t in out["shapes_eval"]["base"] if t != "overall"}
+    deltas["ShapesEval overall"] = delta("correct", everything)
+    deltas["oracle utility (mean)"] = delta("utility", everything)
+    if "learned_reward" in per_image["base"]:
+        deltas["learned reward (shapes-clip)"] = delta("learned_reward", everything)
+    out["deltas"], out["per_image"] = deltas, per_image
     return out
 
 
@@ -321,11 +339,17 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # 5. outputs
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_demo_report(out / "report.html", results, base_imgs, aligned_imgs, texts, run_dir / "metrics.jsonl")
+    write_demo_report(out / "report.html", results, base_imgs, aligned_imgs, eval_prompts, run_dir / "metrics.jsonl",
+                      training_config=run_dir / "config.yaml")
     return results
 
 
+MIN_BOOTSTRAP_PROMPTS = 5  # fewer prompts per task: the report warns that the per-task intervals say little
+
+
 def summary_rows(results: dict) -> list[dict]:
+    """Per ShapesEval task, oracle utility and learned reward: base, aligned, and aligned − base with its
+    95% bootstrap interval over prompts (``⚠`` when it rests on fewer than :data:`MIN_BOOTSTRAP_PROMPTS`)."""
     se = results["shapes_eval"]
     rows = [{"metric": f"ShapesEval {k}", "base": se["base"][k], "aligned": se["aligned"][k]} for k in se["base"]]
     if "oracle_utility" in results:
@@ -333,10 +357,65 @@ def summary_rows(results: dict) -> list[dict]:
     lr = results.get("learned_reward", {})
     if "base" in lr:
         rows.append({"metric": "learned reward (shapes-clip)", "base": lr["base"], "aligned": lr["aligned"]})
+    for row in rows:
+        d = results.get("deltas", {}).get(row["metric"])
+        if d:
+            lo, hi = d["diff_ci95"]
+            row["Δ aligned − base [95% CI]"] = (f"{d['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                                                + (" ⚠" if d["n_prompts"] < MIN_BOOTSTRAP_PROMPTS else ""))
     return rows
 
 
-def write_demo_report(path: Path, results: dict, base_imgs, aligned_imgs, captions, metrics_path: Path) -> Path:
+def grid_order(prompts, n: int) -> list[int]:
+    """``n`` image indices spread over every task (round robin over the tasks, in first-seen order)."""
+    by_task: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_task.setdefault(getattr(p, "task", ""), []).append(i)
+    out: list[int] = []
+    while len(out) < n and any(by_task.values()):
+        for lst in by_task.values():
+            if lst and len(out) < n:
+                out.append(lst.pop(0))
+    return out
+
+
+def _smooth(values: list[float], alpha: float = 0.1) -> list[float]:
+    """An exponential moving average (the smoothed curve over the raw one)."""
+    out, m = [], None
+    for v in values:
+        m = v if m is None else (1 - alpha) * m + alpha * v
+        out.append(m)
+    return out
+
+
+def training_settings(config_path: Path | None, results: dict) -> str | None:
+    """The training run's key settings in one line (from its ``config.yaml``)."""
+    if config_path is None or not Path(config_path).is_file():
+        return None
+    import yaml
+
+    raw = yaml.safe_load(Path(config_path).read_text()) or {}
+    m, t, model = raw.get("method") or {}, raw.get("train") or {}, raw.get("model") or {}
+    parts = [str(m.get("name"))]
+    if "beta" in m:
+        parts.append(f"β {m['beta']:g}")
+    parts += [f"learning rate {float(t.get('learning_rate', 0)):g}", f"{t.get('max_steps')} steps",
+              f"batch {t.get('batch_size')}×{t.get('gradient_accumulation_steps', 1)}"]
+    if model.get("lora_rank"):
+        parts.append(f"LoRA rank {model['lora_rank']}")
+    labels = results.get("labels", {})
+    if labels:
+        parts.append(f"{labels.get('pairs')} oracle-labelled pairs")
+    parts.append(f"seed {t.get('seed')}")
+    return "Training: " + ", ".join(parts) + "."
+
+
+def write_demo_report(path: Path, results: dict, base_imgs, aligned_imgs, prompts, metrics_path: Path, *,
+                      training_config: Path | None = None, max_cells: int = 48) -> Path:
+    """The demo's ``report.html``: the summary (every row with aligned − base and its interval, the
+    training settings, a warning when there are too few prompts per task), the training curves (raw and
+    smoothed), and base/aligned pairs spread over every task, each image with its ShapesEval verdict and
+    oracle utility under it. ``prompts``: ShapesPrompt objects (or captions)."""
     import html
 
     import matplotlib
@@ -351,27 +430,55 @@ def write_demo_report(path: Path, results: dict, base_imgs, aligned_imgs, captio
         write_report,
     )
 
+    captions = [getattr(p, "text", p) for p in prompts]
     wr = results["oracle_win_rate"]
+    n_prompts = len(set(captions))
     head = (f"<p>Oracle win rate of aligned over base: <b>{wr['aligned_over_base']:.3f}</b> "
-            f"(95% CI {wr['ci95'][0]:.3f}–{wr['ci95'][1]:.3f}) on {results['n_images']} held-out images, same seeds.</p>")
+            f"(95% CI {wr['ci95'][0]:.3f}–{wr['ci95'][1]:.3f}) on {results['n_images']} held-out images "
+            f"({n_prompts} prompts), same seeds.</p>")
+    settings = training_settings(training_config, results)
+    if settings:
+        head += f"<p>{html.escape(settings)}</p>"
+    head += ("<p>Δ is aligned − base on the same prompt and seed; [low, high] is a 95% percentile bootstrap "
+             "interval that resamples prompts (a prompt's seeds together). Numbers have 3 decimals.</p>")
+    per_task = results.get("config", {}).get("eval_prompts_per_task")
+    if per_task is not None and per_task < MIN_BOOTSTRAP_PROMPTS:
+        head = (f"<p class='warning'>⚠ Only {per_task} prompt(s) per task: the per-task intervals (marked ⚠) are "
+                f"unreliable, often zero-width; use --eval-prompts-per-task {MIN_BOOTSTRAP_PROMPTS} or more.</p>"
+                + head)
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     steps = [r["step"] for r in rows]
-    axes[0].plot(steps, [r["loss"] for r in rows])
+    axes[0].plot(steps, [r["loss"] for r in rows], alpha=0.35, label="per step")
+    axes[0].plot(steps, _smooth([r["loss"] for r in rows]), label="smoothed (EMA 0.1)")
     axes[0].axhline(0.6931, ls="--", c="gray", lw=0.8)
     axes[0].set(title="Diffusion-DPO loss", xlabel="step")
+    axes[0].legend(fontsize=8)
     if rows and "implicit_acc" in rows[0]:
-        axes[1].plot(steps, [r["implicit_acc"] for r in rows])
+        axes[1].plot(steps, [r["implicit_acc"] for r in rows], alpha=0.35)
+        axes[1].plot(steps, _smooth([r["implicit_acc"] for r in rows]))
         axes[1].set(title="implicit accuracy", xlabel="step")
     plot = f"<img src='{figure_data_uri(fig)}' alt='training curves'>"
     plt.close(fig)
+    per_image = results.get("per_image", {})
+
+    def caption(name: str, i: int) -> str:
+        d = per_image.get(name)
+        if not d:
+            return ""
+        verdict = "✓" if d["correct"][i] >= 0.5 else "✗"
+        return f"<span class='score'>{name}: ShapesEval {verdict} · oracle {d['utility'][i]:.3f}</span>"
+
     cells = []
-    for i, (b, a, c) in enumerate(zip(base_imgs, aligned_imgs, captions)):
-        if i >= 48:
-            break
+    for i in grid_order(prompts, max_cells):
+        b, a, c = base_imgs[i], aligned_imgs[i], captions[i]
+        task = getattr(prompts[i], "task", None)
         cells.append(f"<figure><img width=128 src='{png_data_uri(b)}'> <img width=128 src='{png_data_uri(a)}'>"
-                     f"<figcaption>{html.escape(c)}</figcaption></figure>")
-    grid = "<p>Each cell: base (left) and aligned (right), same prompt and seed.</p>" + "".join(cells)
+                     f"{caption('base', i)}{caption('aligned', i)}"
+                     f"<figcaption>{'[' + html.escape(task) + '] ' if task else ''}{html.escape(c)}</figcaption>"
+                     "</figure>")
+    grid = ("<p>Each cell: base (left) and aligned (right), same prompt and seed, drawn from every task; under "
+            "them each image's ShapesEval verdict and oracle utility.</p>" + "".join(cells))
     return write_report(path, "diffalign demo: Diffusion-DPO on the Shapes world", [
         ("Summary", head + html_table(summary_rows(results))),
         ("Training", plot),
@@ -404,9 +511,9 @@ def run(args: argparse.Namespace) -> int:
                      overrides=list(args.overrides))
     results = run_demo(cfg)
     print()
-    print(f"{'metric':<34}{'base':>8}{'aligned':>9}")
+    print(f"{'metric':<34}{'base':>8}{'aligned':>9}   Δ aligned − base [95% CI]")
     for r in summary_rows(results):
-        print(f"{r['metric']:<34}{r['base']:>8.3f}{r['aligned']:>9.3f}")
+        print(f"{r['metric']:<34}{r['base']:>8.3f}{r['aligned']:>9.3f}   {r.get('Δ aligned − base [95% CI]', '')}")
     wr = results["oracle_win_rate"]
     print(f"oracle win rate aligned over base: {wr['aligned_over_base']:.3f} "
           f"(95% CI {wr['ci95'][0]:.3f}-{wr['ci95'][1]:.3f}, n={results['n_images']})")

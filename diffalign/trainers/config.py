@@ -149,6 +149,13 @@ class TrainConfig:
             ``metrics.jsonl`` only, nothing leaves the machine), ``"tensorboard"``, ``"wandb"``, another
             accelerate tracker name, a list of them (or a comma-separated string), or ``"all"``. Every
             ``metrics.jsonl`` row goes to them at its step; the logs live in ``<output_dir>/logs/``.
+        push_to_hub: after the run, upload ``final/`` (weights and its ``README.md`` model card) to the
+            Hugging Face Hub (``HfApi.create_repo`` + ``upload_folder``; the token is huggingface_hub's own:
+            ``HF_TOKEN`` or ``huggingface-cli login``). Off by default: nothing leaves the machine.
+        hub_model_id: the Hub repository (``name`` or ``owner/name``); ``None``: the run directory's name
+            (TRL's and diffusers' name and default).
+        hub_private_repo: create the repository private (``None``: the Hub's default, public unless the
+            organisation says otherwise), as in TRL.
     """
 
     output_dir: str = "runs/run"
@@ -176,6 +183,9 @@ class TrainConfig:
     resume: str | None = None
     overwrite: bool = False
     report_to: str | list[str] | None = None
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private_repo: bool | None = None
 
 
 class MethodSection(Mapping):

@@ -39,6 +39,7 @@ from diffalign.trainers.distributed import (
     no_zero3_init,
     warn_about_launch,
 )
+from diffalign.trainers.hub import check_push_to_hub, push_run
 from diffalign.trainers.method import Method, StepOutput
 
 CHECKPOINT_PREFIX = "step-"
@@ -194,6 +195,7 @@ def train(recipe: Recipe) -> Path:
     and the trackers, progress, non-finite skipping, checkpoints, validation, ``final/``.
     """
     check_run_dir(recipe)
+    check_push_to_hub(recipe.train)  # train.push_to_hub: refused now if it cannot happen (offline)
     run = setup(recipe)
     cfg, acc = recipe.train, run.accelerator
     if acc.is_main_process:
@@ -241,7 +243,9 @@ def train(recipe: Recipe) -> Path:
             if acc.is_main_process:
                 print(run.stopped)
             return run.output_dir
-        return save_final(run)
+        save_final(run)
+        push_run(run)  # train.push_to_hub only
+        return run.output_dir
 
 
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "data_stats.json", "checkpoints", "final", "logs", "validation")

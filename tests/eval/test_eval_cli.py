@@ -16,7 +16,6 @@ from PIL import Image
 from diffalign.cli import main
 from diffalign.data.generated import read_folder
 from diffalign.eval.compare import paired_comparison
-from diffalign.eval.eval_report import prompt_grid
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,16 +69,22 @@ def test_tiny_pipeline_report_has_grids_and_plots(tiny_run):
     plots = {alt: im for alt, _, im in imgs["plot"]}
     assert set(plots) == {"score histograms", "win rates", "win rates by category"}
     assert all(im.width > 200 and len(set(im.convert("RGB").getdata())) > 10 for im in plots.values())
-    grids = imgs["grid"]
-    assert [alt for alt, _, _ in grids] == ["grid prompt 0", "grid prompt 1", "grid prompt 2"]
-    images = {role: read_folder(out / role) for role in ("model", "compare")}
-    for alt, width, im in grids:
-        expected, tile = prompt_grid(images, int(alt.split()[-1]), 4)
-        assert tile == 32 and width == expected.width * 4  # 32 px tiles shown 4x
-        assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(expected))  # same seed side by side
-    # the grid of prompt 0: left column the base model, right the LoRA, rows the two seeds
-    base = Image.open(out / "model" / "00000" / "samples" / "0001.png")
-    assert np.array_equal(np.asarray(grids[0][2].convert("RGB"))[2 + 32 + 2:2 + 64 + 2, 2:2 + 32], np.asarray(base))
+    tiles = imgs["tile"]
+    # prompt by prompt, seed by seed, the same seed side by side (base model, then the LoRA)
+    assert [alt for alt, _, _ in tiles] == [f"prompt {p} sample {j} {role}" for p in (0, 1, 2) for j in (0, 1)
+                                            for role in ("model", "compare")]  # round robin over the categories
+    scores = {(r["model"], r["prompt_index"], r["sample_index"]): r["jpeg-compressibility"]
+              for r in map(json.loads, (out / "scores.jsonl").read_text().splitlines())}
+    for alt, width, im in tiles:
+        _, p, _, j, role = alt.split()
+        assert width == 128  # 32 px images shown 4x
+        saved = Image.open(out / role / f"{int(p):05d}" / "samples" / f"{int(j):04d}.png").convert("RGB")
+        assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(saved))
+        # its score right under it
+        assert f"alt='{alt}'" in html
+        after = html.split(f"alt='{alt}'", 1)[1]
+        assert after.split("</td>", 1)[0].endswith(
+            f"<span class='score'>jpeg-compressibility {scores[role, int(p), int(j)]:.3f}</span>")
 
 
 def test_second_run_generates_nothing_and_reproduces_results(tiny_run, capsys):
@@ -132,9 +137,9 @@ def shapes_lora(tmp_path_factory):
 @pytest.mark.slow
 def test_shapes_recipe_base_vs_lora(shapes_lora, tmp_path, capsys):
     from diffalign.eval.geneval import evaluate_image
-    from diffalign.shapes.geneval import ShapesDetector
     from diffalign.rewards import load_reward
     from diffalign.shapes.evaluate import shapes_eval
+    from diffalign.shapes.geneval import ShapesDetector
 
     out = tmp_path / "shapes"
     assert main(["eval", str(REPO / "pipelines" / "eval-shapes.yaml"), "--limit", "1", "--images-per-prompt", "1",
@@ -168,7 +173,11 @@ def test_shapes_recipe_base_vs_lora(shapes_lora, tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert "not comparable with published GenEval scores" in html
     assert "GenEval tasks (detector: shapes-segmenter" in html
-    assert len(report_images(html)["grid"]) == 6
+    tiles = report_images(html)["tile"]
+    assert len(tiles) == 12  # 6 prompts, one per task, x 1 seed x 2 models: every task in the grid
+    assert html.count("GenEval ✓") + html.count("GenEval ✗") >= 12  # each image's verdict under it
+    assert len({int(alt.split()[1]) for alt, _, _ in tiles}) == 6
+    assert "class='warning'" in html and "fewer than 5 prompts" in html  # 1 prompt per task
 
 
 # ---- configuration
@@ -241,7 +250,7 @@ def test_geneval_prompts_without_detector_generate_and_say_so(tiny_sd, tmp_path,
     res = json.loads((out / "results.json").read_text())
     assert res["metrics"] == [] and "geneval" not in res and res["notes"]
     imgs = report_images((out / "report.html").read_text())
-    assert len(imgs["grid"]) == 6 and "plot" not in imgs
+    assert len(imgs["tile"]) == 6 and "plot" not in imgs
 
 
 def test_detector_choice():

@@ -1,4 +1,5 @@
-"""The eval report renders in headless Chromium: a screenshot shows the summary table and an image grid.
+"""The eval report renders in headless Chromium: a screenshot shows the summary table, the small-sample
+warning box and an image of the grid.
 
 Needs a Chromium binary (see tests/browser.py); without one the test is skipped and says so.
 """
@@ -25,8 +26,10 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path, capsys):
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # not a blank page
     # the summary table: its header cells' background (#f3f3f3) over a table-sized area
     assert (pixels == (243, 243, 243)).all(-1).sum() > 2000
-    # an image grid, pixel for pixel: the embedded PNG enlarged by its whole display factor
-    alt, width, grid = report_images((out / "report.html").read_text())["grid"][0]
+    # the small-sample warning (3 prompts: too few for the bootstrap) is a visible box (#fff3cd)
+    assert (pixels == (255, 243, 205)).all(-1).sum() > 2000
+    # an image of the grid, pixel for pixel: the embedded PNG enlarged by its whole display factor
+    alt, width, grid = report_images((out / "report.html").read_text())["tile"][0]
     scale = width // grid.width
     template = np.asarray(grid.convert("RGB").resize((grid.width * scale, grid.height * scale),
                                                      Image.Resampling.NEAREST)).astype(int)

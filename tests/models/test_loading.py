@@ -3,6 +3,7 @@ import json
 import pytest
 
 from diffalign.models import FAMILIES, SD3Backbone, SDBackbone, SDXLBackbone, detect_family, load_backbone
+from diffalign.models.backbone import ModelNotFoundError
 
 EXPECTED = {"sd": SDBackbone, "sd-v": SDBackbone, "sdxl": SDXLBackbone, "sd3": SD3Backbone, "sd3-t5": SD3Backbone}
 
@@ -37,9 +38,9 @@ def test_builds_are_deterministic(tmp_path, tiny_folder):
 
 def test_missing_folder_names_it(tmp_path):
     missing = tmp_path / "no-such-model"
-    with pytest.raises(OSError, match="no-such-model"):
+    with pytest.raises(ModelNotFoundError, match="no-such-model: no such folder"):
         load_backbone(missing)
-    with pytest.raises(OSError, match="no-such-model"):
+    with pytest.raises(ModelNotFoundError, match="no-such-model: no such folder"):
         SDBackbone.from_pretrained(missing)
 
 
@@ -47,7 +48,8 @@ def test_unreachable_hub_id_names_it(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network retries
-    with pytest.raises(OSError, match="diffalign-tests/definitely-not-a-model"):
+    with pytest.raises(ModelNotFoundError, match="diffalign-tests/definitely-not-a-model: not a local folder and "
+                                                 "not in the Hugging Face cache"):
         load_backbone("diffalign-tests/definitely-not-a-model")
 
 

@@ -108,6 +108,7 @@ def test_demo_report_shows_the_plot_and_the_grid_in_headless_chromium(toy_demo, 
     scale = width // cell.width
     enlarged = np.asarray(cell.resize((cell.width * scale, cell.height * scale), Image.Resampling.NEAREST)).astype(int)
     assert find(pixels, enlarged) < 1.0, "the base/aligned grid is not on the rendered page"
+    assert (pixels == (255, 243, 205)).all(-1).sum() > 2000, "the few-prompts warning box is not visible"
 
 
 def test_candidates_keep_best_and_worst_and_round_trip(tmp_path):
@@ -189,3 +190,60 @@ def test_shapes_label_writes_the_efficacy_tests_pairs_and_kto_feedback(tmp_path)
     assert main(["shapes", "label", "--out", str(tmp_path / "fb"), "--format", "feedback"]) == 0
     samples = list(read_feedback(tmp_path / "fb" / "feedback.jsonl"))
     assert len(samples) == 800 and 0.3 < np.mean([s.desirable for s in samples]) < 0.7  # median split, 10% noise
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory):
+    """A demo report written from held-out prompts (1 per task, 2 seeds) and stand-in images, no training."""
+    from diffalign.shapes.demo import compare_images, heldout_eval_set, write_demo_report
+
+    root = tmp_path_factory.mktemp("demo_report")
+    prompts, _ = heldout_eval_set(1, 2)
+    rng = np.random.default_rng(0)
+    base = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in prompts]
+    aligned = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in prompts]
+    results = compare_images(base, aligned, prompts)
+    results.update({"config": {"eval_prompts_per_task": 1}, "labels": {"pairs": 6}})
+    (root / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.69 - 0.01 * s, "implicit_acc": 0.5})
+                                                + "\n" for s in range(1, 6)))
+    (root / "config.yaml").write_text("method: {name: diffusion-dpo, beta: 500}\nmodel: {lora_rank: 8}\n"
+                                      "train: {learning_rate: 0.002, max_steps: 3, batch_size: 2, seed: 0}\n")
+    write_demo_report(root / "report.html", results, base, aligned, prompts, root / "metrics.jsonl",
+                      training_config=root / "config.yaml")
+    return (root / "report.html").read_text(), results, prompts
+
+
+def test_demo_report_rows_have_deltas_with_intervals(demo_report):
+    from diffalign.shapes.demo import summary_rows
+
+    html, results, _ = demo_report
+    rows = summary_rows(results)
+    assert {r["metric"] for r in rows} >= {"ShapesEval counting", "ShapesEval position", "ShapesEval overall",
+                                          "oracle utility (mean)"}
+    for r in rows:
+        assert re.fullmatch(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]( ⚠)?", r["Δ aligned − base [95% CI]"])
+    assert "Δ aligned − base [95% CI]</th>" in html
+    assert "95% percentile bootstrap interval that resamples prompts" in html
+
+
+def test_demo_report_grid_covers_every_task_with_each_images_verdict(demo_report):
+    from diffalign.shapes.grammar import TASKS
+
+    html, results, prompts = demo_report
+    cells = re.findall(r"<figure>(.*?)</figure>", html)
+    assert len(cells) == len(prompts) == 12
+    tasks = {re.search(r"<figcaption>\[(\w+)\]", c).group(1) for c in cells}
+    assert tasks == set(TASKS)  # not only single_object and two_object
+    for c, i in zip(cells, range(len(prompts))):
+        spans = re.findall(r"<span class='score'>([^<]*)</span>", c)
+        assert len(spans) == 2 and spans[0].startswith("base: ShapesEval ") and spans[1].startswith("aligned: ")
+        assert all(re.search(r"ShapesEval [✓✗] · oracle \d\.\d{3}$", sp) for sp in spans)
+
+
+def test_demo_report_gives_the_training_settings_and_warns_about_few_prompts(demo_report):
+    html, _, _ = demo_report
+    assert "Training: diffusion-dpo, β 500, learning rate 0.002, 3 steps, batch 2×1, LoRA rank 8, 6 oracle-labelled " \
+           "pairs, seed 0." in html
+    assert "<p class='warning'>⚠ Only 1 prompt(s) per task" in html
+    numbers = [n for c in re.findall(r"<td>([^<]*)</td>", html) for n in re.findall(r"[+-]?\d+\.\d+", c)]
+    assert numbers and all(re.fullmatch(r"[+-]?\d+\.\d{3}", n) for n in numbers)
