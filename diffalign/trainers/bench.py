@@ -2,8 +2,9 @@
 
 Runs the recipe's method for a few optimizer steps twice over the same examples: first with an
 empty latent/text cache (VAE and text encoders run), then cached (they do not). Reports pairs/s
-(examples/s for single-sample methods) for each pass and the peak memory (CUDA allocator peak on a
-GPU, peak resident set size on a CPU).
+(examples/s for single-sample methods) for each pass, the compute floor (the loss's policy and reference
+forwards and its backward on one fixed batch, timed alone) with the cached step's ratio to it, and the
+peak memory (CUDA allocator peak on a GPU, peak resident set size on a CPU).
 
 `diffalign bench RECIPE.yaml --sampling`: rollout throughput of the on-line methods instead:
 trajectories/s of :func:`diffalign.core.sampling.sample_trajectory` (every latent and per-step
@@ -86,6 +87,8 @@ def bench(recipe, steps: int = 5, warmup: int = 1) -> dict:
 
         uncached = timed_pass(0)      # every example is new: VAE + text encoders run
         cached = timed_pass(0)        # the same positions again: all latents/embeddings from the cache
+        floor = compute_floor(run, steps, warmup)
+        cached_step_s = per_step / cached
         return {
             "method": recipe.method["name"],
             "model": recipe.model.pretrained,
@@ -95,9 +98,36 @@ def bench(recipe, steps: int = 5, warmup: int = 1) -> dict:
             "steps": steps,
             "pairs_per_s_uncached": uncached,
             "pairs_per_s_cached": cached,
+            "floor_step_s": floor,
+            "pairs_per_s_floor": per_step / floor,
+            "cached_over_floor": cached_step_s / floor,
             "peak_memory_mb": peak_memory_mb(device),
             "mixed_precision": recipe.train.mixed_precision,
         }
+
+
+def compute_floor(run, steps: int = 5, warmup: int = 1) -> float:
+    """Seconds of an optimizer step's compute alone: the method's loss (policy forward, reference forward)
+    and its backward on one fixed micro-batch, times the accumulation steps; no data, no optimizer step,
+    no logging. A training step's time over this is its overhead."""
+    acc, device = run.accelerator, run.accelerator.device
+    batch = run.data.batch(0, 0, acc.process_index, acc.num_processes)
+
+    def once() -> None:
+        out = run.method.loss(batch)
+        acc.backward(out.loss)
+        run.optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        once()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        once()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / steps * run.recipe.train.gradient_accumulation_steps
 
 
 def bench_backprop(recipe, steps: int = 5, warmup: int = 1) -> dict:
@@ -299,7 +329,9 @@ def summary(result: dict) -> list[str]:
     unit = "pairs/s" if r["method"] in {"diffusion-dpo", "mapo"} else "examples/s"
     return [f"method {r['method']} on {r['model']} ({r['device']}, {r['resolution']}px, {r['batch_per_step']} per step)",
             f"  uncached (VAE + text encoders run): {r['pairs_per_s_uncached']:.2f} {unit}",
-            f"  cached   (latents from the cache):  {r['pairs_per_s_cached']:.2f} {unit}"]
+            f"  cached   (latents from the cache):  {r['pairs_per_s_cached']:.2f} {unit}",
+            f"  compute floor (loss forward + backward alone): {r['pairs_per_s_floor']:.2f} {unit}; "
+            f"the cached step takes {r['cached_over_floor']:.2f}x the floor"]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """`diffalign train` end to end on tiny random SD1.x / SDXL / SD3 pipelines."""
 
+import json
 import math
 from pathlib import Path
 
@@ -99,11 +100,15 @@ def test_swapped_labels_move_the_margin_the_other_way(tiny_models, pair_parquet,
     assert margins["orig"] > 0 > margins["swapped"]
 
 
-def test_bench_reports_cached_and_uncached(tiny_models, pair_parquet, capsys):
+def test_bench_reports_cached_uncached_and_the_compute_floor(tiny_models, pair_parquet, capsys, tmp_path):
     assert main(["bench", "-", f"--model.pretrained={tiny_models['sd']}", f"--data.source={pair_parquet}",
-                 "--data.resolution=32", "--model.lora_rank=4", "--steps", "2"]) == 0
+                 "--data.resolution=32", "--model.lora_rank=4", "--steps", "2", "--json", str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
-    assert "uncached" in out and "cached" in out and "peak memory" in out
+    assert "uncached" in out and "cached" in out and "peak memory" in out and "compute floor" in out
+    r = json.loads((tmp_path / "b.json").read_text())
+    # the floor is the compute alone, a cached step adds its data and optimizer work to it
+    assert r["pairs_per_s_floor"] > 0 and r["cached_over_floor"] == pytest.approx(
+        (r["batch_per_step"] / r["pairs_per_s_cached"]) / r["floor_step_s"])
 
 
 @pytest.mark.parametrize("method,keys", [("mapo", {"margin", "implicit_acc"}),
