@@ -348,6 +348,17 @@ class Backbone:
         self._lora_to_fp32()
         self.is_lora = True
 
+    def _adapter_layers(self, raw: torch.nn.Module) -> list:
+        """The peft adapter layers of ``raw`` (found once: diffusers' ``disable_adapters`` walks every module
+        at each call, twice a step)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        cached = self.__dict__.get("_adapter_layer_cache")
+        if cached is None or cached[0] is not raw:
+            cached = (raw, [m for m in raw.modules() if isinstance(m, BaseTunerLayer)])
+            self.__dict__["_adapter_layer_cache"] = cached
+        return cached[1]
+
     def _lora_to_fp32(self) -> None:
         for name, p in self.raw_denoiser.named_parameters():
             if "lora_" in name:
@@ -412,11 +423,14 @@ class Backbone:
             elif self.is_lora:
                 if isinstance(policy, torch.nn.parallel.DistributedDataParallel):
                     self.denoiser = raw
-                raw.disable_adapters()
+                layers = self._adapter_layers(raw)
+                for layer in layers:
+                    layer.enable_adapters(False)
                 try:
                     yield self
                 finally:
-                    raw.enable_adapters()
+                    for layer in layers:
+                        layer.enable_adapters(True)
             else:
                 yield self
         finally:

@@ -46,30 +46,45 @@ class Example:
 @dataclass
 class CpuBatch:
     """The CPU half of a micro-batch, made in a DataLoader worker (or in the training process with
-    ``data.num_workers: 0``), rows group-major (all winners, then all losers):
+    ``data.num_workers: 0``), rows group-major (all winners, then all losers), its tensors packed so that a
+    worker hands over a few large tensors rather than many small ones:
 
-    ``latents[r]`` the cached latent ``[C, h, w]`` of row ``r`` or ``None``; ``pixels[r]`` its pixels
-    ``[3, R, R]`` in [-1, 1] when it is not cached; ``keys``, ``prompts``, ``placements`` per row;
-    ``scores`` per row or ``None``; ``weights`` and ``desirable`` per loss row; ``generator_states``
-    per example; ``reads``: ``(row index, None or (reason, where, detail))`` for every row read,
-    skipped ones included (the training process counts them)."""
+    ``latents`` ``[n, C, h, w]``: the cached latents of rows ``latent_rows``; ``pixels`` ``[m, 3, R, R]`` in
+    [-1, 1]: the pixels of the rows ``pixel_rows`` that are not cached (either may be ``None``);
+    ``keys``, ``prompts``, ``placements`` per row; ``scores`` per row or ``None``; ``weights`` and
+    ``desirable`` per loss row; ``generator_states`` ``[B, L]``: each example's generator state;
+    ``reads``: ``(row index, None or (reason, where, detail))`` for every row read, skipped ones included
+    (the training process counts them)."""
 
     group: int
-    latents: list
-    pixels: list
+    latents: torch.Tensor | None
+    latent_rows: list[int]
+    pixels: torch.Tensor | None
+    pixel_rows: list[int]
     keys: list[str]
     prompts: list[str]
     placements: list
     scores: list[float] | None
     weights: list[float]
     desirable: list[bool] | None
-    generator_states: list[torch.Tensor]
+    generator_states: torch.Tensor
     reads: list[tuple]
+
+    def known_latents(self) -> dict[str, torch.Tensor]:
+        """``{key: latent}`` of the rows that came cached."""
+        if self.latents is None:
+            return {}
+        return {self.keys[r]: self.latents[j] for j, r in enumerate(self.latent_rows)}
+
+    def pixels_of(self, rows: list[int]) -> torch.Tensor:
+        """The pixels ``[len(rows), 3, R, R]`` of the given (uncached) rows."""
+        where = {r: j for j, r in enumerate(self.pixel_rows)}
+        return self.pixels[[where[r] for r in rows]]
 
     def pin_memory(self) -> CpuBatch:
         """Pinned copies of the tensors (the DataLoader calls this with ``pin_memory=True``)."""
-        self.latents = [None if t is None else t.pin_memory() for t in self.latents]
-        self.pixels = [None if t is None else t.pin_memory() for t in self.pixels]
+        self.latents = None if self.latents is None else self.latents.pin_memory()
+        self.pixels = None if self.pixels is None else self.pixels.pin_memory()
         return self
 
 
@@ -174,10 +189,14 @@ class TrainingData:
         desirable = [e.desirable for e in examples] if self.kind == "feedback" else None
         if self.kind == "feedback-pairs":  # per-row feedback and weights: [winners, losers]
             desirable, weights = [True] * n + [False] * n, weights * 2
-        return CpuBatch(group=group, latents=[r[3] for r in rows], pixels=[r[4] for r in rows],
+        latent_rows = [i for i, r in enumerate(rows) if r[3] is not None]
+        pixel_rows = [i for i, r in enumerate(rows) if r[3] is None]
+        return CpuBatch(group=group, latents=torch.stack([rows[i][3] for i in latent_rows]) if latent_rows else None,
+                        latent_rows=latent_rows, pixel_rows=pixel_rows,
+                        pixels=torch.stack([rows[i][4] for i in pixel_rows]) if pixel_rows else None,
                         keys=[r[2] for r in rows], prompts=[examples[i].prompts[j] for j in range(group) for i in range(n)],
                         placements=[r[1] for r in rows], scores=scores, weights=weights, desirable=desirable,
-                        generator_states=[e.generator.get_state() for e in examples], reads=reads)
+                        generator_states=torch.stack([e.generator.get_state() for e in examples]), reads=reads)
 
     def read_example(self, position: int, reads: list[tuple]) -> Example:
         """The example at ``position``: the first usable row from the order's choice on; every row tried
@@ -294,8 +313,7 @@ class TrainingData:
         self._account(cpu.reads)
         device = self.backbone.device
         res = self.resolution
-        latents = self.encode_latents(lambda idx: torch.stack([cpu.pixels[i] for i in idx]), cpu.keys,
-                                      known={k: t for k, t in zip(cpu.keys, cpu.latents) if t is not None})
+        latents = self.encode_latents(cpu.pixels_of, cpu.keys, known=cpu.known_latents())
         latents = latents.to(device)
         cond = self.encode_text(cpu.prompts).to(device)
         if getattr(self.backbone, "family", None) == "sdxl":
@@ -305,7 +323,7 @@ class TrainingData:
         gens = []
         for state in cpu.generator_states:
             g = torch.Generator()
-            g.set_state(state)
+            g.set_state(state.clone())
             gens.append(g)
         noisy = self.backbone.forward_process.noise_examples(latents, gens, group_size=cpu.group)
         return TrainBatch(
