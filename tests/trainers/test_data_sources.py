@@ -170,3 +170,16 @@ def test_strict_stops_at_the_first_bad_row_naming_file_row_and_field(backbone, t
     data = load_training_data(_recipe(str(path), tmp_path, strict=True), "pairs", backbone, tmp_path)
     with pytest.raises(ValueError, match=r"bad\.parquet:row \d: field 'jpg_1': undecodable image"):
         data.batch(0, 0, 0, 1)
+
+
+def test_a_jsonl_pair_whose_image_is_missing_is_a_counted_reported_skip(backbone, tmp_path, capsys):
+    rows = [r for r in _rows(8) if r["label_0"] != 0.5]
+    path = _write_jsonl(tmp_path / "jsonl", rows)
+    (tmp_path / "jsonl" / "2l.png").unlink()
+    data = load_training_data(_recipe(str(path), tmp_path, format="jsonl"), "pairs", backbone, tmp_path)
+    _batches(data, 2)  # 12 positions over 8 rows: every row read
+    assert (data.stats.rows, data.stats.kept, data.stats.bad_images) == (8, 7, 1)
+    assert data.stats.skipped == {"missing image": 1}
+    assert data.stats.bad_rows == [f"{path}:line 3"] and "2l.png" in data.stats.bad_reasons[0]
+    data.report("end of run")
+    assert f"skipped {path}:line 3: field 'rejected': cannot read" in capsys.readouterr().out
