@@ -209,9 +209,14 @@ class Backbone:
     def use_channels_last(self, denoiser: bool = True) -> None:
         """Put the VAE (and, if ``denoiser``, a convolutional denoiser) in channels-last memory format: the
         same numbers to rounding, faster convolutions (oneDNN on CPUs, tensor cores in fp16/bf16). A
-        transformer denoiser (SD3, FLUX) has no 4-D weights and is left as it is."""
-        self.vae.to(memory_format=torch.channels_last)
-        if denoiser and any(p.dim() == 4 for p in self.raw_denoiser.parameters()):
+        transformer denoiser (SD3, FLUX) and a video model's 3-D convolutions are left as they are."""
+        def image_convolutional(module: torch.nn.Module) -> bool:  # 2-D convolutions only (not a video VAE)
+            dims = {p.dim() for p in module.parameters()}
+            return 4 in dims and 5 not in dims
+
+        if image_convolutional(self.vae):
+            self.vae.to(memory_format=torch.channels_last)
+        if denoiser and image_convolutional(self.raw_denoiser):
             self.raw_denoiser.to(memory_format=torch.channels_last)
 
     def drop_vae_encoder(self) -> None:
