@@ -291,3 +291,40 @@ def test_pickled_peft_adapter_folder_is_refused(tmp_path):
     (adapter / "adapter_model.bin").write_bytes(b"not read")
     with pytest.raises(PickledWeightsError, match="only adapter_model.bin.*--allow-pickle"):
         CausalLM.from_pretrained(adapter)
+
+
+# ---------------------------------------------------------------- images
+
+
+def _huge_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A PNG header saying ``width × height`` (past PIL's decompression-bomb limit), without pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_a_huge_image_is_a_counted_skip_and_with_strict_one_line_naming_the_row(tiny_sd, tmp_path, capsys):
+    import warnings
+
+    from diffalign.data.pickapic import write_pickapic_parquet
+
+    good, bad = _jpeg((250, 220, 40)), _jpeg((30, 30, 200))
+    rows = [{"caption": f"a yellow disc {i}", "jpg_0": good, "jpg_1": bad, "label_0": 1.0} for i in range(6)]
+    rows[3]["jpg_1"] = _huge_png()
+    data = write_pickapic_parquet(rows, tmp_path / "huge.parquet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", category=__import__("PIL.Image").Image.DecompressionBombWarning)
+        out = _train(tiny_sd, data, tmp_path / "run", "--train.max_steps=3")
+    stats = json.loads((out / "data_stats.json").read_text())
+    assert stats["skipped"] == {"image too large": 1} and stats["bad_rows"] == [f"{data}:row 3"]
+    assert "image too large (400,000,000 pixels" in stats["bad_reasons"][0]
+    assert "1 bad rows skipped (1 image too large)" in capsys.readouterr().out
+    strict = tmp_path / "strict"
+    with pytest.raises(ValueError, match=r"huge\.parquet:row 3: field 'jpg_1': image too large \(400,000,000 pixels"):
+        main(_args(tiny_sd, data, strict, "--train.max_steps=3", "--data.strict=true"))  # met mid-run, as any bad row
+    assert not (strict / "final").exists()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffalign.data.pairs import BadRow, EncodedImage, SkipRow, content_key
+from diffalign.data.pairs import BadRow, EncodedImage, SkipRow, content_key, skip_reason
 from diffalign.data.sources import (
     ArrowRows,
     ConcatRows,
@@ -215,7 +215,7 @@ def ranked_from_row(where: str, row: dict, root: Path | None) -> RankedExample:
     try:
         encoded = [EncodedImage.from_bytes(b, f"{where}: image {k}", check=False) for k, b in enumerate(raws)]
     except ValueError as e:
-        raise SkipRow("undecodable image", str(e), where) from None
+        raise SkipRow(skip_reason(e), str(e), where) from None
     key = content_key(caption, *names, *raws)
     return RankedExample(caption, encoded, list(names), [float(s) for s in scores], list(ranking), key, where)
 

@@ -19,10 +19,12 @@ from diffalign.data.pairs import (
     DataStats,
     EncodedImage,
     ImageLike,
+    ImageTooLarge,
     PreferencePair,
     SkipRow,
     content_key,
     decode_image,
+    skip_reason,
 )
 
 
@@ -78,8 +80,9 @@ def read_image_file(root: Path, name: str, fld: str, decode: bool = True, check:
 
 
 def image_skip(src: str, error: ValueError) -> SkipRow:
-    """The skip for an image that could not be read (``missing image``) or decoded (``undecodable image``)."""
-    kind = "undecodable image" if "undecodable" in str(error) else "missing image"
+    """The skip for an image that could not be read (``missing image``), decoded (``undecodable image``) or
+    is past ``pairs.MAX_IMAGE_PIXELS`` (``image too large``)."""
+    kind = skip_reason(error) if isinstance(error, ImageTooLarge) or "undecodable" in str(error) else "missing image"
     return SkipRow(kind, str(error), src)
 
 

@@ -4,12 +4,55 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
 from PIL import Image
 
 MAX_BAD_ROWS_KEPT = 100  # DataStats keeps the first rows it skipped, for the report
+MAX_IMAGE_PIXELS = 89_478_485  # the largest image read (width × height): PIL's decompression-bomb limit, ~9459²
+
+
+class ImageTooLarge(ValueError):
+    """An image of more than :data:`MAX_IMAGE_PIXELS` pixels, refused from its header before any decoding
+    (instead of PIL's ``DecompressionBombWarning``/``Error``); training counts it as a skipped row,
+    reason ``image too large``."""
+
+
+def open_image(data: bytes, where: str) -> Image.Image:
+    """``PIL.Image.open`` of ``data`` (the header only; nothing decoded yet), an :class:`ImageTooLarge`
+    naming ``where`` for an image past :data:`MAX_IMAGE_PIXELS`."""
+    try:
+        with warnings.catch_warnings():  # PIL warns past its limit: diffalign's own check below says more
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # past twice PIL's limit: PIL refuses before giving the size
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)):,} pixels" if found else "its size"
+        raise ImageTooLarge(_too_large(where, size)) from None
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageTooLarge(_too_large(where, f"{width}×{height} = {width * height:,} pixels"))
+    return img
+
+
+def _too_large(where: str, size: str) -> str:
+    return (f"{where}: image too large ({size}; diffalign reads images of at most {MAX_IMAGE_PIXELS:,} pixels, "
+            "PIL's decompression-bomb limit): downscale it")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as RGB, an image with transparency (RGBA, LA, P or L/RGB with a transparent colour)
+    composited on white first: a transparent pixel trains and scores as white, not as whatever colour
+    its RGB channels happen to hold (usually black)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 @dataclass(frozen=True, eq=False)
@@ -19,7 +62,7 @@ class EncodedImage:
     Training data holds its images this way, so a pair costs its compressed size in memory rather than
     its decoded pixels (a 512² JPEG: ~50 kB instead of 786 kB). ``width`` and ``height`` are the
     image's true size, known without decoding. Build it with :meth:`from_bytes`, which checks once
-    that the bytes decode.
+    that the bytes decode (and, from the header, that the image is not too large).
     """
 
     data: bytes
@@ -38,16 +81,19 @@ class EncodedImage:
         The check decodes the whole stream, so truncated files are caught here rather than mid-run;
         JPEGs are decoded at reduced scale for it (same check, about half the time). ``check=False``
         reads only the header (the size): training does this, meeting a bad stream when it decodes the
-        image (a counted skip), and not at all when the image's latents are cached."""
+        image (a counted skip), and not at all when the image's latents are cached. Either way an image
+        past :data:`MAX_IMAGE_PIXELS` is an :class:`ImageTooLarge` (a ``ValueError``), from its header."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ValueError(f"{where}: expected image bytes, got {type(data).__name__}")
         data = bytes(data)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = open_image(data, where)
             width, height = img.size
             if check:
                 img.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # a no-op for formats other than JPEG
                 img.load()
+        except ImageTooLarge:
+            raise
         except Exception as e:  # PIL raises several types for bad data
             raise ValueError(f"{where}: undecodable image ({type(e).__name__}: {e})") from None
         return cls(data, width, height)
@@ -60,6 +106,12 @@ class EncodedImage:
 ImageLike = Image.Image | EncodedImage
 
 
+def skip_reason(error: ValueError) -> str:
+    """The short reason a training row whose image raised ``error`` is skipped under: ``image too large``
+    or ``undecodable image``."""
+    return "image too large" if isinstance(error, ImageTooLarge) else "undecodable image"
+
+
 def image_key(img: ImageLike) -> str:
     """A content key of one image: the hash of its file bytes (of its size and pixels for a decoded
     image). Cached latents are keyed by it and the placement, so an image shared by several rows,
@@ -70,7 +122,7 @@ def image_key(img: ImageLike) -> str:
             key = content_key(img.data)
             object.__setattr__(img, "_key", key)
         return key
-    return content_key(f"{img.size}", img.convert("RGB").tobytes())
+    return content_key(f"{img.size}", to_rgb(img).tobytes())
 
 
 def as_pil(img: ImageLike) -> Image.Image:
@@ -101,7 +153,7 @@ class PreferencePair:
 
 class SkipRow(Exception):
     """A row left out of training, not an error: ``reason`` is a short label (``tie``, ``undecodable image``,
-    ``missing image``, ``bad label``, ``empty caption``, ``bad field``, ``malformed row``), ``where`` names
+    ``image too large``, ``missing image``, ``bad label``, ``empty caption``, ``bad field``, ``malformed row``), ``where`` names
     the file and row, ``detail`` says what was wrong."""
 
     def __init__(self, reason: str, detail: str = "", where: str = ""):
@@ -166,12 +218,18 @@ def content_key(*parts: bytes | str) -> str:
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
-    """Decode image bytes to RGB; a ``ValueError`` naming ``where`` if they are not an image."""
+    """Decode image bytes to RGB; a ``ValueError`` naming ``where`` if they are not an image.
+
+    An image with transparency (RGBA, LA, P with a transparent colour) is composited on white
+    (:func:`to_rgb`). An image past :data:`MAX_IMAGE_PIXELS` (PIL's decompression-bomb limit) is an
+    :class:`ImageTooLarge` naming ``where``, raised from its header before anything is decoded."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ValueError(f"{where}: expected image bytes, got {type(data).__name__}")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data, where)
         img.load()
-        return img.convert("RGB")
+        return to_rgb(img)
+    except ImageTooLarge:
+        raise
     except Exception as e:  # PIL raises several types for bad data
         raise ValueError(f"{where}: undecodable image ({type(e).__name__}: {e})") from None

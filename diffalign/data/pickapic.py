@@ -40,10 +40,13 @@ from diffalign.data.pairs import (
     DataStats,
     EncodedImage,
     ImageLike,
+    ImageTooLarge,
     PreferencePair,
     SkipRow,
     content_key,
     decode_image,
+    skip_reason,
+    to_rgb,
 )
 
 REQUIRED = ("jpg_0", "jpg_1", "label_0", "caption")
@@ -298,7 +301,7 @@ def _image_bytes(row: dict, i: int, cache_dir: Path | None) -> bytes | Image.Ima
 def _decode(data, where: str, decode: bool, check: bool = True) -> tuple[ImageLike, bytes]:
     """The image (RGB, or checked bytes if not ``decode``) and the bytes its cache key is made from."""
     if isinstance(data, Image.Image):  # a `datasets` Image feature, already decoded
-        img = data.convert("RGB")
+        img = to_rgb(data)
         return img, f"{img.size}".encode() + img.tobytes()
     return (decode_image(data, where) if decode else EncodedImage.from_bytes(data, where, check)), bytes(data)
 
@@ -345,7 +348,7 @@ def pair_from_row(src: str, row: dict, *, drop_ties: bool = True, cache_dir: Pat
     try:
         decoded = [_decode(_image_bytes(row, j, cache_dir), f"field 'jpg_{j}'", decode, check) for j in (0, 1)]
     except Exception as e:  # undecodable bytes, missing image, failed fetch
-        kind = "undecodable image" if "undecodable" in str(e) else "missing image"
+        kind = skip_reason(e) if isinstance(e, ImageTooLarge) or "undecodable" in str(e) else "missing image"
         raise SkipRow(kind, str(e), src) from None
     w = 0 if label >= 0.5 else 1  # ties kept (drop_ties=False) put image 0 first
     (img_w, raw_w), (img_l, raw_l) = decoded[w], decoded[1 - w]

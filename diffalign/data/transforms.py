@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffalign.data.pairs import ImageLike, PreferencePair, as_pil
+from diffalign.data.pairs import ImageLike, PreferencePair, as_pil, to_rgb
 
 
 @dataclass
@@ -49,8 +49,8 @@ def resize_shortest(img: Image.Image, resolution: int) -> Image.Image:
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB image to ``[3, H, W]`` float in [-1, 1]."""
-    arr = np.array(img.convert("RGB"), dtype=np.float32)
+    """RGB image to ``[3, H, W]`` float in [-1, 1] (transparency composited on white, :func:`to_rgb`)."""
+    arr = np.array(to_rgb(img), dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
 
 
@@ -79,8 +79,9 @@ def place_image(width: int, height: int, resolution: int, *, center_crop: bool =
 
 
 def render(img: ImageLike, placement: Placement, resolution: int) -> torch.Tensor:
-    """The pixels ``[3, R, R]`` in [-1, 1] that ``placement`` describes (decoding an encoded image)."""
-    img = resize_shortest(as_pil(img).convert("RGB"), resolution)
+    """The pixels ``[3, R, R]`` in [-1, 1] that ``placement`` describes (decoding an encoded image; an image
+    with transparency composited on white, :func:`~diffalign.data.pairs.to_rgb`, before resizing)."""
+    img = resize_shortest(to_rgb(as_pil(img)), resolution)
     top, left = placement.crop_top_left
     if placement.flipped:
         left = img.width - resolution - left  # back to the unmirrored frame

@@ -23,8 +23,12 @@ GENEVAL_METRIC = "geneval"
 
 
 def _open(im: GeneratedImage) -> Image.Image:
+    """The RGB image (transparency composited on white, as training does)."""
+    from diffalign.data.pairs import to_rgb
+
     with Image.open(im.path) as f:
-        return f.convert("RGB")
+        f.load()
+        return to_rgb(f) if f.mode != "RGB" else f.copy()
 
 
 def drop_unreadable(images: Sequence[GeneratedImage]) -> tuple[list[GeneratedImage], list[tuple[GeneratedImage, str]]]:

@@ -66,16 +66,21 @@ def to_tensor(images: Images) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"image tensors must be [B, 3, H, W], got {tuple(images.shape)}")
         return images
-    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
+    from diffalign.data.pairs import to_rgb  # transparency composited on white, as training does
+
+    arrays = [np.asarray(to_rgb(im), dtype=np.float32) / 255.0 for im in images]
     if len({a.shape for a in arrays}) > 1:
         raise ValueError("PIL images of different sizes cannot be stacked into one tensor")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 def to_pil(images: Images) -> list[Image.Image]:
-    """A ``[B, 3, H, W]`` tensor in [0, 1] -> RGB PIL images (``round(x*255)``, clamped); PIL passes through."""
+    """A ``[B, 3, H, W]`` tensor in [0, 1] -> RGB PIL images (``round(x*255)``, clamped); PIL passes through
+    (as RGB, transparency composited on white)."""
     if not isinstance(images, torch.Tensor):
-        return [im.convert("RGB") for im in images]
+        from diffalign.data.pairs import to_rgb
+
+        return [to_rgb(im) for im in images]
     arr = (to_tensor(images).detach().float().cpu() * 255).round().clamp(0, 255).to(torch.uint8)
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
 

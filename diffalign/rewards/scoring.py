@@ -98,8 +98,11 @@ def read_prompts(path: Path, names: list[str]) -> list[str]:
 
 
 def _open(source) -> Image.Image:
+    """The RGB image of a file or bytes (transparency composited on white, as training does)."""
+    from diffalign.data.pairs import to_rgb
+
     im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    return im.convert("RGB")
+    return to_rgb(im)
 
 
 def unreadable_images(sources: list) -> list[tuple[int, str]]:

@@ -262,8 +262,8 @@ class TrainingData:
 
     def _pixels_or_latent(self, image, placement, key: str, where: str = "") -> tuple:
         """``(image, placement, key, cached latent or None, pixels or None)``; an image that does not decode
-        is a skipped row."""
-        from diffalign.data.pairs import SkipRow
+        is a skipped row (``undecodable image``), one past ``pairs.MAX_IMAGE_PIXELS`` too (``image too large``)."""
+        from diffalign.data.pairs import SkipRow, skip_reason
         from diffalign.data.transforms import render
 
         if self.cache is not None:
@@ -273,7 +273,7 @@ class TrainingData:
         try:
             pixels = render(image, placement, self.resolution)
         except ValueError as e:
-            raise SkipRow("undecodable image", str(e), where) from None
+            raise SkipRow(skip_reason(e), str(e), where) from None
         return image, placement, key, None, pixels
 
     # ---- the training process: workers, encoding, noise

@@ -67,7 +67,7 @@ def encode_data(recipe, *, batch_size: int = 16, accelerator=None) -> EncodeResu
     from diffalign.data.cache import LatentCache
     from diffalign.data.dataset import placed_image_key
     from diffalign.data.examples import open_examples
-    from diffalign.data.pairs import BadRow, DataStats, SkipRow
+    from diffalign.data.pairs import BadRow, DataStats, SkipRow, skip_reason
     from diffalign.data.transforms import place_image, render
     from diffalign.errors import UsageError
     from diffalign.models.loading import load_backbone, resolve_pretrained
@@ -106,7 +106,7 @@ def encode_data(recipe, *, batch_size: int = 16, accelerator=None) -> EncodeResu
                     pixels.append(render(image, placement, d.resolution))
                     good.append(k)
                 except ValueError as e:
-                    stats.skip_bad(where, str(e), "undecodable image")
+                    stats.skip_bad(where, str(e), skip_reason(e))
             if good:
                 encoder.encode_latents(torch.stack(pixels), good)
                 counts["images"] += len(good)
