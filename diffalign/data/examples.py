@@ -24,6 +24,7 @@ from diffalign.data.sources import (
     JsonlRows,
     ParquetRows,
     RowSource,
+    SubsetRows,
     TarRows,
     open_hf_dataset,
 )
@@ -42,6 +43,7 @@ class Examples:
     make: Callable[[int, str, dict], object]
     per_row: int = 1
     limit: int | None = None
+    ties_dropped: int = 0  # ties left out when opening (found from the label column alone)
 
     def num_rows(self) -> int:
         return len(self.rows) if self.limit is None else min(len(self.rows), self.limit)
@@ -106,7 +108,11 @@ def open_examples(data, kind: str) -> tuple[Examples, str]:
         make = lambda r, where, row: ranked_from_row(where, row, _root(rows, r))  # noqa: E731
     if kind == "feedback-pairs" and data.format == "feedback":
         kind = "feedback"  # per-image feedback has no pairs to keep together
+    ties = 0
+    if data.format == "pickapic" and data.drop_ties:
+        rows, ties = _without_ties(rows)
     examples = Examples(rows, make, limit=data.max_samples)
+    examples.ties_dropped = ties
     if kind == "feedback" and data.format != "feedback":
         from diffalign.data.kto import FeedbackSample
 
@@ -117,9 +123,33 @@ def open_examples(data, kind: str) -> tuple[Examples, str]:
                                    p.key + ":rejected"))
 
         examples = Examples(rows, both, per_row=2, limit=data.max_samples)
+        examples.ties_dropped = ties
     if not len(examples):
         raise ValueError(f"no rows in {data.source}")
     return examples, kind
+
+
+def _without_ties(rows: RowSource) -> tuple[RowSource, int]:
+    """The rows but the ties (``label_0 == 0.5``), found from the ``label_0`` column alone (no image is read),
+    as the official Diffusion-DPO code filters them before training; and how many there were. A source
+    that cannot read a column alone keeps its ties, met (and skipped) when read."""
+    import numpy as np
+
+    labels = rows.column("label_0")
+    if labels is None:
+        return rows, 0
+    values = np.array([np.nan if v is None else _as_float(v) for v in labels], dtype=np.float64)
+    keep = np.flatnonzero(values != 0.5)
+    if len(keep) == len(values):
+        return rows, 0
+    return SubsetRows(rows, keep), int(len(values) - len(keep))
+
+
+def _as_float(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")  # a bad label: kept, and met (a counted skip) when read
 
 
 def _paths(source) -> list[Path]:

@@ -304,6 +304,34 @@ class ArrowRows(RowSource):
         return list(self.dataset[name])
 
 
+class SubsetRows(RowSource):
+    """The rows ``indices`` (ascending) of another source, e.g. all but its ties; blocks follow the source's."""
+
+    def __init__(self, source: RowSource, indices: np.ndarray):
+        self.source, self.indices = source, np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def row(self, i: int) -> tuple[str, dict]:
+        return self.source.row(int(self.indices[i]))
+
+    def blocks(self) -> list[int] | None:
+        sizes = self.source.blocks()
+        if sizes is None:
+            return None
+        edges = np.cumsum([0] + list(sizes))
+        counts = np.diff(np.searchsorted(self.indices, edges))
+        return [int(c) for c in counts if c > 0]
+
+    def column(self, name: str) -> list | None:
+        col = self.source.column(name)
+        return None if col is None else [col[i] for i in self.indices]
+
+    def root(self, i: int):
+        return self.source.root(int(self.indices[i]))
+
+
 class ConcatRows(RowSource):
     """Several sources one after the other (e.g. parquet files and tars in one ``data.source`` list)."""
 
@@ -379,4 +407,5 @@ def _is_hub_id(s: str) -> bool:
     return not os.path.exists(s) and _looks_like_hub_id(s)
 
 
-__all__ = ["ArrowRows", "ConcatRows", "JsonlRows", "ParquetRows", "RowSource", "TarRows", "open_hf_dataset"]
+__all__ = ["ArrowRows", "ConcatRows", "JsonlRows", "ParquetRows", "RowSource", "SubsetRows", "TarRows",
+           "open_hf_dataset"]

@@ -480,7 +480,7 @@ def load_training_data(recipe, kind: str, backbone, output_dir: Path, accelerato
         items=None, kind=kind, backbone=backbone, resolution=d.resolution, batch_size=recipe.train.batch_size,
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps, seed=recipe.train.seed,
         center_crop=d.center_crop, random_flip=d.random_flip, caption_dropout=d.caption_dropout, cache=cache,
-        stats=DataStats(), list_size=list_size, examples=examples, strict=d.strict,
+        stats=DataStats(rows=examples.ties_dropped, ties_dropped=examples.ties_dropped), list_size=list_size, examples=examples, strict=d.strict,
         max_bad_fraction=d.max_bad_fraction, source_name=source_name, num_workers=d.num_workers,
         prefetch_factor=d.prefetch_factor, verbose=main,
         encoders_loaded=not getattr(backbone, "encoders_dropped", False),

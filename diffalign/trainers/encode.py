@@ -94,6 +94,8 @@ def encode_data(recipe, *, batch_size: int = 16, accelerator=None) -> EncodeResu
                            gradient_accumulation_steps=1, seed=0, cache=cache)
     flips = (False, True) if d.random_flip else (False,)
     stats, pending_images, pending_prompts = DataStats(), {}, {}
+    if acc.is_main_process:  # ties left out when the data was opened (from its label column)
+        stats.rows = stats.ties_dropped = examples.ties_dropped
     counts = {"images": 0, "prompts": 0, "cached": 0}
 
     def flush() -> None:

@@ -55,5 +55,5 @@ def test_paired_noise_keeps_each_pair_on_one_noise_and_counts_batches_in_pairs(b
     single = build_method({"name": "kto"}, backbone)  # the original: images shuffled apart, batch in images
     assert single.data_kind == "feedback"
     data = load_training_data(recipe, single.data_kind, backbone, tmp_path)
-    assert len(data) == 2 * 14  # 14 rows (2 of them ties, skipped when read), two images each
+    assert len(data) == 2 * 12  # 12 non-tie pairs (the ties left out from the label column), two images each
     assert data.batch(0, 0, 0, 1).latents.shape[0] == 2
