@@ -66,6 +66,7 @@ from diffalign.rewards.loading import (
     MissingWeightsError,
     load_state_dict_file,
     load_strict,
+    pickled_reward_error,
     resolve_file,
 )
 from diffalign.rewards.preprocess import ImageTransform, from_hf_processor
@@ -227,10 +228,9 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> dict
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         if not allow_pickle:
-            raise ValueError(f"{path}: MPS weights load from .safetensors; a pickled state dict is read only with "
-                             "allow_pickle=True (and then with torch.load(weights_only=True))")
+            raise pickled_reward_error(path, "MPS state dict")
         try:
-            sd = load_state_dict_file(path)
+            sd = load_state_dict_file(path, allow_pickle=True)
         except ValueError as e:
             raise ValueError(f"{e}. The original MPS_overall_checkpoint.pth is a pickled model object: convert it "
                              "once, where you trust the file, to a state dict saved with "
