@@ -283,6 +283,7 @@ class MPS(RewardModel):
         )
 
         path = resolve_file(weights, filename, HUB_ID if weights is None else None, what="MPS")
+        sd = read_checkpoint(path, allow_pickle=allow_pickle)  # first: a refused file fetches nothing
         if clip is None:  # a local folder that also holds the CLIP files, else laion CLIP-H
             local = weights is not None and os.path.exists(str(weights))
             processor_files = ("preprocessor_config.json", "processor_config.json")
@@ -297,7 +298,6 @@ class MPS(RewardModel):
         except MissingWeightsError as e:
             raise MissingWeightsError(f"{e} For MPS these CLIP files (of {CLIP_ID}) are passed as clip='DIR'; "
                                       "weights= is the MPS state dict.") from e
-        sd = read_checkpoint(path, allow_pickle=allow_pickle)
         reward = cls(CLIPModel(config), CrossModel(config.projection_dim, cross_layers, cross_dim_head, cross_heads,
                                                    cross_ff_mult),
                      tokenizer, from_hf_processor(processor), **kw)

@@ -71,9 +71,9 @@ class HPSv2(RewardModel):
             raise ValueError(f"HPSv2 needs an explicit version, 'v2.0' or 'v2.1' (got {version!r}); "
                              "their scores are not comparable")
         path = resolve_file(weights, HPS_FILES[version], HPS_HUB_ID, what=f"HPSv{version[1:]}")
-        model, tokenizer = create_open_clip(model_name)
         sd = load_state_dict_file(path, key=None if path.suffix == ".safetensors" else "state_dict",
-                                  allow_pickle=allow_pickle)
+                                  allow_pickle=allow_pickle)  # first: a refused file builds no model
+        model, tokenizer = create_open_clip(model_name)
         load_strict(model, sd, f"HPSv{version[1:]} ({path.name})")
         return cls(model, tokenizer, version, benchmark_scale, **kw)
 
