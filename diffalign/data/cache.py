@@ -76,7 +76,8 @@ class LatentCache:
     # ---- generic tensors
     def _shard(self, shard: str) -> dict[str, torch.Tensor] | None:
         """A shard's tensors; ``None`` (with a warning, once) for a shard that cannot be read: its entries
-        are dropped from the index and become misses, encoded again."""
+        are dropped from the index and become misses, encoded again, and its index file is removed (the
+        shard file is left for inspection, never read again)."""
         if shard in self._loaded:
             self._loaded.move_to_end(shard)
         else:
@@ -87,6 +88,9 @@ class LatentCache:
 
                 warnings.warn(f"latent cache: {self.dir / shard} is unreadable ({type(e).__name__}: {e}); its "
                               "entries are treated as misses and encoded again", stacklevel=3)
+                # shards are renamed into place whole, so this one will never read: unindex it for good, or a
+                # later opening could index it over the shard its entries are encoded into again
+                (self.dir / shard).with_suffix(".json").unlink(missing_ok=True)
                 for name in [n for n, sh in self.index.items() if sh == shard]:
                     del self.index[name]
                     if name.startswith("text:"):

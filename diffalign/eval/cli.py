@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compare-lora", help="a LoRA for the second model")
     g.add_argument("--compare-finetuned", help="a fine-tuned denoiser folder for the second model")
     g.add_argument("--compare-images", help="a folder of the second model's images (GenEval layout)")
+    g.add_argument("--allow-pickle", action="store_true", default=None,
+                   help="also load pickled (.bin/.pt) model, LoRA and reward weights (model.allow_pickle, "
+                        "compare.allow_pickle and scoring.allow_pickle); by default only safetensors load")
     g = parser.add_argument_group("prompts and sampling")
     g.add_argument("--prompts", help="NAME, NAME:PATH (local copy) or a .txt/.jsonl file of prompts")
     g.add_argument("--limit", type=int, help="at most this many prompts per category")
@@ -82,6 +85,9 @@ def flag_fields(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             out.setdefault(section, {})[key] = value
     if getattr(args, "prompts", None):
         out.setdefault("prompts", {}).update(prompts_fields(args.prompts))
+    if getattr(args, "allow_pickle", None):
+        for section in ("model", "compare", "scoring"):
+            out.setdefault(section, {})["allow_pickle"] = True
     if getattr(args, "rewards", None) is not None:
         out.setdefault("scoring", {})["rewards"] = [r.strip() for r in args.rewards.split(",") if r.strip()]
     return out

@@ -176,6 +176,8 @@ class ScoringConfig:
         n_boot: bootstrap resamples for the paired confidence intervals.
         batch_size: images per reward forward pass.
         device: ``auto``, ``cpu``, ``cuda``, ...
+        allow_pickle: also load pickled (``.pt``/``.bin``) reward checkpoints; by default only safetensors
+            load, since unpickling a file can run code (``--allow-pickle``).
     """
 
     rewards: list[str] = field(default_factory=list)
@@ -186,6 +188,7 @@ class ScoringConfig:
     n_boot: int = 2000
     batch_size: int = 16
     device: str = "auto"
+    allow_pickle: bool = False
 
 
 @dataclass

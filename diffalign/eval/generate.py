@@ -321,6 +321,16 @@ def load_eval_pipeline(pretrained: str, *, lora: str | None = None, finetuned: s
                                     "as `diffalign train` with lora_rank 0 writes in final/)")
         backbone.load_trained(path)
     if lora:
+        lora_path = Path(lora)
+        pickled = lora_path.suffix in (".bin", ".pt", ".pth") or (
+            lora_path.is_dir() and not list(lora_path.glob("*.safetensors"))
+            and any(lora_path.glob("*.bin")))
+        if pickled and not allow_pickle:
+            from diffalign.models.backbone import PickledWeightsError
+
+            raise PickledWeightsError(
+                f"{lora}: the LoRA weights are pickled (.bin), and unpickling a file can run code: convert them "
+                "(save_lora_weights with safe_serialization=True), or pass --allow-pickle if you trust the files")
         try:
             pipe.load_lora_weights(lora, use_safetensors=None if allow_pickle else True)
         except (OSError, ValueError) as e:

@@ -100,7 +100,8 @@ def _load_rewards(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.scoring.device)
     rewards = {}
     for name in cfg.scoring.rewards:
-        kw = {"batch_size": cfg.scoring.batch_size, **cfg.scoring.reward_options.get(name, {})}
+        kw = {"batch_size": cfg.scoring.batch_size, "allow_pickle": cfg.scoring.allow_pickle,
+              **cfg.scoring.reward_options.get(name, {})}
         rewards[name] = load_reward(name, **kw).to(device).eval()
     return rewards
 

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reward-weights", action="append", default=[], metavar="NAME=PATH",
                         help="local weights (file, folder or hub id) for one reward; repeatable")
     parser.add_argument("--benchmark-scale", action="store_true", help="HPSv2: report 100 * cosine")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="also load pickled (.pt/.pth/.bin) reward checkpoints; by default only safetensors load, "
+                             "since unpickling a file can run code")
 
 
 def write_rows(rows: list[dict], out: str | None) -> None:
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         image_names, sources, prompts = ([xs[i] for i in keep] for xs in (image_names, sources, prompts))
     rewards = {}
     for n in names:
-        kw = {"mode": args.mode, "batch_size": args.batch_size}
+        kw = {"mode": args.mode, "batch_size": args.batch_size, "allow_pickle": args.allow_pickle}
         if n in weights:
             kw["weights"] = weights[n]
         if n.lower().startswith("hpsv2") and args.benchmark_scale:

@@ -28,16 +28,31 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def _from_pretrained(cls, source: str | os.PathLike, what: str, filename: str, **kw):
+PICKLED_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _from_pretrained(cls, source: str | os.PathLike, what: str, filename: str,
+                     allow_pickle: bool | None = None, **kw):
     """``cls.from_pretrained(source)``; a local path that does not exist, or a hub id that cannot be
-    reached, becomes a :class:`MissingWeightsError` naming ``filename``."""
+    reached, becomes a :class:`MissingWeightsError` naming ``filename``. For a model (``allow_pickle`` not
+    None) weights load from safetensors only (``use_safetensors=True``) unless ``allow_pickle``: a folder
+    or hub repo with only pickled weights is a ``PickledWeightsError`` naming ``--allow-pickle``."""
+    from diffalign.rewards.loading import pickled_reward_error
+
     src = str(source)
     local = os.path.isabs(src) or src.startswith(".") or os.path.exists(src)
     if local and not os.path.isdir(src):
         raise missing_weights(what, filename, None, url=src, cause=FileNotFoundError(src))
+    if allow_pickle is not None:
+        kw["use_safetensors"] = None if allow_pickle else True
+        if not allow_pickle and local and any(os.path.isfile(os.path.join(src, f)) for f in PICKLED_WEIGHT_FILES) \
+                and not any(f.endswith(".safetensors") for f in os.listdir(src)):
+            raise pickled_reward_error(src, f"{what} model (pytorch_model.bin)")
     try:
         return cls.from_pretrained(src, **kw)
     except Exception as e:  # offline / not found: OSError or huggingface_hub errors
+        if allow_pickle is False and ".safetensors" in str(e) and not local:
+            raise pickled_reward_error(src, f"{what} model (no .safetensors in the hub repo)") from None
         if not (isinstance(e, OSError) or type(e).__module__.startswith("huggingface_hub")):
             raise
         raise missing_weights(what, filename, None if local else src, url=src, cause=e) from e
@@ -96,12 +111,15 @@ class CLIPReward(RewardModel):
         return s.clamp(min=self.clamp_min) if self.clamp_min is not None else s
 
 
-def load_hf_clip(weights: str | os.PathLike, processor: str | os.PathLike | None, what: str):
+def load_hf_clip(weights: str | os.PathLike, processor: str | os.PathLike | None, what: str,
+                 allow_pickle: bool = False):
     """``(CLIPModel, tokenizer, CLIPImageProcessor)`` from a hub id or a local folder (processor
-    files from ``processor`` when given, else from ``weights``)."""
+    files from ``processor`` when given, else from ``weights``); the model from safetensors only unless
+    ``allow_pickle``."""
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-    model, info = _from_pretrained(CLIPModel, weights, what, "model.safetensors", output_loading_info=True)
+    model, info = _from_pretrained(CLIPModel, weights, what, "model.safetensors", allow_pickle=allow_pickle,
+                                   output_loading_info=True)
     check_loading_info(info, f"{what} ({weights})")
     src = processor or weights
     tokenizer = _from_pretrained(AutoTokenizer, src, what, "tokenizer files")
@@ -119,14 +137,14 @@ class PickScore(CLIPReward):
 
     @classmethod
     def from_pretrained(cls, weights: str | os.PathLike | None = None, processor: str | os.PathLike | None = None,
-                        **kw) -> PickScore:
+                        allow_pickle: bool = False, **kw) -> PickScore:
         """``weights``: hub id or folder of the CLIPModel; ``processor``: hub id or folder of the
         processor (default: ``weights`` if it is a folder with a ``preprocessor_config.json``, else
         the laion CLIP-H processor)."""
         weights = weights or PICKSCORE_ID
         if processor is None:
             processor = weights if os.path.isdir(str(weights)) else PICKSCORE_PROCESSOR_ID
-        model, tok, proc = load_hf_clip(weights, processor, "PickScore")
+        model, tok, proc = load_hf_clip(weights, processor, "PickScore", allow_pickle)
         return cls(model, tok, from_hf_processor(proc), scale="logit_scale", **kw)
 
 
@@ -156,12 +174,12 @@ class CLIPScore(CLIPReward):
 
     @classmethod
     def from_pretrained(cls, variant: str | None = None, weights: str | os.PathLike | None = None,
-                        processor: str | os.PathLike | None = None, **kw) -> CLIPScore:
+                        processor: str | os.PathLike | None = None, allow_pickle: bool = False, **kw) -> CLIPScore:
         if variant not in CLIPSCORE_VARIANTS:
             raise ValueError(f"CLIPScore needs an explicit variant, one of {CLIPSCORE_VARIANTS} "
                              f"(got {variant!r}); their scales differ (2.5·max(cos,0), 100·cos, cos)")
         backbone, scale, clamp_min, prefix, rounding = _CLIPSCORE_DEFAULTS[variant]
-        model, tok, proc = load_hf_clip(weights or backbone, processor, f"CLIPScore ({variant})")
+        model, tok, proc = load_hf_clip(weights or backbone, processor, f"CLIPScore ({variant})", allow_pickle)
         t = from_hf_processor(proc)
         t = ImageTransform("shortest", t.size, t.crop_size, t.mean, t.std, crop_rounding=rounding)
         out = cls(model, tok, t, scale=scale, clamp_min=clamp_min, prefix=prefix, variant=variant, **kw)

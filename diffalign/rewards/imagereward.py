@@ -90,17 +90,19 @@ class ImageReward(RewardModel):
 
     @classmethod
     def from_pretrained(cls, weights: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
-                        blip_config: dict | None = None, **kw) -> ImageReward:
+                        blip_config: dict | None = None, allow_pickle: bool = False, **kw) -> ImageReward:
         """``weights``: ``ImageReward.pt`` (file, folder or hub id; default ``THUDM/ImageReward``);
         ``tokenizer``: a BERT tokenizer folder or hub id (default: ``weights`` if it is a folder with a
-        ``vocab.txt``, else ``bert-base-uncased``); ``blip_config``: overrides of :data:`BLIP_CONFIG`."""
+        ``vocab.txt``, else ``bert-base-uncased``); ``blip_config``: overrides of :data:`BLIP_CONFIG`.
+        The original ``ImageReward.pt`` is pickled: it loads (``torch.load(weights_only=True)``) only with
+        ``allow_pickle=True`` (``--allow-pickle``); a ``.safetensors`` of the same state dict loads without."""
         from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval
 
         path = resolve_file(weights, FILENAME, HUB_ID, what="ImageReward")
         cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in BLIP_CONFIG.items()}
         for k, v in (blip_config or {}).items():
             cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
-        blip_sd, mlp_sd = convert_state_dict(load_state_dict_file(path))
+        blip_sd, mlp_sd = convert_state_dict(load_state_dict_file(path, allow_pickle=allow_pickle))
         blip = BlipForImageTextRetrieval(BlipConfig(**cfg))
         load_strict(blip, blip_sd, f"ImageReward BLIP ({path.name})", ignore=("itm_head.weight", "itm_head.bias"))
         head = AestheticHead(cfg["text_config"]["hidden_size"])

@@ -1,4 +1,4 @@
-"""Finding and loading reward weights: hub id or local path, safe unpickling, strict keys.
+"""Finding and loading reward weights: hub id or local path, no unpickling by default, strict keys.
 
 Every loader takes a ``weights`` argument that is either ``None`` (the card's hub id), a hub id,
 a local folder, or a local file. When a file cannot be found (offline, or not downloaded) the
@@ -64,15 +64,29 @@ def resolve_file(weights: str | os.PathLike | None, filename: str, hub_id: str |
     raise ValueError(f"{what}: no weights given and no default source")
 
 
-def load_state_dict_file(path: str | os.PathLike, key: str | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file, or of a pickled checkpoint read with
-    ``torch.load(weights_only=True)`` (never full unpickling). ``key`` picks a sub-dict (e.g.
-    ``"state_dict"``); a leading ``module.`` (DDP) is stripped from every key."""
+def pickled_reward_error(path: str | os.PathLike, what: str = "reward checkpoint"):
+    """The refusal of a pickled reward file without ``allow_pickle``, naming ``--allow-pickle``."""
+    from diffalign.models.backbone import PickledWeightsError
+
+    return PickledWeightsError(
+        f"{path}: a pickled {what} (not .safetensors), and unpickling a file can run code: convert it once "
+        "where you trust it (safetensors.torch.save_file of its state dict), or pass --allow-pickle "
+        "(allow_pickle=True) if you trust the file")
+
+
+def load_state_dict_file(path: str | os.PathLike, key: str | None = None,
+                         allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or (``allow_pickle=True`` only, ``--allow-pickle``) of a pickled
+    checkpoint read with ``torch.load(weights_only=True)`` (never full unpickling); without it a pickled
+    file is a :class:`~diffalign.models.backbone.PickledWeightsError`, raised before the file is opened.
+    ``key`` picks a sub-dict (e.g. ``"state_dict"``); a leading ``module.`` (DDP) is stripped from every key."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         sd = load_file(str(path))
+    elif not allow_pickle:
+        raise pickled_reward_error(path)
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)

@@ -66,6 +66,7 @@ from diffalign.rewards.loading import (
     MissingWeightsError,
     load_state_dict_file,
     load_strict,
+    pickled_reward_error,
     resolve_file,
 )
 from diffalign.rewards.preprocess import ImageTransform, from_hf_processor
@@ -227,10 +228,9 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> dict
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         if not allow_pickle:
-            raise ValueError(f"{path}: MPS weights load from .safetensors; a pickled state dict is read only with "
-                             "allow_pickle=True (and then with torch.load(weights_only=True))")
+            raise pickled_reward_error(path, "MPS state dict")
         try:
-            sd = load_state_dict_file(path)
+            sd = load_state_dict_file(path, allow_pickle=True)
         except ValueError as e:
             raise ValueError(f"{e}. The original MPS_overall_checkpoint.pth is a pickled model object: convert it "
                              "once, where you trust the file, to a state dict saved with "
@@ -283,6 +283,7 @@ class MPS(RewardModel):
         )
 
         path = resolve_file(weights, filename, HUB_ID if weights is None else None, what="MPS")
+        sd = read_checkpoint(path, allow_pickle=allow_pickle)  # first: a refused file fetches nothing
         if clip is None:  # a local folder that also holds the CLIP files, else laion CLIP-H
             local = weights is not None and os.path.exists(str(weights))
             processor_files = ("preprocessor_config.json", "processor_config.json")
@@ -297,7 +298,6 @@ class MPS(RewardModel):
         except MissingWeightsError as e:
             raise MissingWeightsError(f"{e} For MPS these CLIP files (of {CLIP_ID}) are passed as clip='DIR'; "
                                       "weights= is the MPS state dict.") from e
-        sd = read_checkpoint(path, allow_pickle=allow_pickle)
         reward = cls(CLIPModel(config), CrossModel(config.projection_dim, cross_layers, cross_dim_head, cross_heads,
                                                    cross_ff_mult),
                      tokenizer, from_hf_processor(processor), **kw)

@@ -13,6 +13,7 @@ from diffalign.rewards.loading import (
     load_state_dict_file,
     load_strict,
     missing_weights,
+    pickled_reward_error,
     resolve_file,
 )
 from diffalign.rewards.preprocess import ImageTransform
@@ -60,16 +61,20 @@ class HPSv2(RewardModel):
 
     @classmethod
     def from_pretrained(cls, version: str | None = None, weights: str | os.PathLike | None = None,
-                        model_name: str = "ViT-H-14", benchmark_scale: bool = False, **kw) -> HPSv2:
+                        model_name: str = "ViT-H-14", benchmark_scale: bool = False, allow_pickle: bool = False,
+                        **kw) -> HPSv2:
         """``version``: "v2.0" or "v2.1" (required). ``weights``: the checkpoint file, a folder holding
         it, or a hub id (default ``xswu/HPSv2``). Loads ``ckpt['state_dict']`` strictly into
-        ``open_clip.create_model(model_name, pretrained=None)``."""
+        ``open_clip.create_model(model_name, pretrained=None)``. The original ``.pt`` files are pickled:
+        they load only with ``allow_pickle=True`` (``--allow-pickle``); a ``.safetensors`` loads without."""
         if version not in HPS_FILES:
             raise ValueError(f"HPSv2 needs an explicit version, 'v2.0' or 'v2.1' (got {version!r}); "
                              "their scores are not comparable")
         path = resolve_file(weights, HPS_FILES[version], HPS_HUB_ID, what=f"HPSv{version[1:]}")
+        sd = load_state_dict_file(path, key=None if path.suffix == ".safetensors" else "state_dict",
+                                  allow_pickle=allow_pickle)  # first: a refused file builds no model
         model, tokenizer = create_open_clip(model_name)
-        load_strict(model, load_state_dict_file(path, key="state_dict"), f"HPSv{version[1:]} ({path.name})")
+        load_strict(model, sd, f"HPSv{version[1:]} ({path.name})")
         return cls(model, tokenizer, version, benchmark_scale, **kw)
 
     def _score(self, images: Images, prompts: list[str]) -> torch.Tensor:
@@ -96,9 +101,10 @@ class AestheticHead(nn.Module):
         return self.layers(embedding).squeeze(-1)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> AestheticHead:
-        """Load the original ``.pth`` (plain state dict, ``torch.load(weights_only=True)``) strictly."""
-        sd = load_state_dict_file(path)
+    def from_file(cls, path: str | os.PathLike, allow_pickle: bool = False) -> AestheticHead:
+        """Load a ``.safetensors`` state dict, or (``allow_pickle=True``) the original ``.pth`` (a plain state
+        dict, ``torch.load(weights_only=True)``), strictly."""
+        sd = load_state_dict_file(path, allow_pickle=allow_pickle)
         head = cls(sd["layers.0.weight"].shape[1] if "layers.0.weight" in sd else 768)
         load_strict(head, sd, f"LAION aesthetic head ({os.path.basename(str(path))})")
         return head.eval()
@@ -124,11 +130,17 @@ class LaionAesthetic(RewardModel):
 
     @classmethod
     def from_pretrained(cls, weights: str | os.PathLike | None = None, backbone: str = "ViT-L-14-quickgelu",
-                        backbone_weights: str | None = "openai", **kw) -> LaionAesthetic:
+                        backbone_weights: str | None = "openai", allow_pickle: bool = False,
+                        **kw) -> LaionAesthetic:
         """``weights``: the head's ``.pth`` file or a folder holding it (default: downloaded from the
-        upstream repository). ``backbone_weights``: an open_clip pretrained tag or a local file."""
+        upstream repository), or a ``.safetensors`` of it. ``backbone_weights``: an open_clip pretrained
+        tag or a local file. A pickled file (the original ``.pth``, a local ``.pt`` backbone) loads only
+        with ``allow_pickle=True`` (``--allow-pickle``)."""
         head = AestheticHead.from_file(resolve_file(weights, AESTHETIC_FILE, None, what="LAION aesthetic head",
-                                                    url=AESTHETIC_URL))
+                                                    url=AESTHETIC_URL), allow_pickle=allow_pickle)
+        if backbone_weights and os.path.isfile(backbone_weights) and not backbone_weights.endswith(".safetensors") \
+                and not allow_pickle:
+            raise pickled_reward_error(backbone_weights, "open_clip backbone")
         clip, _ = create_open_clip(backbone, backbone_weights)
         return cls(clip, head, **kw)
 

@@ -12,6 +12,7 @@ arguments) and passes ``weights=DIR``.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -57,9 +58,14 @@ def get_card(name: str) -> RewardCard | None:
     return None
 
 
-def load_reward(name_or_path: str | os.PathLike, **kw) -> RewardModel:
+def load_reward(name_or_path: str | os.PathLike, allow_pickle: bool = False, **kw) -> RewardModel:
     """Build a registered reward (``"pickscore"``, ``"hpsv2.1"``, ...) or a local folder with a
-    ``reward.yaml``; keyword arguments go to the reward's factory. The card is attached as ``.card``."""
+    ``reward.yaml``; keyword arguments go to the reward's factory. The card is attached as ``.card``.
+
+    Weights load from safetensors only: a pickled checkpoint (``.pt``/``.pth``/``.bin``) is refused, naming
+    ``--allow-pickle``, unless ``allow_pickle=True``. It reaches the factories that name ``allow_pickle`` in
+    their signature (those that read weight files); a ``reward.yaml`` cannot set it (a folder must not opt
+    itself in)."""
     path = Path(name_or_path)
     if path.is_dir() and (path / "reward.yaml").is_file():
         import yaml
@@ -67,6 +73,11 @@ def load_reward(name_or_path: str | os.PathLike, **kw) -> RewardModel:
         spec = yaml.safe_load((path / "reward.yaml").read_text()) or {}
         if "reward" not in spec:
             raise ValueError(f"{path / 'reward.yaml'}: no 'reward' field naming a registered reward")
+        if "allow_pickle" in spec:
+            from diffalign.errors import UsageError
+
+            raise UsageError(f"{path / 'reward.yaml'}: sets allow_pickle, which only the caller may "
+                             "(--allow-pickle): a folder cannot opt itself into unpickling")
         name = str(spec.pop("reward"))
         kw = {**spec, "weights": str(path), **kw}
     else:
@@ -75,7 +86,10 @@ def load_reward(name_or_path: str | os.PathLike, **kw) -> RewardModel:
     if key not in _FACTORIES:
         raise KeyError(f"unknown reward {name!r}; registered: {', '.join(list_rewards())} "
                        "(or a folder holding a reward.yaml)")
-    model = _FACTORIES[key](**kw)
+    factory = _FACTORIES[key]
+    if "allow_pickle" in inspect.signature(factory).parameters:
+        kw["allow_pickle"] = allow_pickle
+    model = factory(**kw)
     model.card = get_card(model.name) or get_card(key)
     return model
 
@@ -84,59 +98,60 @@ def load_reward(name_or_path: str | os.PathLike, **kw) -> RewardModel:
 
 
 @register_reward("pickscore")
-def _pickscore(**kw) -> RewardModel:
+def _pickscore(allow_pickle: bool = False, **kw) -> RewardModel:
     from diffalign.rewards.hf_clip import PickScore
 
-    return PickScore.from_pretrained(**kw)
+    return PickScore.from_pretrained(allow_pickle=allow_pickle, **kw)
 
 
 @register_reward("hpsv2")
-def _hpsv2(version: str | None = None, **kw) -> RewardModel:
+def _hpsv2(version: str | None = None, allow_pickle: bool = False, **kw) -> RewardModel:
     from diffalign.rewards.open_clip_rewards import HPSv2
 
-    return HPSv2.from_pretrained(version=version, **kw)
+    return HPSv2.from_pretrained(version=version, allow_pickle=allow_pickle, **kw)
 
 
 @register_reward("hpsv2.0")
-def _hpsv20(**kw) -> RewardModel:
-    return _hpsv2(version="v2.0", **kw)
+def _hpsv20(allow_pickle: bool = False, **kw) -> RewardModel:
+    return _hpsv2(version="v2.0", allow_pickle=allow_pickle, **kw)
 
 
 @register_reward("hpsv2.1")
-def _hpsv21(**kw) -> RewardModel:
-    return _hpsv2(version="v2.1", **kw)
+def _hpsv21(allow_pickle: bool = False, **kw) -> RewardModel:
+    return _hpsv2(version="v2.1", allow_pickle=allow_pickle, **kw)
 
 
 @register_reward("laion-aesthetic")
-def _aesthetic(**kw) -> RewardModel:
+def _aesthetic(allow_pickle: bool = False, **kw) -> RewardModel:
     from diffalign.rewards.open_clip_rewards import LaionAesthetic
 
-    return LaionAesthetic.from_pretrained(**kw)
+    return LaionAesthetic.from_pretrained(allow_pickle=allow_pickle, **kw)
 
 
 @register_reward("clipscore")
-def _clipscore(variant: str | None = None, **kw) -> RewardModel:
+def _clipscore(variant: str | None = None, allow_pickle: bool = False, **kw) -> RewardModel:
     from diffalign.rewards.hf_clip import CLIPScore
 
-    return CLIPScore.from_pretrained(variant=variant, **kw)
+    return CLIPScore.from_pretrained(variant=variant, allow_pickle=allow_pickle, **kw)
 
 
 for _variant in ("hessel", "torchmetrics", "raw"):
-    register_reward(f"clipscore-{_variant}")(lambda _v=_variant, **kw: _clipscore(variant=_v, **kw))
+    register_reward(f"clipscore-{_variant}")(
+        lambda _v=_variant, allow_pickle=False, **kw: _clipscore(variant=_v, allow_pickle=allow_pickle, **kw))
 
 
 @register_reward("imagereward")
-def _imagereward(**kw) -> RewardModel:
+def _imagereward(allow_pickle: bool = False, **kw) -> RewardModel:
     from diffalign.rewards.imagereward import ImageReward
 
-    return ImageReward.from_pretrained(**kw)
+    return ImageReward.from_pretrained(allow_pickle=allow_pickle, **kw)
 
 
 @register_reward("mps")
-def _mps(**kw) -> RewardModel:
+def _mps(allow_pickle: bool = False, **kw) -> RewardModel:
     from diffalign.rewards.mps import MPS
 
-    return MPS.from_pretrained(**kw)
+    return MPS.from_pretrained(allow_pickle=allow_pickle, **kw)
 
 
 @register_reward("jpeg-incompressibility")
@@ -168,10 +183,10 @@ def _shapes_oracle(**kw) -> RewardModel:
 
 
 @register_reward("shapes-clip")
-def _shapes_clip(**kw) -> RewardModel:
+def _shapes_clip(allow_pickle: bool = False, **kw) -> RewardModel:
     from diffalign.rewards.shapes import ShapesCLIP
 
-    return ShapesCLIP.from_pretrained(**kw)
+    return ShapesCLIP.from_pretrained(allow_pickle=allow_pickle, **kw)
 
 
 @register_reward("brightness")

@@ -56,7 +56,8 @@ class ShapesCLIP(CLIPReward):
     name = "shapes-clip"
 
     @classmethod
-    def from_pretrained(cls, weights: str | os.PathLike | None = None, **kw) -> ShapesCLIP:
+    def from_pretrained(cls, weights: str | os.PathLike | None = None, allow_pickle: bool = False,
+                        **kw) -> ShapesCLIP:
         """``weights``: the model folder (default: ``diffalign/shapes/assets/shapes-clip-reward``)."""
         if weights is None:
             from diffalign.shapes.model import reward_model_path
@@ -65,7 +66,7 @@ class ShapesCLIP(CLIPReward):
             if not (weights / "config.json").is_file():
                 raise FileNotFoundError(f"the bundled Shapes reward is missing ({weights}); train it with "
                                         "`diffalign shapes pretrain-reward` or pass weights=DIR")
-        model, tok, proc = load_hf_clip(weights, None, "Shapes CLIP")
+        model, tok, proc = load_hf_clip(weights, None, "Shapes CLIP", allow_pickle)
         return cls(model, tok, from_hf_processor(proc), scale="logit_scale", **kw)
 
     def _score(self, images: Images, prompts: list) -> torch.Tensor:

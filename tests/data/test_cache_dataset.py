@@ -89,3 +89,28 @@ def test_same_bytes_other_row_hits_cache(tmp_path):
     assert other[1][0].source.endswith("row 1")
     keys = collate_pairs([other[1]])["keys"]
     assert keys == batch["keys"] and set(cache.get_latents(keys)) == set(keys)
+
+
+def test_a_truncated_shard_is_a_miss_with_a_warning_naming_it_and_a_later_put_re_adds_it(tmp_path):
+    import pytest
+
+    from diffalign.data.pairs import content_key
+
+    cache = LatentCache(tmp_path, "ns")
+    cache.put_latents({"a": torch.ones(4, 2, 2), "b": torch.zeros(4, 2, 2)})
+    cache.put_latents({"c": torch.full((4, 2, 2), 2.0)})  # another shard, left whole
+    (shard,) = {cache.index["latent:" + content_key(k)] for k in ("a", "b")}
+    path = cache.dir / shard
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated, as by a full disk or a kill
+    reopened = LatentCache(tmp_path, "ns")
+    with pytest.warns(UserWarning, match=rf"latent cache: {path}.* is unreadable.*treated as misses"):
+        got = reopened.get_latents(["a", "b", "c"])
+    assert set(got) == {"c"} and reopened.misses == 2 and reopened.hits == 1
+    assert not reopened.has_latent("a") and not reopened.has_latent("b")  # dropped from the index
+    reopened.put_latents({"a": torch.full((4, 2, 2), 5.0)})  # encoded again: stored in a new shard
+    torch.testing.assert_close(reopened.get_latents(["a"])["a"], torch.full((4, 2, 2), 5.0))
+    assert reopened.get_latents(["b"]) == {}  # still a miss until it is put again
+    assert not path.with_suffix(".json").exists()  # unindexed for good: a later opening never reads it
+    for _ in range(3):  # whatever order the shards are indexed in
+        later = LatentCache(tmp_path, "ns")
+        assert set(later.get_latents(["a", "b", "c"])) == {"a", "c"}

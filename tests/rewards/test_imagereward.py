@@ -69,7 +69,7 @@ def test_imagereward_score_by_hand(tiny_imagereward):
 
     folder, blip, mlp, _ = tiny_imagereward
     images = smooth_images(3, (40, 52))
-    reward = load_reward("imagereward", weights=str(folder), blip_config=TINY)
+    reward = load_reward("imagereward", allow_pickle=True, weights=str(folder), blip_config=TINY)
     assert reward.card.weights["hub_id"] == "THUDM/ImageReward"
     tok = BertTokenizer(str(folder / "vocab.txt"))
     text = tok(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
@@ -96,6 +96,6 @@ def test_imagereward_strict_loading(tiny_imagereward, tmp_path):
     broken = {k: v for k, v in sd.items() if k != "blip.visual_encoder.blocks.1.attn.qkv.weight"}
     torch.save(broken, tmp_path / "ImageReward.pt")
     with pytest.raises(KeyError, match=r"vision_model\.encoder\.layers\.1\.self_attn\.qkv\.weight"):
-        load_reward("imagereward", weights=str(tmp_path), blip_config=TINY)
+        load_reward("imagereward", allow_pickle=True, weights=str(tmp_path), blip_config=TINY)
     torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "ImageReward.pt")  # DDP prefix
-    load_reward("imagereward", weights=str(tmp_path), blip_config=TINY)
+    load_reward("imagereward", allow_pickle=True, weights=str(tmp_path), blip_config=TINY)

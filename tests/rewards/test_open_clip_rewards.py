@@ -41,21 +41,21 @@ def hps_reference_pixels(images, size=32):
 def test_hps_is_the_raw_cosine(hps_checkpoint, tiny_open_clip_names):
     path, model = hps_checkpoint
     images = smooth_images(3, (40, 52))
-    reward = load_reward("hpsv2.1", weights=str(path), model_name=tiny_open_clip_names[0])
+    reward = load_reward("hpsv2.1", allow_pickle=True, weights=str(path), model_name=tiny_open_clip_names[0])
     with torch.no_grad():
         out = model(hps_reference_pixels(images), open_clip.get_tokenizer(tiny_open_clip_names[0])(PROMPTS))
         img, txt = (out["image_features"], out["text_features"]) if isinstance(out, dict) else out[:2]
     expected = (img * txt).sum(-1)
     assert reward.name == "hpsv2.1" and reward.card.weights["files"] == ["HPS_v2.1_compressed.pt"]
     assert torch.allclose(reward.score(images, PROMPTS), expected, atol=1e-5)
-    bench = load_reward("hpsv2.1", weights=str(path.parent), model_name=tiny_open_clip_names[0], benchmark_scale=True)
+    bench = load_reward("hpsv2.1", allow_pickle=True, weights=str(path.parent), model_name=tiny_open_clip_names[0], benchmark_scale=True)
     assert torch.allclose(bench.score(images, PROMPTS), 100 * expected, atol=1e-3)
 
 
 def test_hps_modes_agree_and_give_gradients(hps_checkpoint, tiny_open_clip_names):
     path, _ = hps_checkpoint
     images = smooth_images(2, (40, 52))
-    reward = load_reward("hpsv2.1", weights=str(path), model_name=tiny_open_clip_names[0])
+    reward = load_reward("hpsv2.1", allow_pickle=True, weights=str(path), model_name=tiny_open_clip_names[0])
     exact = reward.score(images, PROMPTS[:2])
     reward.mode = "differentiable"
     x = pil_to_tensor(images).requires_grad_(True)
@@ -75,15 +75,15 @@ def test_hps_strict_loading(hps_checkpoint, tiny_open_clip_names, tmp_path):
     sd = model.state_dict()
     prefixed = tmp_path / "HPS_v2.1_compressed.pt"
     torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, prefixed)
-    load_reward("hpsv2.1", weights=str(prefixed), model_name=tiny_open_clip_names[0])  # DDP prefix stripped
+    load_reward("hpsv2.1", allow_pickle=True, weights=str(prefixed), model_name=tiny_open_clip_names[0])  # DDP prefix stripped
     for broken, key in [({k: v for k, v in sd.items() if k != "logit_scale"}, "logit_scale"),
                         ({**sd, "visual.extra": torch.zeros(1)}, "visual.extra")]:
         torch.save({"state_dict": broken}, prefixed)
         with pytest.raises(KeyError, match=re.escape(key)):
-            load_reward("hpsv2.1", weights=str(prefixed), model_name=tiny_open_clip_names[0])
+            load_reward("hpsv2.1", allow_pickle=True, weights=str(prefixed), model_name=tiny_open_clip_names[0])
     torch.save(model, tmp_path / "pickled_model.pt")  # a pickled module is refused, never unpickled
     with pytest.raises(ValueError, match="weights_only"):
-        load_reward("hpsv2.1", weights=str(tmp_path / "pickled_model.pt"), model_name=tiny_open_clip_names[0])
+        load_reward("hpsv2.1", allow_pickle=True, weights=str(tmp_path / "pickled_model.pt"), model_name=tiny_open_clip_names[0])
 
 
 def test_hps_missing_file_error(tmp_path):
@@ -112,7 +112,7 @@ def test_real_aesthetic_head_loads_strictly_and_is_affine(monkeypatch):
     calls = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
-    head = AestheticHead.from_file(HEAD)
+    head = AestheticHead.from_file(HEAD, allow_pickle=True)
     assert calls and all(k.get("weights_only") is True for k in calls)
     assert hashlib.sha256(HEAD.read_bytes()).hexdigest() == \
         "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
@@ -134,7 +134,7 @@ def test_aesthetic_reward_with_tiny_quickgelu_backbone(tiny_open_clip_names, tmp
     torch.manual_seed(2)
     backbone = open_clip.create_model(tiny_open_clip_names[1], pretrained=None)
     torch.save(backbone.state_dict(), tmp_path / "backbone.pt")
-    reward = load_reward("laion-aesthetic", weights=str(HEAD), backbone=tiny_open_clip_names[1],
+    reward = load_reward("laion-aesthetic", allow_pickle=True, weights=str(HEAD), backbone=tiny_open_clip_names[1],
                          backbone_weights=str(tmp_path / "backbone.pt"))
     assert isinstance(reward.clip.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
     images = smooth_images(3, (40, 52))
