@@ -243,14 +243,21 @@ def _tar_sample(path: Path, i: int, key: str, files: dict) -> tuple[str, dict]:
     return src, row
 
 
-def _hub_rows(dataset_id: str, split: str, streaming: bool) -> Iterator[tuple[str, dict]]:
+def import_datasets(what: str):
+    """The HF ``datasets`` module; an ``ImportError`` saying that reading ``what`` needs it when it is absent
+    (or shadowed by a local folder named datasets/)."""
     try:
         import datasets
     except ImportError:
         datasets = None
-    if not hasattr(datasets, "load_dataset"):  # absent, or shadowed by a local folder named datasets/
-        raise ImportError(f"reading the hub dataset {dataset_id!r} needs the `datasets` package "
-                          "(pip install datasets), or download its parquet files and pass their paths")
+    if not hasattr(datasets, "load_dataset"):
+        raise ImportError(f"reading {what} needs the `datasets` package (pip install datasets), or download its "
+                          "parquet files and pass their paths")
+    return datasets
+
+
+def _hub_rows(dataset_id: str, split: str, streaming: bool) -> Iterator[tuple[str, dict]]:
+    datasets = import_datasets(f"the hub dataset {dataset_id!r}")
     try:
         ds = datasets.load_dataset(dataset_id, split=split, streaming=streaming)
     except Exception as e:

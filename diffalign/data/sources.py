@@ -374,13 +374,9 @@ def open_hf_dataset(spec, split: str | None, where: str):
         (Path(spec) / name).is_file() for name in ("state.json", "dataset_dict.json"))
     if not (is_folder or hasattr(spec, "column_names") or (isinstance(spec, str) and _is_hub_id(spec))):
         return None
-    try:
-        import datasets
-    except ImportError:
-        datasets = None
-    if not hasattr(datasets, "load_dataset"):  # absent, or shadowed by a local folder named datasets/
-        raise ImportError(f"reading {where} needs the `datasets` package (pip install datasets), or download its "
-                          "parquet files and pass their paths")
+    from diffalign.data.pickapic import import_datasets
+
+    datasets = import_datasets(where)
     if hasattr(spec, "column_names"):
         ds = spec
     elif is_folder:
