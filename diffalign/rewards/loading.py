@@ -105,9 +105,11 @@ def load_state_dict_file(path: str | os.PathLike, key: str | None = None,
 
 
 def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str,
-                ignore: tuple[str, ...] = ()) -> None:
+                ignore: tuple[str, ...] = (), assign: bool = False) -> None:
     """``module.load_state_dict(state_dict)`` that fails listing missing and unexpected keys (keys
-    in ``ignore`` may be absent from either side, e.g. non-persistent ``position_ids`` buffers)."""
+    in ``ignore`` may be absent from either side, e.g. non-persistent ``position_ids`` buffers).
+    ``assign=True`` puts the given tensors in place of the parameters (for a module built on the meta
+    device, e.g. under ``accelerate.init_empty_weights``)."""
     own = set(module.state_dict())
     given = {k: v for k, v in state_dict.items() if k not in ignore or k in own}
     missing = sorted(own - set(given) - set(ignore))
@@ -118,4 +120,4 @@ def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
 
         raise KeyError(f"{what}: state dict does not match the model: missing keys [{show(missing)}], "
                        f"unexpected keys [{show(unexpected)}]")
-    module.load_state_dict(given, strict=not ignore)
+    module.load_state_dict(given, strict=not ignore, assign=assign)

@@ -154,6 +154,27 @@ def _mps(allow_pickle: bool = False, **kw) -> RewardModel:
     return MPS.from_pretrained(allow_pickle=allow_pickle, **kw)
 
 
+@register_reward("hpsv3")
+def _hpsv3(allow_pickle: bool = False, **kw) -> RewardModel:
+    from diffalign.rewards.hpsv3 import HPSv3
+
+    return HPSv3.from_pretrained(allow_pickle=allow_pickle, **kw)
+
+
+@register_reward("unifiedreward")
+def _unifiedreward(allow_pickle: bool = False, **kw) -> RewardModel:
+    from diffalign.rewards.unified_reward import UnifiedReward
+
+    return UnifiedReward.from_pretrained(allow_pickle=allow_pickle, **kw)
+
+
+@register_reward("unifiedreward-pairwise")
+def _unifiedreward_pairwise(allow_pickle: bool = False, **kw) -> RewardModel:
+    from diffalign.rewards.unified_reward import UnifiedRewardPairwise
+
+    return UnifiedRewardPairwise.from_pretrained(allow_pickle=allow_pickle, **kw)
+
+
 @register_reward("jpeg-incompressibility")
 def _jpeg_incompressibility(**kw) -> RewardModel:
     from diffalign.rewards.jpeg import JpegReward
