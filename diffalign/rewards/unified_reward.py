@@ -18,11 +18,15 @@ gives ½ (Pref-GRPO's rule). :meth:`UnifiedReward.prefer` is the pairwise interf
 image by its Pref-GRPO win rate within consecutive groups of ``group_size`` images of one prompt,
 every ordered pair judged (both positions, so a position bias averages out).
 
-Prompts: ``"qwen"`` (default) is the text of the Qwen checkpoints' own inference script
-(``inference_qwen/image_generation/qwen_point_score_image_generation.py``: also asks to list the caption's
-key elements), ``"short"`` the version flow_grpo / DiffusionNFT send (without the element list, for the
-LLaVA-based ``UnifiedReward-7b-v1.5``). Images go through Qwen's sizing
-(:mod:`diffalign.rewards.qwen_vl`; the pairwise script first resizes both images to 512×512).
+Prompts: ``"qwen"`` (default) is the text of the Qwen checkpoints' own inference scripts
+(``inference_qwen/image_generation/qwen_point_score_image_generation.py``, which also asks to list the
+caption's key elements, and ``qwen_pair_rank_image_generation.py``), ``"short"`` the pointwise version
+flow_grpo / DiffusionNFT send (without the element list, for the LLaVA-based ``UnifiedReward-7b-v1.5``),
+``pair_prompt="think"`` UnifiedReward-Think's (``UnifiedReward-Think/inference_qwen/image_generation/
+qwen_infer_cot_image_generation.py``). Images go through Qwen's sizing
+(:mod:`diffalign.rewards.qwen_vl`). Decoding is greedy; other generation settings (e.g. a
+``repetition_penalty``) come from the checkpoint's ``generation_config.json``, as the reference scripts'
+``model.generate`` uses them.
 Batches are left-padded for generation; the reference judges one conversation at a time, which gives
 the same greedy answer up to floating-point ties.
 
@@ -50,7 +54,6 @@ logger = logging.getLogger(__name__)
 
 HUB_ID = "CodeGoat24/UnifiedReward-qwen-7b"
 MAX_NEW_TOKENS = 512
-PAIR_IMAGE_SIZE = (512, 512)
 SCORE_PATTERN = r"Final Score:\s*([1-5](?:\.\d+)?)"
 _CRITERIA = (
     "1. Alignment with the Caption: Assess how well {this} image aligns with the provided caption. Consider the "
@@ -74,6 +77,24 @@ PAIR_PROMPT = (
     "exhibiting superior visual quality.\nProvide a clear conclusion such as \"Image 1 is better.\", "
     "\"Image 2 is better.\" and \"Both images are equally good.\"\nYour task is provided as follows:\n"
     "Text Caption: [{prompt}]")
+THINK_PAIR_PROMPT = (
+    "Given a caption and two images generated based on this caption, please analyze in detail the two provided "
+    "images. Evaluate them on various dimensions such as semantic consistency (how closely the image content aligns "
+    "with the caption), aesthetics (composition, color usage, artistic expression), authenticity (realism and "
+    "attention to detail), and any other factors you deem relevant. For each evaluation dimension, provide a score "
+    "between 1-10 for both images (e.g., Image 1: 8/10, Image 2: 6/10) and provide a concise rationale for the score. "
+    "Calculate the total score for each image by summing all dimension scores. Use a chain-of-thought process to "
+    "detail your reasoning steps, and enclose all your detailed reasoning within <think> and </think> tags. Then, in "
+    "the <answer> tag, output exactly one of the following strings: 'Image 1 is better' or 'Image 2 is better' based "
+    "on the total scores. No additional text is allowed in the <answer> section.\n\nExample output format:\n"
+    "<think>\n1. Semantic consistency: Image 1 (9/10) - ...; Image 2 (7/10) - ...\n2. Aesthetics: Image 2 (8/10) - "
+    "...; Image 1 (8/10) - ...\n3. Authenticity: Image 1 (8/10) - ...; Image 2 (5/10) - ...\n[Additional dimensions "
+    "if any]: Image 2 (8/10) - ...; Image 1 (6/10) - ...\nTotal score:\nImage 1: 9+8+8+6=31\nImage 2: "
+    "7+8+5+8=28\n</think>\n<answer>Image 1 is better</answer>\n**Note: In the example above, scores and the final "
+    "answer are placeholders meant only to demonstrate the format. Your actual evaluation should be based on the "
+    "quality of two given images.**\n\nYour task is provided as follows:\nText Caption: [{prompt}]")
+# name -> (template, verdict only inside <answer>)
+PAIR_PROMPTS = {"qwen": (PAIR_PROMPT, False), "think": (THINK_PAIR_PROMPT, True)}
 VERDICTS = (("image 1 is better", 1.0), ("image 2 is better", 0.0), ("equally good", 0.5))
 
 
@@ -83,11 +104,14 @@ def parse_score(text: str, pattern: str = SCORE_PATTERN) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def parse_preference(text: str) -> float | None:
-    """``P(image 1 ≻ image 2)`` from a pairwise answer: 1, 0 or ½ (the first verdict phrase found, inside
-    ``<answer>…</answer>`` when the answer has that tag), or None when there is no verdict."""
+def parse_preference(text: str, answer_tag: bool = False) -> float | None:
+    """``P(image 1 ≻ image 2)`` from a pairwise answer: 1, 0 or ½ (the first verdict phrase found, inside the
+    last ``<answer>…</answer>`` when the answer has that tag), or None when there is no verdict. With
+    ``answer_tag`` (UnifiedReward-Think) only the tag counts: reasoning cut off before it is no verdict."""
     text = text or ""
     tags = re.findall(r"<answer>(.*?)</answer>", text, flags=re.S)
+    if answer_tag and not tags:
+        return None
     body = (tags[-1] if tags else text).lower()
     found = [(body.find(phrase), p) for phrase, p in VERDICTS if phrase in body]
     return min(found)[1] if found else None
@@ -100,6 +124,10 @@ class UnifiedReward(RewardModel):
         model: the ``Qwen2_5_VLForConditionalGeneration``.
         processor: its processor (left padding is set for batched generation).
         prompt: "qwen", "short" or a template with ``{prompt}``.
+        pair_prompt: "qwen", "think" (UnifiedReward-Think: the verdict is read from ``<answer>`` only) or a
+            template with ``{prompt}``.
+        pair_size: resize both images of a pair to this ``(w, h)`` first (None: Qwen's sizing only, as the
+            reference scripts; some evaluation scripts use 512×512).
         max_new_tokens: answer length limit (512 as the reference).
         failure_score: the score of an answer without ``Final Score:`` (0.0 as flow_grpo).
         min_pixels, max_pixels: Qwen's image sizing (qwen_vl_utils defaults).
@@ -111,9 +139,10 @@ class UnifiedReward(RewardModel):
     name = "unifiedreward"
     differentiable = False
 
-    def __init__(self, model, processor, prompt: str = "qwen", max_new_tokens: int = MAX_NEW_TOKENS,
-                 failure_score: float = 0.0, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
-                 mode: Mode = "exact", batch_size: int = 8, dtype: torch.dtype = torch.float32):
+    def __init__(self, model, processor, prompt: str = "qwen", pair_prompt: str = "qwen",
+                 pair_size: tuple[int, int] | None = None, max_new_tokens: int = MAX_NEW_TOKENS, failure_score: float = 0.0, min_pixels: int = MIN_PIXELS,
+                 max_pixels: int = MAX_PIXELS, mode: Mode = "exact", batch_size: int = 8,
+                 dtype: torch.dtype = torch.float32):
         super().__init__(mode=mode, batch_size=batch_size)
         self.model = model.to(dtype).eval().requires_grad_(False)
         self.processor = processor
@@ -121,6 +150,10 @@ class UnifiedReward(RewardModel):
         self.template = POINT_PROMPTS.get(prompt, prompt)
         if "{prompt}" not in self.template:
             raise ValueError(f"prompt must be one of {sorted(POINT_PROMPTS)} or a template containing '{{prompt}}'")
+        self.pair_template, self.answer_tag = PAIR_PROMPTS.get(pair_prompt, (pair_prompt, False))
+        self.pair_size = tuple(pair_size) if pair_size is not None else None
+        if "{prompt}" not in self.pair_template:
+            raise ValueError(f"pair_prompt must be one of {sorted(PAIR_PROMPTS)} or a template containing '{{prompt}}'")
         self.max_new_tokens, self.failure_score = int(max_new_tokens), float(failure_score)
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
         self.last_answers: list[str] = []
@@ -174,7 +207,7 @@ class UnifiedReward(RewardModel):
     def pair_conversation(self, prompt: str, image_1=None, image_2=None) -> list[dict]:
         """The pairwise user turn: Image 1, Image 2, then the comparison prompt."""
         return [{"role": "user", "content": [{"type": "image", "image": image_1}, {"type": "image", "image": image_2},
-                                             {"type": "text", "text": PAIR_PROMPT.format(prompt=prompt)}]}]
+                                             {"type": "text", "text": self.pair_template.format(prompt=prompt)}]}]
 
     def _sized(self, images: Images, size: tuple[int, int] | None = None) -> list:
         return resize_pil(to_pil(images), self.min_pixels, self.max_pixels, size=size)
@@ -190,9 +223,9 @@ class UnifiedReward(RewardModel):
         """``P(a ≻ b) [n]`` judged with ``a`` as Image 1 and ``b`` as Image 2: 1, 0, ½ (½ without a verdict)."""
         if not (len(images_a) == len(images_b) == len(prompts)):
             raise ValueError(f"{len(images_a)} / {len(images_b)} images for {len(prompts)} prompts")
-        a, b = self._sized(images_a, PAIR_IMAGE_SIZE), self._sized(images_b, PAIR_IMAGE_SIZE)
+        a, b = self._sized(images_a, self.pair_size), self._sized(images_b, self.pair_size)
         answers = self.generate([self.pair_conversation(p) for p in prompts], [[x, y] for x, y in zip(a, b)])
-        parsed = [parse_preference(t) for t in answers]
+        parsed = [parse_preference(t, self.answer_tag) for t in answers]
         self._count(answers, parsed)
         return torch.tensor([0.5 if p is None else p for p in parsed])
 

@@ -75,13 +75,12 @@ def test_pairwise_verdict_refers_to_positions_so_swapping_flips_the_winner(judge
     assert second.prefer(b, a, PROMPTS[:2]).tolist() == [0.0, 0.0]
     assert second.last_answers == ["Image 2 is better."] * 2
     assert first.prefer(a, b, PROMPTS[:2]).tolist() == [1.0, 1.0]
-    # the reference's own pairwise turn (both images 512x512, then Qwen sizing: 504x504) gives the same answer
+    # the reference's own pairwise turn (Image 1, Image 2, the prompt; Qwen sizing 84x56) gives the same answer
     from diffalign.rewards.unified_reward import PAIR_PROMPT
 
     conv = [([{"role": "user", "content": [{"type": "image", "image": x}, {"type": "image", "image": y},
                                            {"type": "text", "text": PAIR_PROMPT.format(prompt=p)}]}],
-             [x.resize((512, 512), Image.BICUBIC).resize((504, 504), Image.BICUBIC),
-              y.resize((512, 512), Image.BICUBIC).resize((504, 504), Image.BICUBIC)])
+             [x.resize((84, 56), Image.BICUBIC), y.resize((84, 56), Image.BICUBIC)])
             for x, y, p in zip(a, b, PROMPTS)]
     assert reference_answers(judges["second"], conv, 24) == ["Image 2 is better."] * 2
     # a judge that only ever names one position has no preference once both orders are asked: win rates 1/2
@@ -99,6 +98,20 @@ def test_parsing_rules():
     # UnifiedReward-Think: the <answer> tag decides, not the reasoning before it
     assert parse_preference("<think>Image 1 is better lit, but</think><answer>Image 2 is better</answer>") == 0.0
     assert parse_preference("I cannot tell.") is None
+    # a Think answer cut off before its <answer> tag has no verdict, whatever the reasoning says
+    assert parse_preference("<think>Image 1 is better lit", answer_tag=True) is None
+    assert parse_preference("<think>...</think><answer>Image 1 is better</answer>", answer_tag=True) == 1.0
+
+
+def test_think_prompt_reads_the_answer_tag_only(judges):
+    from diffalign.rewards.unified_reward import THINK_PAIR_PROMPT
+
+    think = load_reward("unifiedreward-pairwise", weights=str(judges["second"]), pair_prompt="think",
+                        max_new_tokens=24)
+    assert think.pair_conversation("a cat")[0]["content"][2]["text"] == THINK_PAIR_PROMPT.format(prompt="a cat")
+    a, b = smooth_images(1, (40, 52), seed=1), smooth_images(1, (40, 52), seed=2)
+    # the scripted judge answers "Image 2 is better." with no <answer> tag: no verdict, 1/2 (Pref-GRPO's rule)
+    assert think.prefer(a, b, ["a cat"]).tolist() == [0.5] and think.parse_failures == 1
 
 
 def test_cli_scores_and_clear_errors(judges, tmp_path):
