@@ -42,7 +42,14 @@ from torch import nn
 from diffalign.rewards.base import Images, Mode, RewardModel, to_pil, to_tensor
 from diffalign.rewards.hf_clip import _from_pretrained
 from diffalign.rewards.loading import MissingWeightsError, load_state_dict_file, load_strict, resolve_file
-from diffalign.rewards.qwen_vl import image_processor_stats, patchify, resize_pil, resize_tensor, to_transformers5_keys
+from diffalign.rewards.qwen_vl import (
+    as_dtype,
+    image_processor_stats,
+    patchify,
+    resize_pil,
+    resize_tensor,
+    to_transformers5_keys,
+)
 
 HUB_ID = "MizzenAI/HPSv3"
 FILENAME = "HPSv3.safetensors"
@@ -127,14 +134,15 @@ class HPSv3(RewardModel):
         processor: the Qwen2-VL processor whose tokenizer knows ``<|Reward|>``.
         pixels: ``min_pixels = max_pixels`` of the image resize (reference 256·28·28).
         instruction: the instruction template (``{text_prompt}`` is the prompt).
+        dtype: of the backbone (fp32 default; "bf16" as the reference, about 16 GB for the 7B model).
     """
 
     name = "hpsv3"
 
     def __init__(self, model, rm_head: nn.Module, processor, pixels: int = PIXELS, instruction: str = INSTRUCTION,
-                 mode: Mode = "exact", batch_size: int = 8, dtype: torch.dtype = torch.float32):
+                 mode: Mode = "exact", batch_size: int = 8, dtype: torch.dtype | str = torch.float32):
         super().__init__(mode=mode, batch_size=batch_size)
-        self.model = model.to(dtype).eval().requires_grad_(False)
+        self.model = model.to(as_dtype(dtype)).eval().requires_grad_(False)
         self.rm_head = rm_head.float().eval().requires_grad_(False)
         self.processor, self.pixels, self.instruction = processor, int(pixels), instruction
         self.processor.tokenizer.padding_side = "right"

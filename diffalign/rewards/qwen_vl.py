@@ -109,6 +109,21 @@ def to_transformers5_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def as_dtype(value: torch.dtype | str) -> torch.dtype:
+    """A ``torch.dtype`` from itself or a name ("bf16", "bfloat16", "fp16", "fp32", "torch.bfloat16"), so a
+    ``reward.yaml`` or a recipe's ``reward_options`` can load a 7B judge in bf16."""
+    if isinstance(value, torch.dtype):
+        return value
+    key = str(value).removeprefix("torch.").lower()
+    if key not in _DTYPES:
+        raise ValueError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}, got {value!r}")
+    return _DTYPES[key]
+
+
 def image_processor_stats(processor) -> tuple[list[float], list[float], int, int, int]:
     """``(mean, std, patch_size, merge_size, temporal_patch_size)`` of a Qwen-VL processor."""
     ip = processor.image_processor

@@ -48,7 +48,7 @@ import torch
 from diffalign.rewards.base import Images, Mode, RewardModel, to_pil
 from diffalign.rewards.combine import win_rates_pairwise
 from diffalign.rewards.hf_clip import _from_pretrained, check_loading_info
-from diffalign.rewards.qwen_vl import MAX_PIXELS, MIN_PIXELS, resize_pil
+from diffalign.rewards.qwen_vl import MAX_PIXELS, MIN_PIXELS, as_dtype, resize_pil
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class UnifiedReward(RewardModel):
         max_new_tokens: answer length limit (512 as the reference).
         failure_score: the score of an answer without ``Final Score:`` (0.0 as flow_grpo).
         min_pixels, max_pixels: Qwen's image sizing (qwen_vl_utils defaults).
+        dtype: of the judge (fp32 default; "bf16" as the reference's ``torch_dtype="auto"``).
 
     After each call ``last_answers`` holds the decoded answers; ``parse_failures`` / ``judged`` count
     answers without a verdict and all answers since construction.
@@ -142,9 +143,9 @@ class UnifiedReward(RewardModel):
     def __init__(self, model, processor, prompt: str = "qwen", pair_prompt: str = "qwen",
                  pair_size: tuple[int, int] | None = None, max_new_tokens: int = MAX_NEW_TOKENS, failure_score: float = 0.0, min_pixels: int = MIN_PIXELS,
                  max_pixels: int = MAX_PIXELS, mode: Mode = "exact", batch_size: int = 8,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype | str = torch.float32):
         super().__init__(mode=mode, batch_size=batch_size)
-        self.model = model.to(dtype).eval().requires_grad_(False)
+        self.model = model.to(as_dtype(dtype)).eval().requires_grad_(False)
         self.processor = processor
         self.processor.tokenizer.padding_side = "left"
         self.template = POINT_PROMPTS.get(prompt, prompt)
@@ -161,12 +162,12 @@ class UnifiedReward(RewardModel):
 
     @classmethod
     def from_pretrained(cls, weights: str | os.PathLike | None = None, processor: str | os.PathLike | None = None,
-                        allow_pickle: bool = False, dtype: torch.dtype = torch.float32, **kw) -> UnifiedReward:
+                        allow_pickle: bool = False, dtype: torch.dtype | str = torch.float32, **kw) -> UnifiedReward:
         """``weights``: hub id or folder of the Qwen2.5-VL judge (default ``CodeGoat24/UnifiedReward-qwen-7b``);
         ``processor``: hub id or folder of its processor (default: ``weights``)."""
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-        weights = weights or HUB_ID
+        weights, dtype = weights or HUB_ID, as_dtype(dtype)
         model, info = _from_pretrained(Qwen2_5_VLForConditionalGeneration, weights, f"{cls.name} (Qwen2.5-VL)",
                                        "model.safetensors", allow_pickle=allow_pickle, output_loading_info=True,
                                        dtype=dtype)

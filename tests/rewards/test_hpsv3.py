@@ -138,3 +138,19 @@ def test_differentiable_mode_matches_the_processor_and_has_pixel_gradients(tiny_
     torch.testing.assert_close(s.detach(), reward.score(images, PROMPTS[:2]), atol=1e-5, rtol=1e-5)
     s.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_a_folder_with_reward_yaml_loads_in_bf16(tiny_hpsv3, tmp_path):
+    import shutil
+
+    weights, _ = tiny_hpsv3
+    folder = tmp_path / "hpsv3_bf16"
+    shutil.copytree(weights, folder)
+    (folder / "reward.yaml").write_text("reward: hpsv3\ndtype: bf16\n")
+    reward = load_reward(str(folder))
+    assert next(reward.model.parameters()).dtype == torch.bfloat16 and reward.rm_head[0].weight.dtype == torch.float32
+    images = smooth_images(3, (40, 52))
+    full = load_reward("hpsv3", weights=str(weights)).score(images, PROMPTS)
+    torch.testing.assert_close(reward.score(images, PROMPTS), full, atol=0.1, rtol=0.05)
+    with pytest.raises(ValueError, match="dtype must be"):
+        load_reward("hpsv3", weights=str(weights), dtype="int7")
