@@ -120,7 +120,7 @@ def save_hpsv3(folder: Path, seed: int = 0, with_base: bool = True) -> tuple[Pat
 
 def save_unified_reward(folder: Path, seed: int = 0, script: str | None = None) -> Path:
     """A tiny UnifiedReward judge: a random ``Qwen2_5_VLForConditionalGeneration`` saved with its processor
-    (``model.safetensors``, the published layout of a transformers checkpoint). With ``script``, the
+    (``config.json`` + ``model.safetensors`` with the transformers-4 key names the hub checkpoints have). With ``script``, the
     model is made to answer exactly that text under greedy decoding (:func:`script_answer`)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -133,6 +133,10 @@ def save_unified_reward(folder: Path, seed: int = 0, script: str | None = None) 
     if script is not None:
         script_answer(model, processor.tokenizer, script)
     model.save_pretrained(folder)
+    # the hub checkpoints were written by transformers 4.x: visual.*, model.layers.*, lm_head.*
+    from safetensors.torch import save_file
+
+    save_file(to_transformers4_keys(model.state_dict()), str(folder / "model.safetensors"), metadata={"format": "pt"})
     processor.save_pretrained(folder)
     return folder
 
