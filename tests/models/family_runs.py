@@ -72,3 +72,15 @@ def assert_final_loads_in_diffusers(model_dir, final: Path, **call) -> None:
     again = pipe(generator=torch.Generator().manual_seed(0), **kw).images
     assert abs(before - after).max() > 1e-4
     assert abs(before - again).max() < 1e-6
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_recipe_on_tiny(recipe: str, model_dir, out, *overrides) -> list[dict]:
+    """A shipped recipe, as written except the model, the sizes and ``overrides``, for one optimizer step."""
+    args = ["train", str(REPO / "pipelines" / recipe), f"--model.pretrained={model_dir}", f"--train.output_dir={out}",
+            "--train.max_steps=1", "--train.gradient_accumulation_steps=1", "--train.checkpointing_steps=0",
+            *overrides]
+    assert main(args) == 0
+    return read_metrics(out)
