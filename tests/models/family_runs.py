@@ -13,7 +13,7 @@ from diffalign.cli import main
 
 
 def pair_parquet(path: Path, n: int = 4) -> Path:
-    """``n`` Pick-a-Pic rows: a bright disc (winner) against stripes, 40×40 JPEGs."""
+    """``n`` Pick-a-Pic rows: a bright disc (winner) against stripes, 40×40 JPEGs; captions of different lengths."""
     from diffalign.data.pickapic import write_pickapic_parquet
 
     rng = random.Random(0)
@@ -31,8 +31,8 @@ def pair_parquet(path: Path, n: int = 4) -> Path:
         img.save(buf, format="JPEG", quality=95)
         return buf.getvalue()
 
-    rows = [{"caption": f"a yellow disc {i}", "jpg_0": image(True), "jpg_1": image(False), "label_0": 1.0}
-            for i in range(n)]
+    captions = ["a yellow disc", "a photo of a yellow disc and the red hat", "disc", "the blue square and a disc"]
+    rows = [{"caption": captions[i % 4], "jpg_0": image(True), "jpg_1": image(False), "label_0": 1.0} for i in range(n)]
     return write_pickapic_parquet(rows, path)
 
 
@@ -78,9 +78,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_recipe_on_tiny(recipe: str, model_dir, out, *overrides) -> list[dict]:
-    """A shipped recipe, as written except the model, the sizes and ``overrides``, for one optimizer step."""
+    """A shipped recipe, as written except the model, the sizes and ``overrides``, for one optimizer step (in
+    fp32: accelerate keeps one mixed-precision setting per process, and the other runs of a test session are fp32)."""
     args = ["train", str(REPO / "pipelines" / recipe), f"--model.pretrained={model_dir}", f"--train.output_dir={out}",
             "--train.max_steps=1", "--train.gradient_accumulation_steps=1", "--train.checkpointing_steps=0",
-            *overrides]
+            "--train.mixed_precision=no", *overrides]
     assert main(args) == 0
     return read_metrics(out)
