@@ -151,3 +151,19 @@ def test_the_flow_grpo_recipe_runs_as_written_on_the_tiny_model(folder, tmp_path
                               "--method.images_per_prompt=2", "--method.num_steps=3", "--method.resolution=32",
                               "--train.batch_size=2")
     assert rows[0]["ratio_max_dev"] == 0.0 and rows[0]["grad_norm"] > 0
+
+
+def test_eval_generation_uses_the_pipelines_true_cfg(qwen):
+    """`diffalign eval` images: guidance_scale w is Qwen-Image's true_cfg_scale w with the negative prompt ""."""
+    import numpy as np
+
+    from diffalign.eval.generate import generate
+
+    pipe = qwen.pipeline
+    kw = dict(num_inference_steps=2, height=32, width=32)
+    ours = generate(pipe, ["a red cat"], [7], guidance_scale=3.0, **kw)[0]
+    ref = pipe(["a red cat"], generator=[torch.Generator().manual_seed(7)], true_cfg_scale=3.0, negative_prompt=[""],
+               **kw).images[0]
+    plain = generate(pipe, ["a red cat"], [7], guidance_scale=1.0, **kw)[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(ref)) and not np.array_equal(np.asarray(ours),
+                                                                                    np.asarray(plain))
