@@ -13,8 +13,9 @@ what they need, whatever the family:
 * ``save_trained(dir)`` / ``load_trained(dir)``     (diffusers LoRA format, or a component folder)
 * SDXL only: ``time_ids(...)`` / ``with_time_ids(cond, ...)`` (size/crop micro-conditioning)
 
-Implementations live in :mod:`diffalign.models.sd` (SD1.x/2.x), :mod:`~diffalign.models.sdxl` and
-:mod:`~diffalign.models.sd3`, sharing :class:`diffalign.models.backbone.Backbone`;
+Implementations live in :mod:`diffalign.models.sd` (SD1.x/2.x), :mod:`~diffalign.models.sdxl`,
+:mod:`~diffalign.models.sd3`, :mod:`~diffalign.models.video` (Wan), :mod:`~diffalign.models.qwen_image` and
+:mod:`~diffalign.models.z_image`, sharing :class:`diffalign.models.backbone.Backbone`;
 :func:`diffalign.models.load_backbone` picks one from a hub id or folder.
 """
 
