@@ -67,6 +67,17 @@ def test_padding_never_changes_a_prediction(qwen):
                                    rtol=0, atol=1e-5)
 
 
+def test_conditioning_cat_pads_to_the_longest_by_hand():
+    a = Conditioning(torch.ones(1, 2, 3), mask=torch.tensor([[1, 1]]))
+    b = Conditioning(torch.full((2, 3, 3), 2.0), mask=torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    c = Conditioning(torch.full((1, 1, 3), 3.0))  # no mask: every token real
+    out = Conditioning.cat([a, b, c])
+    assert out.prompt_embeds.shape == (4, 3, 3)
+    assert out.mask.tolist() == [[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]]
+    assert out.prompt_embeds[:, :, 0].tolist() == [[1, 1, 0], [2, 2, 2], [2, 2, 2], [3, 0, 0]]
+    assert Conditioning.from_dict(out.to_dict()).mask.tolist() == out.mask.tolist()  # survives the text cache
+
+
 def test_latents_are_normalised_per_channel_as_the_pipeline_does(qwen):
     vae, cfg = qwen.vae, qwen.vae.config
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
