@@ -170,3 +170,113 @@ def make_tiny_wan(path: str | Path, seed: int = 0, flow_shift: float = 3.0) -> P
     pipe = WanPipeline(tokenizer=_t5_tokenizer(), text_encoder=t5, vae=vae, scheduler=sched, transformer=transformer)
     pipe.save_pretrained(path)
     return path
+
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+"""Qwen3's chat template reduced to what Z-Image's pipeline uses (one user turn, ``enable_thinking``)."""
+
+QWEN_IMAGE_SYSTEM = ("system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+                     "relationships of the objects and background:\nuser\nassistant\n")
+
+
+def _qwen_tokenizer():
+    """A tiny byte-level BPE ``Qwen2Tokenizer`` (Qwen's pre-tokenizer and special tokens), trained here on
+    Qwen-Image's prompt template and :data:`WORDS` so that each of their words is one token: the template
+    prefix is 34 tokens, as with the real tokenizer (the pipeline drops exactly 34). Other text falls back
+    to bytes. Carries :data:`QWEN_CHAT_TEMPLATE`."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<think>", "</think>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([QWEN_IMAGE_SYSTEM, " ".join(WORDS), " " + " ".join(WORDS)] * 4, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                         additional_special_tokens=specials[1:])
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def make_tiny_qwen_image(path: str | Path, seed: int = 0) -> Path:
+    """A tiny Qwen-Image-architecture pipeline, built like diffusers' own ``QwenImagePipeline`` tests: a
+    2-layer ``QwenImageTransformer2DModel`` (2×2 packing, so ``in_channels`` 16 for 4 latent channels), a
+    causal 3-D ``AutoencoderKLQwenImage`` (2× spatial, non-trivial ``latents_mean``/``latents_std``), a tiny
+    ``Qwen2_5_VLForConditionalGeneration`` text encoder, and Qwen-Image's released scheduler config (dynamic
+    shifting; flow_frontier.md §10.2). Images of 32×32 give latents ``[4, 16, 16]``, 64 image tokens."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok = _qwen_tokenizer()
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    vae = AutoencoderKLQwenImage(base_dim=12, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.05, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0])
+    ids = tok.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "vocab_size": len(tok), "rope_theta": 1000000.0,
+                     "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=len(tok), vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"), image_token_id=ids("<|image_pad|>"),
+        vision_token_id=ids("<|image_pad|>"))
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    sched = FlowMatchEulerDiscreteScheduler(base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                                            max_image_seq_len=8192, shift=1.0, shift_terminal=0.02,
+                                            use_dynamic_shifting=True, time_shift_type="exponential")
+    pipe = QwenImagePipeline(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                             transformer=transformer)
+    pipe.save_pretrained(path)
+    return path
+
+
+def make_tiny_z_image(path: str | Path, seed: int = 0) -> Path:
+    """A tiny Z-Image-architecture pipeline, built like diffusers' own ``ZImagePipeline`` tests: a 2-layer
+    ``ZImageTransformer2DModel`` (patch 2, 16 latent channels), a 16-channel ``AutoencoderKL`` with Z-Image's
+    ``shift_factor``/``scaling_factor`` (0.1159 / 0.3611), a tiny ``Qwen3Model`` text encoder with a chat
+    template, and a static shift of 3.0 (Z-Image-Turbo's scheduler config, from memory). Images of 32×32
+    give latents ``[16, 16, 16]``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok = _qwen_tokenizer()
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
+                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5,
+                                           qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
+                                           axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
+    with torch.no_grad():  # allocated with torch.empty (diffusers' tests fix them the same way)
+        transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
+        transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
+    text_encoder = Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                          vocab_size=len(tok), max_position_embeddings=512,
+                                          bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                          vae=_vae(latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611),
+                          text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
+    pipe.save_pretrained(path)
+    return path

@@ -286,12 +286,14 @@ class FlowSDESampler(Sampler):
         reduction: ``"mean"`` (Flow-GRPO) or ``"sum"``.
         mu: resolution-dependent shift for configs with ``use_dynamic_shifting`` (the pipeline's
             ``calculate_shift(image_seq_len, ...)``); must be None otherwise.
+        sigmas: the unshifted σ grid the pipeline passes to ``set_timesteps`` (Qwen-Image, Z-Image:
+            ``linspace(1, 1/T, T)``); None for the scheduler's own (SD3).
     """
 
     kind = "flow_sde"
 
     def __init__(self, scheduler_config: dict, num_steps: int = 10, noise_level: float = 0.7,
-                 reduction: Reduction = "mean", mu: float | None = None):
+                 reduction: Reduction = "mean", mu: float | None = None, sigmas: list[float] | None = None):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         if reduction not in ("mean", "sum"):
@@ -305,8 +307,11 @@ class FlowSDESampler(Sampler):
         if sched.config.get("use_dynamic_shifting", False) and mu is None:
             raise ValueError("this scheduler uses dynamic shifting: pass mu (diffusers' calculate_shift of the "
                              "image sequence length, as the pipeline computes it)")
-        sched.set_timesteps(num_steps, mu=mu)
-        self.scheduler, self.mu = sched, mu
+        if sigmas is not None and len(sigmas) != num_steps:
+            raise ValueError(f"{len(sigmas)} sigmas for {num_steps} steps")
+        sigmas = None if sigmas is None else [float(v) for v in sigmas]
+        sched.set_timesteps(None if sigmas is not None else num_steps, sigmas=sigmas, mu=mu)
+        self.scheduler, self.mu, self.custom_sigmas = sched, mu, sigmas
         self.num_steps, self.noise_level, self.reduction = num_steps, float(noise_level), reduction
         self.init_noise_sigma = float(getattr(sched, "init_noise_sigma", 1.0))  # the SD3 pipeline does not scale
         self.timesteps = sched.timesteps.clone().float()                          # [T] 1000·σ
@@ -337,7 +342,8 @@ class FlowSDESampler(Sampler):
     @property
     def config(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_steps": self.num_steps, "noise_level": self.noise_level,
-                "reduction": self.reduction, "mu": self.mu, "scheduler_config": dict(self.scheduler.config)}
+                "reduction": self.reduction, "mu": self.mu, "sigmas": self.custom_sigmas,
+                "scheduler_config": dict(self.scheduler.config)}
 
 
 SAMPLERS: dict[str, type[Sampler]] = {"ddim": DDIMSampler, "flow_sde": FlowSDESampler}
@@ -353,17 +359,20 @@ def sampler_from_config(config: dict[str, Any]) -> Sampler:
 
 
 def make_sampler(backbone_or_scheduler, num_steps: int, eta: float | None = None,
-                 reduction: Reduction = "mean") -> Sampler:
+                 reduction: Reduction = "mean", resolution: int | None = None) -> Sampler:
     """The sampler for a backbone's (or scheduler's) family.
 
     Flow-matching schedulers (SD3) give :class:`FlowSDESampler` with noise level ``eta`` (default
-    0.7, Flow-GRPO); DDPM-type schedulers give :class:`DDIMSampler` with η = ``eta`` (default 1.0,
-    ddpo-pytorch).
+    0.7, Flow-GRPO), on the σ grid the pipeline samples a ``resolution``² image with (the backbone's
+    ``flow_schedule``: Qwen-Image's resolution-dependent shift; None = the pipeline's default size);
+    DDPM-type schedulers give :class:`DDIMSampler` with η = ``eta`` (default 1.0, ddpo-pytorch).
     """
     scheduler = getattr(backbone_or_scheduler, "scheduler", backbone_or_scheduler)
     if "FlowMatch" in type(scheduler).__name__:
+        schedule = getattr(backbone_or_scheduler, "flow_schedule", None)
+        extra = schedule(num_steps, resolution, resolution) if schedule is not None else {}
         return FlowSDESampler.from_scheduler(scheduler, num_steps=num_steps,
-                                             noise_level=0.7 if eta is None else eta, reduction=reduction)
+                                             noise_level=0.7 if eta is None else eta, reduction=reduction, **extra)
     if not hasattr(scheduler, "alphas_cumprod"):
         raise TypeError(f"no sampler for {type(scheduler).__name__}: need a flow-matching or DDPM-type scheduler")
     return DDIMSampler.from_scheduler(scheduler, num_steps=num_steps, eta=1.0 if eta is None else eta,
@@ -395,7 +404,8 @@ def guided_prediction(backbone, x: torch.Tensor, timesteps: torch.Tensor, cond: 
     out = backbone.predict(torch.cat([x_in, x_in]), torch.cat([timesteps, timesteps]),
                            Conditioning.cat([uncond, cond]))
     u, c = out.float().chunk(2)
-    return u + guidance_scale * (c - u)
+    combine = getattr(backbone, "combine_guidance", None)  # the family's rule (Qwen-Image rescales the norm)
+    return combine(u, c, guidance_scale) if combine is not None else u + guidance_scale * (c - u)
 
 
 # ---------------------------------------------------------------------------------------- trajectories
@@ -474,7 +484,8 @@ def initial_latents(backbone, sampler: Sampler, batch_size: int, *, generator=No
     f = pipe.vae_scale_factor
     default = (getattr(pipe, "default_sample_size", None) or raw.config.sample_size) * f
     height, width = height or default, width or default
-    shape = (batch_size, raw.config.in_channels, int(height) // f, int(width) // f)
+    channels = getattr(backbone, "latent_channels", None) or raw.config.in_channels  # unpacked (Qwen-Image)
+    shape = (batch_size, channels, int(height) // f, int(width) // f)
     noise = randn_tensor(shape, generator=generator, device=backbone.device, dtype=backbone.dtype)
     return (noise * sampler.init_noise_sigma).float()
 

@@ -51,7 +51,7 @@ def generate(
         chunk = slice(start, start + batch_size)
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[chunk]]
         out = pipe(list(prompts[chunk]), generator=gens, num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, **pipe_kwargs)
+                   **guidance_kwargs(pipe, guidance_scale, len(gens), pipe_kwargs))
         images.extend(out.images)
         bar.update(len(gens))
     bar.close()
@@ -265,9 +265,9 @@ def generate_folder(pipe, items: Sequence, out_dir: str | Path, *, indices: Sequ
         if all(job in have for job in chunk):
             continue
         gens = [torch.Generator("cpu").manual_seed(image_seed(seed, i, j)) for i, j in chunk]
-        kw = dict(_negative_kwargs(negative_prompt, len(chunk)))
+        kw = guidance_kwargs(pipe, guidance_scale, len(chunk), _negative_kwargs(negative_prompt, len(chunk)))
         out = pipe([items[i].text for i, _ in chunk], generator=gens, num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, height=height, width=width, output_type="pil", **kw)
+                   height=height, width=width, output_type="pil", **kw)
         for job, image in zip(chunk, out.images):
             if job not in have:
                 _save_png(image, sample_path(out_dir, *job))
@@ -277,6 +277,18 @@ def generate_folder(pipe, items: Sequence, out_dir: str | Path, *, indices: Sequ
     record = {**record, "complete": True, "n_images": len(jobs)}
     write_json(out_dir / GENERATION_FILE, record)
     return GenerationResult(out_dir, generated, len(have), len(jobs), record)
+
+
+def guidance_kwargs(pipe, guidance_scale: float, n: int, kwargs: dict) -> dict:
+    """``kwargs`` plus the pipeline's CFG arguments for ``guidance_scale``: ``guidance_scale`` itself, except for
+    Qwen-Image, whose ``guidance_scale`` is for guidance-distilled models only and whose CFG is ``true_cfg_scale``
+    with a negative prompt (``""`` for each of the ``n`` prompts unless one is given, as diffalign trains it)."""
+    if not type(pipe).__name__.startswith("QwenImage"):
+        return {**kwargs, "guidance_scale": guidance_scale}
+    kwargs = {**kwargs, "true_cfg_scale": guidance_scale}
+    if guidance_scale > 1:
+        kwargs.setdefault("negative_prompt", [""] * n)
+    return kwargs
 
 
 def _negative_kwargs(negative_prompt: str | None, n: int) -> dict:

@@ -9,10 +9,13 @@ from diffalign.models.loading import (
            load_backbone,
            resolve_pretrained,
 )
+from diffalign.models.qwen_image import QwenImageBackbone
 from diffalign.models.sd import SDBackbone
 from diffalign.models.sd3 import SD3Backbone
 from diffalign.models.sdxl import SDXLBackbone
 from diffalign.models.video import VideoBackbone, WanBackbone
+from diffalign.models.z_image import ZImageBackbone
 
-__all__ = ["FAMILIES", "Backbone", "Conditioning", "SD3Backbone", "SDBackbone", "SDXLBackbone", "VideoBackbone",
-           "WanBackbone", "check_model", "detect_family", "load_backbone", "resolve_pretrained"]
+__all__ = ["FAMILIES", "Backbone", "Conditioning", "QwenImageBackbone", "SD3Backbone", "SDBackbone", "SDXLBackbone",
+           "VideoBackbone", "WanBackbone", "ZImageBackbone", "check_model", "detect_family", "load_backbone",
+           "resolve_pretrained"]

@@ -137,12 +137,16 @@ class Backbone:
     pipeline_class_name: ClassVar[str]
     denoiser_name: ClassVar[str] = "unet"
     lora_targets: ClassVar[list[str]] = UNET_LORA_TARGETS
+    token_packing: ClassVar[int] = 1
+    """Latent pixels packed into one input token of the denoiser (4 for the 2×2 packing of Qwen-Image):
+    its ``in_channels`` is ``token_packing`` times the latents' channels."""
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
         self.denoiser: torch.nn.Module = getattr(pipeline, self.denoiser_name)
         self.vae = pipeline.vae
         denoiser_in = getattr(self.denoiser.config, "in_channels", None)
+        denoiser_in = None if denoiser_in is None else denoiser_in // self.token_packing
         latent = getattr(self.vae.config, "latent_channels", None) or getattr(self.vae.config, "z_dim", None)
         if denoiser_in is not None and latent is not None and denoiser_in != latent:
             raise ValueError(
@@ -254,6 +258,20 @@ class Backbone:
         raw = extract_model_from_parallel(self.denoiser, keep_torch_compile=False)
         self.__dict__["_raw_denoiser"] = (self.denoiser, raw)
         return raw
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels ``C`` of the latents ``[B, C, h, w]`` the core samples and trains on."""
+        return int(self.raw_denoiser.config.in_channels) // self.token_packing
+
+    def flow_schedule(self, num_steps: int, height: int | None = None, width: int | None = None) -> dict:
+        """Extra ``set_timesteps`` arguments (``sigmas``, ``mu``) with which the pipeline samples a
+        ``height × width`` image in ``num_steps`` flow steps; ``{}`` where it passes none (SD3)."""
+        return {}
+
+    def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+        """Classifier-free guidance of the denoiser's two outputs ``[B, C, h, w]``: ``u + w (c − u)``."""
+        return uncond + scale * (cond - uncond)
 
     @property
     def device(self) -> torch.device:

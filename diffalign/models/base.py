@@ -13,13 +13,15 @@ what they need, whatever the family:
 * ``save_trained(dir)`` / ``load_trained(dir)``     (diffusers LoRA format, or a component folder)
 * SDXL only: ``time_ids(...)`` / ``with_time_ids(cond, ...)`` (size/crop micro-conditioning)
 
-Implementations live in :mod:`diffalign.models.sd` (SD1.x/2.x), :mod:`~diffalign.models.sdxl` and
-:mod:`~diffalign.models.sd3`, sharing :class:`diffalign.models.backbone.Backbone`;
+Implementations live in :mod:`diffalign.models.sd` (SD1.x/2.x), :mod:`~diffalign.models.sdxl`,
+:mod:`~diffalign.models.sd3`, :mod:`~diffalign.models.video` (Wan), :mod:`~diffalign.models.qwen_image` and
+:mod:`~diffalign.models.z_image`, sharing :class:`diffalign.models.backbone.Backbone`;
 :func:`diffalign.models.load_backbone` picks one from a hub id or folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
@@ -32,11 +34,14 @@ class Conditioning:
     * ``prompt_embeds``: ``[B, S, D]`` token embeddings for cross-attention.
     * ``pooled``: ``[B, P]`` pooled text embedding (SDXL ``text_embeds``, SD3 ``pooled_projections``).
     * ``time_ids``: ``[B, 6]`` SDXL micro-conditioning (original size, crop top-left, target size).
+    * ``mask``: ``[B, S]`` 1 for a real text token, 0 for padding, where prompts are of different lengths
+      and ``prompt_embeds`` is right-padded (Qwen-Image, Z-Image). :meth:`cat` pads to the longest.
     """
 
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def _map(self, fn) -> "Conditioning":
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -57,6 +62,10 @@ class Conditioning:
 
     @staticmethod
     def cat(items: list["Conditioning"]) -> "Conditioning":
+        """Stack along the batch. Items with a ``mask`` are right-padded (zeros, mask 0) to the longest
+        sequence first; an item without one counts as all tokens real."""
+        if any(c.mask is not None for c in items):
+            items = [c.padded(max(c.prompt_embeds.shape[1] for c in items)) for c in items]
         first = items[0]
         return Conditioning(
             **{
@@ -65,9 +74,19 @@ class Conditioning:
             }
         )
 
+    def padded(self, length: int) -> "Conditioning":
+        """Right-padded to ``length`` text tokens: zero embeddings, mask 0 (a mask of ones is made if absent)."""
+        embeds = self.prompt_embeds
+        b, s = embeds.shape[:2]
+        mask = self.mask if self.mask is not None else torch.ones(b, s, dtype=torch.long, device=embeds.device)
+        if length > s:
+            embeds = torch.cat([embeds, embeds.new_zeros(b, length - s, *embeds.shape[2:])], dim=1)
+            mask = torch.cat([mask, mask.new_zeros(b, length - s)], dim=1)
+        return dataclasses.replace(self, prompt_embeds=embeds, mask=mask)
+
     def to_dict(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     @staticmethod
     def from_dict(d: dict[str, torch.Tensor]) -> "Conditioning":
-        return Conditioning(**{k: d.get(k) for k in ("prompt_embeds", "pooled", "time_ids")})
+        return Conditioning(**{f.name: d.get(f.name) for f in fields(Conditioning)})

@@ -187,7 +187,7 @@ class OnlineMethod:
         self.config = config
         self.backbone = backbone
         self.sampler: Sampler = make_sampler(backbone, config.num_steps, eta=config.eta,
-                                             reduction=config.reduction)
+                                             reduction=config.reduction, resolution=config.resolution)
         if self.trains_on_steps:
             trainable_steps(self.sampler)  # fail now, not after the first rollout
 

@@ -61,7 +61,7 @@ def test_unknown_pipeline_and_family(tmp_path, tiny_folder):
         load_backbone(folder)
     with pytest.raises(ValueError, match="unknown backbone family 'kandinsky'"):
         load_backbone(tiny_folder("sd"), family="kandinsky")
-    assert set(FAMILIES) == {"sd", "sdxl", "sd3", "wan"}
+    assert set(FAMILIES) == {"sd", "sdxl", "sd3", "wan", "qwen-image", "z-image"}
 
 
 def test_task_variant_maps_to_family(tmp_path):
