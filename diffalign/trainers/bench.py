@@ -9,13 +9,15 @@ peak memory (CUDA allocator peak on a GPU, peak resident set size on a CPU).
 `diffalign bench RECIPE.yaml --sampling`: rollout throughput of the on-line methods instead:
 trajectories/s of :func:`diffalign.core.sampling.sample_trajectory` (every latent and per-step
 log-prob recorded, CFG included) on the recipe's model at its sampling size (:func:`sampling_resolution`),
-and the peak memory.
+and the peak memory. On flow models ``--sde-type cps`` times the coefficient-preserving SDE (default: the
+recipe method's ``sde_type``) and ``--sde-window START,END`` an ODE rollout with the SDE on those steps only
+(Flow-GRPO-Fast, MixGRPO).
 
 For a reward-backprop recipe (AlignProp, DRaFT-K, DRaFT-LV, ReFL) `diffalign bench RECIPE.yaml`
 times whole training steps instead: sampling with gradients, VAE decoding, the differentiable
 reward and the backward pass; it reports optimizer steps/s, prompts/s and the peak memory.
 
-For an on-line recipe (DDPO, GRPO, Flow-GRPO, Pref-GRPO, D3PO, SePPO) `diffalign bench RECIPE.yaml`
+For an on-line recipe (DDPO, GRPO, Flow-GRPO and its variants, Pref-GRPO, D3PO, SePPO) `diffalign bench RECIPE.yaml`
 times the method's two phases separately: one rollout (sampling with log-probs, rewards or labels,
 advantages; trajectories/s) and ``--steps`` optimizer steps of its updates on the stored transitions
 (steps/s, each step ``train.batch_size × gradient_accumulation_steps`` units at the trained denoising
