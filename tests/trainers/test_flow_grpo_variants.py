@@ -117,9 +117,11 @@ def test_grpo_guard_ratio_is_one_then_normalised(tiny_models, tmp_path):
     out = tmp_path / "run"
     assert main(_args(tiny_models["sd3"], out, "grpo-guard", "--method.num_steps=3", "--method.clip_range=1e-2",
                       "--method.timestep_fraction=1.0", "--train.batch_size=2", "--train.max_steps=2",
-                      "--train.gradient_accumulation_steps=1", "--train.learning_rate=5e-2")) == 0
+                      "--train.gradient_accumulation_steps=1", "--train.learning_rate=5e-2",
+                      "--method.kl_beta=0.01")) == 0
     rows = read_metrics(out)
     assert rows[0]["ratio_max_dev"] == 0.0 and rows[0]["raw_ratio_mean"] == 1.0   # before the update
+    assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0.0        # the reference is the LoRA-off model
     # the second minibatch of the same rollout is off-policy: RatioNorm's ratio differs from the raw one
     assert rows[1]["epoch"] == 0 and rows[1]["ratio_max_dev"] > 0
     assert rows[1]["ratio_mean"] != rows[1]["raw_ratio_mean"]
@@ -168,3 +170,23 @@ def test_bad_variant_options_are_clear_errors(tiny_models, tmp_path):
         load_recipe(None, ["method.name=flow-grpo-fast", "method.window_range=[0,2]"])
     with pytest.raises(ValueError, match="flow-matching model"):
         main(_args(tiny_models["sd"], tmp_path / "r", "mixgrpo", "--method.sde_type=sde", "--train.max_steps=1"))
+
+
+def test_flow_grpo_fast_resume_gives_the_same_weights(tiny_models, tmp_path):
+    """The window is a function of (seed, epoch): a stopped and resumed run samples the same windows."""
+    from safetensors.torch import load_file
+
+    common = ["--method.num_steps=5", "--method.window_size=1", "--method.window_range=[0,4]", "--train.batch_size=4",
+              "--train.gradient_accumulation_steps=1", "--train.lr_scheduler=constant", "--train.checkpointing_steps=2"]
+    unbroken, stopped = tmp_path / "a", tmp_path / "b"
+    assert main(_args(tiny_models["sd3"], unbroken, "flow-grpo-fast", *common, "--train.max_steps=4")) == 0
+    assert main(_args(tiny_models["sd3"], stopped, "flow-grpo-fast", *common, "--train.max_steps=2")) == 0
+    assert main(_args(tiny_models["sd3"], stopped, "flow-grpo-fast", *common, "--train.max_steps=4",
+                      "--resume", "latest")) == 0
+    ra, rb = read_metrics(unbroken), read_metrics(stopped)
+    assert [r["sde_window_start"] for r in ra] == [r["sde_window_start"] for r in rb]
+    assert [r["loss"] for r in rb] == pytest.approx([r["loss"] for r in ra], abs=1e-6)
+    wa = load_file(unbroken / "final" / "pytorch_lora_weights.safetensors")
+    wb = load_file(stopped / "final" / "pytorch_lora_weights.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
