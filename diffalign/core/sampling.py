@@ -20,6 +20,17 @@ clean x0, which is written x̂0 here) and ``x_T`` the sample. The two families::
            = x + [v̂ + g²/(2σ_i) · ε̂] dt,  ε̂ = x + (1 − σ_i) v̂   (drift − ½ g² ∇log p)
         s  = g √(−dt);   a = 0 is the scheduler's Euler ODE step x + v̂ dt.
 
+    CPS, coefficient-preserving SDE (``sde_type="cps"``; Flow-GRPO's ``sde_type="cps"``, arXiv 2509.05952)
+        s  = σ_{i+1} sin(η π/2),   x̂0 = x − σ_i v̂,   x̂1 = x + (1 − σ_i) v̂
+        μ  = (1 − σ_{i+1}) x̂0 + √(σ_{i+1}² − s²) x̂1
+        x_{i+1} = μ + s z keeps the forward marginal's form (1 − σ') x0 + σ' ε: the noise std is
+        √(σ'² − s² + s²) = σ'. η = 0 is the Euler ODE step; the last step (σ' = 0) is deterministic.
+        log p = −R[(x_{i+1} − μ)²] as coded (constants and the 1/(2s²) dropped), so its PPO ratio is
+        ``2s²`` times sharper-scaled than the Gaussian's: clip ranges do not carry over between the types.
+
+    SDE window (``sde_window=(start, end)``; Flow-GRPO-Fast, MixGRPO): the noise level is 0 (Euler ODE,
+    ``s = 0``) at every step outside ``start ≤ i < end``, so only window steps are stochastic and trained.
+
     Both:  x_{i+1} = μ + s z,  z ~ N(0, I)
            log p(x_{i+1} | x_i) = R_{C,h,w}[ −(x_{i+1} − μ)² / (2 s²) − log s − ½ log 2π ]
 
@@ -68,6 +79,8 @@ import torch
 from diffalign.models.base import Conditioning
 
 Reduction = Literal["mean", "sum"]
+SDEType = Literal["sde", "cps"]
+SDE_TYPES = ("sde", "cps")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -196,7 +209,11 @@ class Sampler(ABC):
             else:
                 prev_sample = mean
         prev_sample = prev_sample.float()
-        return StepOutput(prev_sample, gaussian_log_prob(prev_sample, mean, std, self.reduction), mean, std, pred_x0)
+        return StepOutput(prev_sample, self.log_prob(prev_sample, mean, std), mean, std, pred_x0)
+
+    def log_prob(self, prev_sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """``[B]`` the transition log-prob of ``prev_sample`` (:func:`gaussian_log_prob`, 0 where ``std == 0``)."""
+        return gaussian_log_prob(prev_sample, mean, std, self.reduction)
 
     @property
     @abstractmethod
@@ -288,18 +305,29 @@ class FlowSDESampler(Sampler):
             ``calculate_shift(image_seq_len, ...)``); must be None otherwise.
         sigmas: the unshifted σ grid the pipeline passes to ``set_timesteps`` (Qwen-Image, Z-Image:
             ``linspace(1, 1/T, T)``); None for the scheduler's own (SD3).
+        sde_type: ``"sde"`` (Flow-GRPO's SDE, the default) or ``"cps"`` (coefficient-preserving
+            sampling; Flow-GRPO-Fast's configs use it with noise level 0.8).
+        sde_window: ``(start, end)``: noise only at steps ``start ≤ i < end``, Euler ODE steps
+            elsewhere (Flow-GRPO-Fast, MixGRPO); None: every step stochastic.
     """
 
     kind = "flow_sde"
 
     def __init__(self, scheduler_config: dict, num_steps: int = 10, noise_level: float = 0.7,
-                 reduction: Reduction = "mean", mu: float | None = None, sigmas: list[float] | None = None):
+                 reduction: Reduction = "mean", mu: float | None = None, sigmas: list[float] | None = None,
+                 sde_type: SDEType = "sde", sde_window: tuple[int, int] | None = None):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
         if noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {noise_level}")
+        if sde_type not in SDE_TYPES:
+            raise ValueError(f"sde_type must be one of {SDE_TYPES}, not {sde_type!r}")
+        if sde_window is not None:
+            sde_window = (int(sde_window[0]), int(sde_window[1]))
+            if not 0 <= sde_window[0] < sde_window[1] <= num_steps:
+                raise ValueError(f"sde_window {sde_window} must satisfy 0 <= start < end <= num_steps ({num_steps})")
         sched = FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
         if sched.config.get("invert_sigmas", False) or sched.config.get("stochastic_sampling", False):
             raise ValueError("flow SDE sampling needs sigmas running from 1 to 0 with Euler steps "
@@ -313,14 +341,25 @@ class FlowSDESampler(Sampler):
         sched.set_timesteps(None if sigmas is not None else num_steps, sigmas=sigmas, mu=mu)
         self.scheduler, self.mu, self.custom_sigmas = sched, mu, sigmas
         self.num_steps, self.noise_level, self.reduction = num_steps, float(noise_level), reduction
+        self.sde_type, self.sde_window = sde_type, sde_window
         self.init_noise_sigma = float(getattr(sched, "init_noise_sigma", 1.0))  # the SD3 pipeline does not scale
         self.timesteps = sched.timesteps.clone().float()                          # [T] 1000·σ
         self.sigmas = sched.sigmas.clone().float()                                # [T+1], last 0
         sigma, sigma_next = self.sigmas[:-1], self.sigmas[1:]
         self.dt = sigma_next - sigma                                              # [T] < 0
-        denom = 1 - torch.where(sigma == 1, self.sigmas[1], sigma)
-        self.g = self.noise_level * (sigma / denom) ** 0.5                        # [T] Flow-GRPO's std_dev_t
-        self.stds = self.g * (-self.dt) ** 0.5                                    # [T] s_i
+        levels = torch.full((num_steps,), self.noise_level)                       # [T] per-step a / η
+        if sde_window is not None:
+            inside = torch.zeros(num_steps, dtype=torch.bool)
+            inside[sde_window[0]:sde_window[1]] = True
+            levels = torch.where(inside, levels, torch.zeros_like(levels))
+        self.levels = levels
+        if sde_type == "cps":
+            self.stds = sigma_next * torch.sin(levels * math.pi / 2)              # [T] s_i = σ' sin(ηπ/2)
+            self.g = self.stds                                                    # Flow-GRPO's std_dev_t for cps
+        else:
+            denom = 1 - torch.where(sigma == 1, self.sigmas[1], sigma)
+            self.g = levels * (sigma / denom) ** 0.5                              # [T] Flow-GRPO's std_dev_t
+            self.stds = self.g * (-self.dt) ** 0.5                                # [T] s_i
 
     @classmethod
     def from_scheduler(cls, scheduler, **kwargs) -> FlowSDESampler:
@@ -336,13 +375,31 @@ class FlowSDESampler(Sampler):
         g = _gather(self.g, step_index, x)
         std = _gather(self.stds, step_index, x)
         v = model_output
+        if self.sde_type == "cps":
+            sigma_next = sigma + dt
+            pred_x0, pred_x1 = x - sigma * v, x + (1 - sigma) * v
+            mean = (1 - sigma_next) * pred_x0 + (sigma_next**2 - std**2).clamp(min=0) ** 0.5 * pred_x1
+            return mean, std, pred_x0
         mean = x * (1 + g**2 / (2 * sigma) * dt) + v * (1 + g**2 * (1 - sigma) / (2 * sigma)) * dt
         return mean, std, x - sigma * v
+
+    def log_prob(self, prev_sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """``sde``: the Gaussian log-density; ``cps``: Flow-GRPO's ``−R[(x' − μ)²]`` (module docstring)."""
+        if self.sde_type != "cps":
+            return super().log_prob(prev_sample, mean, std)
+        stochastic = (std.float() > 0).expand_as(mean)
+        elem = -((prev_sample.detach().float() - mean.float()) ** 2)
+        return _reduce(elem * stochastic, self.reduction)
+
+    def with_window(self, sde_window: tuple[int, int] | None) -> FlowSDESampler:
+        """The same sampler with noise only at steps ``start ≤ i < end`` (Euler ODE steps elsewhere)."""
+        return sampler_from_config({**self.config, "sde_window": sde_window})
 
     @property
     def config(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_steps": self.num_steps, "noise_level": self.noise_level,
-                "reduction": self.reduction, "mu": self.mu, "sigmas": self.custom_sigmas,
+                "reduction": self.reduction, "mu": self.mu, "sigmas": self.custom_sigmas, "sde_type": self.sde_type,
+                "sde_window": None if self.sde_window is None else list(self.sde_window),
                 "scheduler_config": dict(self.scheduler.config)}
 
 
@@ -359,12 +416,14 @@ def sampler_from_config(config: dict[str, Any]) -> Sampler:
 
 
 def make_sampler(backbone_or_scheduler, num_steps: int, eta: float | None = None,
-                 reduction: Reduction = "mean", resolution: int | None = None) -> Sampler:
+                 reduction: Reduction = "mean", resolution: int | None = None, sde_type: SDEType = "sde",
+                 sde_window: tuple[int, int] | None = None) -> Sampler:
     """The sampler for a backbone's (or scheduler's) family.
 
     Flow-matching schedulers (SD3) give :class:`FlowSDESampler` with noise level ``eta`` (default
-    0.7, Flow-GRPO), on the σ grid the pipeline samples a ``resolution``² image with (the backbone's
-    ``flow_schedule``: Qwen-Image's resolution-dependent shift; None = the pipeline's default size);
+    0.7, Flow-GRPO), ``sde_type`` (``"sde"`` or ``"cps"``) and an optional ``sde_window``, on the σ
+    grid the pipeline samples a ``resolution``² image with (the backbone's ``flow_schedule``:
+    Qwen-Image's resolution-dependent shift; None = the pipeline's default size);
     DDPM-type schedulers give :class:`DDIMSampler` with η = ``eta`` (default 1.0, ddpo-pytorch).
     """
     scheduler = getattr(backbone_or_scheduler, "scheduler", backbone_or_scheduler)
@@ -372,9 +431,13 @@ def make_sampler(backbone_or_scheduler, num_steps: int, eta: float | None = None
         schedule = getattr(backbone_or_scheduler, "flow_schedule", None)
         extra = schedule(num_steps, resolution, resolution) if schedule is not None else {}
         return FlowSDESampler.from_scheduler(scheduler, num_steps=num_steps,
-                                             noise_level=0.7 if eta is None else eta, reduction=reduction, **extra)
+                                             noise_level=0.7 if eta is None else eta, reduction=reduction,
+                                             sde_type=sde_type, sde_window=sde_window, **extra)
     if not hasattr(scheduler, "alphas_cumprod"):
         raise TypeError(f"no sampler for {type(scheduler).__name__}: need a flow-matching or DDPM-type scheduler")
+    if sde_type != "sde" or sde_window is not None:
+        raise ValueError(f"sde_type {sde_type!r} / sde_window are options of the flow SDE sampler (flow-matching "
+                         f"models such as SD3), not of {type(scheduler).__name__}'s DDIM sampler")
     return DDIMSampler.from_scheduler(scheduler, num_steps=num_steps, eta=1.0 if eta is None else eta,
                                       reduction=reduction)
 
@@ -423,6 +486,8 @@ class Trajectory:
         uncond: ``[B]`` the CFG negative conditioning (None without CFG).
         guidance_scale: CFG weight ``w`` used at every step.
         sampler: the sampler (schedule, η / noise level, reduction).
+        means: ``[B, T, C, h, w]`` the sampling policy's transition means μ_old (GRPO-Guard's RatioNorm),
+            recorded only with ``sample_trajectory(..., record_means=True)``; None otherwise.
     """
 
     latents: torch.Tensor
@@ -432,6 +497,7 @@ class Trajectory:
     uncond: Conditioning | None
     guidance_scale: float
     sampler: Sampler
+    means: torch.Tensor | None = None
 
     @property
     def eta(self) -> float:
@@ -455,13 +521,15 @@ class Trajectory:
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
         return dataclasses.replace(self, latents=self.latents[index], log_probs=self.log_probs[index],
-                                   cond=self.cond[index], uncond=None if self.uncond is None else self.uncond[index])
+                                   cond=self.cond[index], uncond=None if self.uncond is None else self.uncond[index],
+                                   means=None if self.means is None else self.means[index])
 
     def to(self, device: torch.device | str) -> Trajectory:
         """A copy with every tensor on ``device`` (e.g. park a rollout buffer on the CPU)."""
         uncond = None if self.uncond is None else self.uncond.to(device)
         return dataclasses.replace(self, latents=self.latents.to(device), log_probs=self.log_probs.to(device),
-                                   cond=self.cond.to(device), uncond=uncond)
+                                   cond=self.cond.to(device), uncond=uncond,
+                                   means=None if self.means is None else self.means.to(device))
 
     @staticmethod
     def cat(items: Sequence[Trajectory]) -> Trajectory:
@@ -470,7 +538,8 @@ class Trajectory:
         return dataclasses.replace(first, latents=torch.cat([t.latents for t in items]),
                                    log_probs=torch.cat([t.log_probs for t in items]),
                                    cond=Conditioning.cat([t.cond for t in items]),
-                                   uncond=None if first.uncond is None else Conditioning.cat([t.uncond for t in items]))
+                                   uncond=None if first.uncond is None else Conditioning.cat([t.uncond for t in items]),
+                                   means=None if first.means is None else torch.cat([t.means for t in items]))
 
 
 def initial_latents(backbone, sampler: Sampler, batch_size: int, *, generator=None, height: int | None = None,
@@ -539,7 +608,7 @@ def prepare_guidance(backbone, cond: Conditioning, uncond: Conditioning | None,
 @torch.no_grad()
 def sample_trajectory(backbone, sampler: Sampler, cond: Conditioning, *, uncond: Conditioning | None = None,
                       guidance_scale: float = 1.0, latents: torch.Tensor | None = None, generator=None,
-                      height: int | None = None, width: int | None = None) -> Trajectory:
+                      height: int | None = None, width: int | None = None, record_means: bool = False) -> Trajectory:
     """Sample ``B = len(cond)`` trajectories and record every latent and transition log-prob.
 
     Args:
@@ -552,6 +621,7 @@ def sample_trajectory(backbone, sampler: Sampler, cond: Conditioning, *, uncond:
             :func:`initial_latents` otherwise.
         generator: a ``torch.Generator`` (or one per sample) for the initial and per-step noise,
             consumed in the pipeline's order.
+        record_means: also keep every transition mean μ (``traj.means [B, T, C, h, w]``).
     Returns:
         :class:`Trajectory` with ``latents [B, T+1, C, h, w]`` and ``log_probs [B, T]``.
     """
@@ -559,15 +629,17 @@ def sample_trajectory(backbone, sampler: Sampler, cond: Conditioning, *, uncond:
     if latents is None:
         latents = initial_latents(backbone, sampler, len(cond), generator=generator, height=height, width=width)
     x = latents.to(backbone.device, torch.float32)
-    all_latents, all_log_probs = [x], []
+    all_latents, all_log_probs, all_means = [x], [], []
     for i in range(sampler.num_steps):
         noise = draw_step_noise(sampler, x, generator, backbone.dtype)
         out = denoise_step(backbone, sampler, x, i, cond, uncond, guidance_scale, noise=noise)
         x = out.prev_sample
         all_latents.append(x)
         all_log_probs.append(out.log_prob)
+        if record_means:
+            all_means.append(out.mean)
     return Trajectory(torch.stack(all_latents, dim=1), sampler.timesteps.clone(), torch.stack(all_log_probs, dim=1),
-                      cond, uncond, guidance_scale, sampler)
+                      cond, uncond, guidance_scale, sampler, torch.stack(all_means, dim=1) if record_means else None)
 
 
 # ---------------------------------------------------------------------------------------- rescoring

@@ -9,13 +9,15 @@ peak memory (CUDA allocator peak on a GPU, peak resident set size on a CPU).
 `diffalign bench RECIPE.yaml --sampling`: rollout throughput of the on-line methods instead:
 trajectories/s of :func:`diffalign.core.sampling.sample_trajectory` (every latent and per-step
 log-prob recorded, CFG included) on the recipe's model at its sampling size (:func:`sampling_resolution`),
-and the peak memory.
+and the peak memory. On flow models ``--sde-type cps`` times the coefficient-preserving SDE (default: the
+recipe method's ``sde_type``) and ``--sde-window START,END`` an ODE rollout with the SDE on those steps only
+(Flow-GRPO-Fast, MixGRPO).
 
 For a reward-backprop recipe (AlignProp, DRaFT-K, DRaFT-LV, ReFL) `diffalign bench RECIPE.yaml`
 times whole training steps instead: sampling with gradients, VAE decoding, the differentiable
 reward and the backward pass; it reports optimizer steps/s, prompts/s and the peak memory.
 
-For an on-line recipe (DDPO, GRPO, Flow-GRPO, Pref-GRPO, D3PO, SePPO) `diffalign bench RECIPE.yaml`
+For an on-line recipe (DDPO, GRPO, Flow-GRPO and its variants, Pref-GRPO, D3PO, SePPO) `diffalign bench RECIPE.yaml`
 times the method's two phases separately: one rollout (sampling with log-probs, rewards or labels,
 advantages; trajectories/s) and ``--steps`` optimizer steps of its updates on the stored transitions
 (steps/s, each step ``train.batch_size × gradient_accumulation_steps`` units at the trained denoising
@@ -49,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--eta", type=float, default=None,
                           help="DDIM eta / flow noise level (default: 1.0 DDIM, 0.7 flow)")
     sampling.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance weight")
+    sampling.add_argument("--sde-type", choices=("sde", "cps"), default=None,
+                          help="flow models' SDE: sde (Flow-GRPO) or cps (coefficient-preserving); "
+                               "default: the recipe's method.sde_type, else sde")
+    sampling.add_argument("--sde-window", default=None, metavar="START,END",
+                          help="flow models: noise only at steps START <= i < END, ODE elsewhere "
+                               "(Flow-GRPO-Fast / MixGRPO windows)")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -254,9 +262,11 @@ def sampling_resolution(recipe, backbone) -> int:
 
 
 def bench_sampling(recipe, batches: int = 5, warmup: int = 1, num_steps: int = 20, batch_size: int = 4,
-                   eta: float | None = None, guidance_scale: float = 5.0) -> dict:
+                   eta: float | None = None, guidance_scale: float = 5.0, sde_type: str | None = None,
+                   sde_window: tuple[int, int] | None = None) -> dict:
     """Time ``batches`` calls of ``sample_trajectory`` (``batch_size`` trajectories of ``num_steps``
-    steps each) on the recipe's model; returns trajectories/s and peak memory as a dict."""
+    steps each) on the recipe's model; returns trajectories/s and peak memory as a dict. Flow models
+    take ``sde_type`` (default: the recipe method's, else ``sde``) and an SDE window ``(start, end)``."""
     from diffalign.core.sampling import make_sampler, sample_trajectory
     from diffalign.models.loading import load_backbone, resolve_pretrained
 
@@ -267,7 +277,9 @@ def bench_sampling(recipe, batches: int = 5, warmup: int = 1, num_steps: int = 2
                              revision=recipe.model.revision, variant=recipe.model.variant,
                              torch_dtype=None if dtype == torch.float32 else dtype)
     backbone.to(device)
-    sampler = make_sampler(backbone, num_steps, eta=eta)
+    if sde_type is None:
+        sde_type = getattr(recipe.method.config, "sde_type", "sde")
+    sampler = make_sampler(backbone, num_steps, eta=eta, sde_type=sde_type, sde_window=sde_window)
     prompts = ["a photo of a red cat and a blue dog"] * batch_size
     cond = backbone.encode_prompt(prompts)
     generator = torch.Generator(device).manual_seed(recipe.train.seed)
@@ -299,6 +311,9 @@ def bench_sampling(recipe, batches: int = 5, warmup: int = 1, num_steps: int = 2
         "resolution": size,
         "sampler": sampler.kind,
         "eta": sampler.eta,
+        "sde_type": getattr(sampler, "sde_type", None),
+        "sde_window": None if getattr(sampler, "sde_window", None) is None else list(sampler.sde_window),
+        "stochastic_steps": int((sampler.stds > 0).sum()),
         "num_steps": num_steps,
         "guidance_scale": guidance_scale,
         "batch_size": batch_size,
@@ -312,8 +327,11 @@ def summary(result: dict) -> list[str]:
     """The printed lines of a result of any mode."""
     r = result
     if r.get("mode") == "sampling":
+        kind = r["sampler"] if not r.get("sde_type") else f"{r['sampler']} ({r['sde_type']})"
+        window = f", SDE window {r['sde_window']}" if r.get("sde_window") else ""
         head = (f"sampling with log-probs on {r['model']} ({r['device']}, {r['dtype']}, {r['resolution']}px): "
-                f"{r['sampler']} eta {r['eta']}, {r['num_steps']} steps, CFG {r['guidance_scale']}, batch {r['batch_size']}")
+                f"{kind} eta {r['eta']}{window}, {r['num_steps']} steps, CFG {r['guidance_scale']}, "
+                f"batch {r['batch_size']}")
         return [head, f"  {r['trajectories_per_s']:.2f} trajectories/s"]
     if r.get("mode") == "online":
         rollout = (f"  rollout: {r['rollout_trajectories']} trajectories in {r['rollout_seconds']:.1f} s "
@@ -334,6 +352,16 @@ def summary(result: dict) -> list[str]:
             f"the cached step takes {r['cached_over_floor']:.2f}x the floor"]
 
 
+def _window_arg(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        start, end = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--sde-window must be START,END (two integers), not {text!r}") from None
+    return start, end
+
+
 def run(args: argparse.Namespace) -> int:
     from diffalign.trainers.registry import get_method, load_recipe
 
@@ -341,7 +369,8 @@ def run(args: argparse.Namespace) -> int:
     kind = get_method(recipe.method["name"]).kind
     if args.sampling:
         result = bench_sampling(recipe, batches=args.steps, warmup=args.warmup, num_steps=args.num_steps,
-                                batch_size=args.batch_size, eta=args.eta, guidance_scale=args.guidance_scale)
+                                batch_size=args.batch_size, eta=args.eta, guidance_scale=args.guidance_scale,
+                                sde_type=args.sde_type, sde_window=_window_arg(args.sde_window))
     elif kind == "online":
         result = bench_online(recipe, steps=args.steps, warmup=args.warmup)
     elif kind == "backprop":

@@ -26,7 +26,8 @@ with ``win_rate`` the Pref-GRPO pairwise win rate of each image within its group
 
 The sampler follows the model: DDIM with η on SD1.x/2.x/SDXL (DDPO), the flow SDE on SD3
 (Flow-GRPO). Methods: ``ddpo``, ``grpo``, ``flow-grpo``, ``pref-grpo`` (same loss; their configs
-carry each original's defaults).
+carry each original's defaults). The flow-SDE variants ``flow-grpo-fast``, ``mixgrpo`` and
+``grpo-guard`` build on these in :mod:`diffalign.trainers.flow_grpo_variants`.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ import torch
 
 from diffalign.core.positions import stable_seed
 from diffalign.core.sampling import (
+    SDE_TYPES,
     Sampler,
     Trajectory,
     initial_latents,
@@ -83,6 +84,8 @@ class RolloutConfig:
         num_inner_epochs: passes over one rollout before sampling again.
         reduction: ``mean`` (the originals; clip ranges of 1e-4 assume it) or ``sum`` over latent
             dims in the per-step log-prob.
+        sde_type: flow models' SDE: ``sde`` (Flow-GRPO's, the default) or ``cps`` (coefficient-preserving
+            sampling, :class:`~diffalign.core.sampling.FlowSDESampler`); DDIM models accept only ``sde``.
     """
 
     prompts: str | list[str] = "shapes"
@@ -96,6 +99,11 @@ class RolloutConfig:
     timestep_fraction: float = 1.0
     num_inner_epochs: int = 1
     reduction: str = "mean"
+    sde_type: str = "sde"
+
+    def __post_init__(self):
+        if self.sde_type not in SDE_TYPES:
+            raise ValueError(f"method.sde_type must be one of {', '.join(SDE_TYPES)}, not {self.sde_type!r}")
 
 
 def load_prompts(spec: str | Sequence[str], options: dict[str, Any] | None = None) -> list[str]:
@@ -177,6 +185,7 @@ class OnlineMethod:
     config_class: ClassVar[type]
     kind: ClassVar[str]  # set by register_method
     units_per_sample: ClassVar[int] = 1  # trajectories per unit (2 for D3PO's pairs)
+    records_means: ClassVar[bool] = False  # rollouts keep every transition mean (GRPO-Guard's μ_old)
     trains_on_steps: ClassVar[bool] = True  # needs stochastic sampler steps (SePPO does not)
 
     def __init__(self, config: RolloutConfig, backbone):
@@ -187,7 +196,8 @@ class OnlineMethod:
         self.config = config
         self.backbone = backbone
         self.sampler: Sampler = make_sampler(backbone, config.num_steps, eta=config.eta,
-                                             reduction=config.reduction, resolution=config.resolution)
+                                             reduction=config.reduction, resolution=config.resolution,
+                                             sde_type=config.sde_type)
         if self.trains_on_steps:
             trainable_steps(self.sampler)  # fail now, not after the first rollout
 
@@ -257,7 +267,8 @@ class OnlineMethod:
                 chunk = list(texts[start:start + per_call])
                 parts.append(sample_trajectory(backbone, self.sampler, backbone.encode_prompt(chunk),
                                                guidance_scale=cfg.guidance_scale,
-                                               latents=x0[start:start + per_call], generator=g))
+                                               latents=x0[start:start + per_call], generator=g,
+                                               record_means=self.records_means))
         return Trajectory.cat(parts)
 
 

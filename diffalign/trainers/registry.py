@@ -25,6 +25,7 @@ from typing import Any
 import diffalign.text.methods  # noqa: F401
 import diffalign.trainers.dcpo  # noqa: F401
 import diffalign.trainers.dpo  # noqa: F401
+import diffalign.trainers.flow_grpo_variants  # noqa: F401
 import diffalign.trainers.inpo  # noqa: F401
 import diffalign.trainers.inversion_dpo  # noqa: F401
 import diffalign.trainers.kto  # noqa: F401
