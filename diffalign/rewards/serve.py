@@ -69,7 +69,6 @@ def parse_score_request(body: dict[str, Any], max_batch: int) -> tuple[list[Imag
             raise BadRequest(f"'images_npy' must be uint8 [B, H, W, 3], got {arr.dtype} {list(arr.shape)}",
                              "images_npy")
         count = len(arr)
-        images = None
     else:
         files = body["images_png"]
         if not isinstance(files, list):
@@ -260,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"serving reward {reward.name!r} on {server.url} (device {reward.device}, max_batch {args.max_batch}); "
           f"use it as remote:{server.url}", file=sys.stderr, flush=True)
 
-    def stop(signum, frame):  # SIGTERM: finish the request in flight, then return like Ctrl-C
+    def stop(signum, frame):  # SIGTERM: stop serving and return 0, like Ctrl-C
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None

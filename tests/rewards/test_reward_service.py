@@ -269,3 +269,13 @@ def test_grpo_with_a_reward_served_by_another_process_is_the_same_run(tmp_path):
     assert all(torch.equal(lora_remote[k], lora_local[k]) and torch.equal(lora_async[k], lora_local[k])
                for k in lora_local)
     assert any(not torch.equal(v, torch.zeros_like(v)) for v in lora_local.values())
+
+
+def test_training_with_a_served_reward_that_is_down_is_one_line(tmp_path, capsys):
+    url = f"http://127.0.0.1:{free_port()}"
+    rc = main(["train", str(REPO / "pipelines" / "shapes-grpo.yaml"), f"--method.reward=remote:{url}",
+               f'--method.reward_options={{"remote:{url}": {{"retries": 1, "backoff": 0.05, "timeout": 1}}}}',
+               f"--train.output_dir={tmp_path / 'run'}", "--train.max_steps=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "after 2 tries (ConnectionRefusedError" in err[-1] and "diffalign reward serve" in err[-1]
+    assert not (tmp_path / "run" / "final").exists()
