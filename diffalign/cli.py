@@ -1,4 +1,4 @@
-"""The `diffalign` command: `train | score | eval | data | demo | bench | shapes`.
+"""The `diffalign` command: `train | score | reward serve | eval | data | demo | bench | shapes`.
 
 Each subcommand lives in the module that owns its work and exposes two functions:
 ``add_arguments(parser)`` and ``run(args) -> int``. The modules are imported only when
@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("diffalign.trainers.cli", "train a model from a recipe (YAML) with --key.sub=value overrides"),
     "score": ("diffalign.rewards.cli", "score images with one or more reward models"),
+    "reward": ("diffalign.rewards.serve", "reward service: `reward serve NAME` hosts a reward over HTTP (remote:URL)"),
     "eval": ("diffalign.eval.cli", "benchmark a model (or two, paired): generate, score, results.json, report.html"),
     "data": ("diffalign.data.cli", "build, label and inspect preference data"),
     "rewrite": ("diffalign.text.cli", "prompt rewriter: generate rewrites, train text methods, build pairs from images"),

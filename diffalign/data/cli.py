@@ -128,10 +128,10 @@ def _pairs_of(options: list[str], flag: str) -> dict[str, str]:
 def label_command(args: argparse.Namespace):
     """``diffalign data label``: load the rewards, then :func:`diffalign.data.label.label`."""
     from diffalign.data.label import label as run_label
-    from diffalign.rewards.registry import list_rewards, load_reward
+    from diffalign.rewards.registry import is_reward, list_rewards, load_reward
 
     names = [n.strip() for n in args.reward.split(",") if n.strip()]
-    unknown = [n for n in names if n.lower() not in list_rewards() and not Path(n).is_dir()]
+    unknown = [n for n in names if not is_reward(n) and not Path(n).is_dir()]
     if not names or unknown:
         raise ValueError(f"unknown reward(s) {unknown}; registered: {', '.join(list_rewards())}")
     local = _pairs_of(args.reward_weights, "--reward-weights")

@@ -124,12 +124,12 @@ def _detector_spec(cfg: EvalConfig, images: list[GeneratedImage], notes: list[st
 
 
 def check_rewards(names: Sequence[str]) -> None:
-    """Every reward is registered (or a folder with a ``reward.yaml``): a
+    """Every reward is registered (or a folder with a ``reward.yaml``, or a served ``remote:URL``): a
     :class:`~diffalign.errors.UsageError` naming the unknown ones, before any image is generated."""
     from diffalign.errors import UsageError
-    from diffalign.rewards import list_rewards
+    from diffalign.rewards import is_reward, list_rewards
 
-    unknown = [n for n in names if n.lower() not in list_rewards() and not (Path(n) / "reward.yaml").is_file()]
+    unknown = [n for n in names if not is_reward(n)]
     if unknown:
         raise UsageError(f"unknown reward(s) {unknown} in scoring.rewards (--rewards); registered: "
                          f"{', '.join(list_rewards())}, or a folder with a reward.yaml")

@@ -10,6 +10,7 @@ backprop (AlignProp, DRaFT, ReFL). Images are PIL images or float tensors ``[B, 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -74,15 +75,21 @@ def to_tensor(images: Images) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """A ``[B, 3, H, W]`` tensor in [0, 1] -> the 8-bit images ``[B, H, W, 3]`` (``round(x*255)``, clamped):
+    what a saved PNG holds, and what every reward's exact mode scores."""
+    arr = (to_tensor(images).detach().float().cpu() * 255).round().clamp(0, 255).to(torch.uint8)
+    return arr.permute(0, 2, 3, 1).contiguous().numpy()
+
+
 def to_pil(images: Images) -> list[Image.Image]:
-    """A ``[B, 3, H, W]`` tensor in [0, 1] -> RGB PIL images (``round(x*255)``, clamped); PIL passes through
+    """A ``[B, 3, H, W]`` tensor in [0, 1] -> RGB PIL images (:func:`to_uint8`); PIL passes through
     (as RGB, transparency composited on white)."""
     if not isinstance(images, torch.Tensor):
         from diffalign.data.pairs import to_rgb
 
         return [to_rgb(im) for im in images]
-    arr = (to_tensor(images).detach().float().cpu() * 255).round().clamp(0, 255).to(torch.uint8)
-    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
+    return [Image.fromarray(a) for a in to_uint8(images)]
 
 
 class RewardModel(torch.nn.Module):
@@ -137,6 +144,18 @@ class RewardModel(torch.nn.Module):
             for i in range(0, n, self.batch_size):
                 out.append(self._score(images[i:i + self.batch_size], list(prompts[i:i + self.batch_size])).float())
         return torch.cat(out)
+
+    def score_async(self, images: Images, prompts: Sequence[Any]) -> Future:
+        """:meth:`score` as a ``concurrent.futures.Future`` of the scores ``[B]``. An in-process reward scores
+        at once, on the calling thread, and returns a finished future (the same numbers as :meth:`score`);
+        :class:`~diffalign.rewards.remote.RemoteReward` sends the request from a worker thread and returns
+        before the server answers, so a rollout can sample its next batch meanwhile."""
+        future: Future = Future()
+        try:
+            future.set_result(self.score(images, prompts))
+        except Exception as e:  # re-raised by future.result(), where the caller waits
+            future.set_exception(e)
+        return future
 
     def forward(self, images: Images, prompts: Sequence[Any]) -> torch.Tensor:
         return self.score(images, prompts)

@@ -37,7 +37,8 @@ from diffalign.rewards.scoring import (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--reward", required=True, help="reward name(s), comma-separated (see --list)")
+    parser.add_argument("--reward", required=True, help="reward name(s), comma-separated (see --list), or a "
+                        "served one: remote:http://HOST:PORT (`diffalign reward serve NAME`)")
     parser.add_argument("--images", help="folder of images, or a parquet file")
     parser.add_argument("--prompts", help="prompts: .txt (one per line, sorted image order), .json or .csv mapping")
     parser.add_argument("--out", help="scores.csv or scores.json (default: CSV on stdout)")
@@ -71,10 +72,10 @@ def write_rows(rows: list[dict], out: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffalign.rewards.registry import list_rewards, load_reward
+    from diffalign.rewards.registry import is_reward, list_rewards, load_reward
 
     names = [n.strip() for n in args.reward.split(",") if n.strip()]
-    unknown = [n for n in names if n.lower() not in list_rewards() and not Path(n).is_dir()]
+    unknown = [n for n in names if not is_reward(n) and not Path(n).is_dir()]
     if unknown:
         print(f"error: unknown reward(s) {unknown}; registered: {', '.join(list_rewards())}", file=sys.stderr)
         return 2

@@ -27,6 +27,8 @@ def register_reward(name: str) -> Callable[[Callable[..., RewardModel]], Callabl
     """Decorator: register a factory ``(**kw) -> RewardModel`` under ``name`` (lower case)."""
     def deco(factory: Callable[..., RewardModel]) -> Callable[..., RewardModel]:
         key = name.lower()
+        if key.startswith("remote:"):
+            raise ValueError(f"reward names cannot start with 'remote:' (that prefix names a served reward): {name!r}")
         if key in _FACTORIES and _FACTORIES[key] is not factory:
             raise ValueError(f"reward {name!r} is already registered")
         _FACTORIES[key] = factory
@@ -37,6 +39,15 @@ def register_reward(name: str) -> Callable[[Callable[..., RewardModel]], Callabl
 def list_rewards() -> list[str]:
     """Registered reward names, sorted."""
     return sorted(_FACTORIES)
+
+
+def is_reward(name: str | os.PathLike) -> bool:
+    """Whether :func:`load_reward` takes ``name``: a registered name, a folder with a ``reward.yaml``, or a
+    served reward ``remote:URL`` (:mod:`diffalign.rewards.remote`; whether it answers is checked on loading)."""
+    from diffalign.rewards.remote import is_remote
+
+    return (str(name).lower() in _FACTORIES or (Path(name) / "reward.yaml").is_file()
+            or is_remote(str(name)))
 
 
 def card_dirs() -> list[Path]:
@@ -65,7 +76,20 @@ def load_reward(name_or_path: str | os.PathLike, allow_pickle: bool = False, **k
     Weights load from safetensors only: a pickled checkpoint (``.pt``/``.pth``/``.bin``) is refused, naming
     ``--allow-pickle``, unless ``allow_pickle=True``. It reaches the factories that name ``allow_pickle`` in
     their signature (those that read weight files); a ``reward.yaml`` cannot set it (a folder must not opt
-    itself in)."""
+    itself in).
+
+    ``remote:http://HOST:PORT`` (or ``remote:NAME@HOST:PORT``) is a reward served by ``diffalign reward serve``
+    in another process (:class:`~diffalign.rewards.remote.RemoteReward`; ``kw``: ``timeout``, ``retries``,
+    ``backoff``, ``batch_size``); its weights and ``allow_pickle`` are the server's business."""
+    from diffalign.rewards.remote import is_remote
+
+    if is_remote(str(name_or_path)):
+        from diffalign.rewards.remote import RemoteReward
+
+        if "weights" in kw:
+            raise ValueError(f"{name_or_path}: a served reward's weights are loaded by the server; pass --weights "
+                             "to `diffalign reward serve` instead")
+        return RemoteReward.from_spec(str(name_or_path), **kw)
     path = Path(name_or_path)
     if path.is_dir() and (path / "reward.yaml").is_file():
         import yaml

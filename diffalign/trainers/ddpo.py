@@ -76,6 +76,11 @@ class DDPOConfig(RolloutConfig):
         kl_beta: weight of the KL to the reference model (0: DDPO has no KL).
         same_initial_noise: every image of a group starts from the same noise (DanceGRPO's
             ``init_same_noise``).
+        async_reward: score each sampler call's images while the next call samples (ddpo-pytorch's
+            ``async_reward_computation``, off there too): worth it for a served reward (``reward:
+            remote:URL``, ``diffalign reward serve``), whose requests run on a worker thread. Each call's
+            images are then decoded on their own; the scores, and so the run, equal the synchronous ones
+            whenever the VAE decode does not depend on how the batch is split (checked on Shapes).
     """
 
     num_steps: int = 50
@@ -94,6 +99,7 @@ class DDPOConfig(RolloutConfig):
     clip_range: float = 1e-4
     kl_beta: float = 0.0
     same_initial_noise: bool = False
+    async_reward: bool = False
 
 
 @dataclass
@@ -193,9 +199,8 @@ class DDPO(OnlineMethod):
         cfg, acc = self.config, run.accelerator
         g = cfg.images_per_prompt
         texts = [p for p in self.epoch_prompts(run, epoch, self.prompts) for _ in range(g)]
-        traj = self.sample(run, texts, epoch, shared_noise=g if cfg.same_initial_noise else 1)
-        images = self.backbone.decode_latents(traj.final)
-        raw = self.reward.score(images, texts).float().cpu()
+        traj, raw = self.sample_and_score(run, texts, epoch, self.reward, overlap=cfg.async_reward,
+                                          shared_noise=g if cfg.same_initial_noise else 1)
         all_raw = gather_float(acc, raw)
         all_texts = _gather_texts(acc, texts)
         rewards = raw_to_rewards(all_raw, g, cfg)

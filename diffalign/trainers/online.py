@@ -34,7 +34,7 @@ latest`` continues a stopped run to the same weights as an unbroken one.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -248,9 +248,11 @@ class OnlineMethod:
         idx = torch.randint(len(all_prompts), (n * acc.num_processes,), generator=g)
         return [all_prompts[i] for i in idx[acc.process_index * n:(acc.process_index + 1) * n].tolist()]
 
-    def sample(self, run: Run, texts: Sequence[str], epoch: int, *, shared_noise: int = 1) -> Trajectory:
+    def sample(self, run: Run, texts: Sequence[str], epoch: int, *, shared_noise: int = 1,
+               on_call: Callable[[Trajectory, list[str]], None] | None = None) -> Trajectory:
         """Trajectories for ``texts`` (no grad), ``sample_batch_size`` per sampler call;
-        ``shared_noise`` consecutive trajectories start from the same initial noise."""
+        ``shared_noise`` consecutive trajectories start from the same initial noise. ``on_call(part,
+        texts)`` runs after each sampler call (e.g. to start scoring it)."""
         cfg, backbone = self.config, self.backbone
         acc = run.accelerator
         per_call = (cfg.sample_batch_size or run.recipe.train.batch_size) * self.units_per_sample
@@ -269,7 +271,23 @@ class OnlineMethod:
                                                guidance_scale=cfg.guidance_scale,
                                                latents=x0[start:start + per_call], generator=g,
                                                record_means=self.records_means))
+                if on_call is not None:
+                    on_call(parts[-1], chunk)
         return Trajectory.cat(parts)
+
+    def sample_and_score(self, run: Run, texts: Sequence[str], epoch: int, reward, *, shared_noise: int = 1,
+                         overlap: bool = False) -> tuple[Trajectory, torch.Tensor]:
+        """Trajectories for ``texts`` (:meth:`sample`) and ``reward``'s scores ``[N]`` (CPU fp32) of their
+        decoded final images: all decoded and scored after sampling, or (``overlap``) each sampler call's
+        images decoded at once and handed to ``reward.score_async`` while the next call samples (a served
+        reward answers from a worker thread; an in-process one scores on the spot), all awaited at the end."""
+        if not overlap:
+            traj = self.sample(run, texts, epoch, shared_noise=shared_noise)
+            return traj, reward.score(self.backbone.decode_latents(traj.final), list(texts)).float().cpu()
+        futures = []
+        traj = self.sample(run, texts, epoch, shared_noise=shared_noise, on_call=lambda part, chunk: futures.append(
+            reward.score_async(self.backbone.decode_latents(part.final), chunk)))
+        return traj, torch.cat([f.result().float().cpu() for f in futures])
 
 
 def trainable_steps(sampler: Sampler) -> torch.Tensor:

@@ -1,0 +1,7 @@
+"""``python -m diffalign ...``: the same as the ``diffalign`` command."""
+
+import sys
+
+from diffalign.cli import main
+
+sys.exit(main())
