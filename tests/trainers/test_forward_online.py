@@ -232,3 +232,34 @@ def test_bad_options_are_clear_errors(tiny_models, tmp_path):
         main(_args(tiny_models["sd3"], tmp_path / "r", "diffusion-nft", "--method.loss_form=eps", "--train.max_steps=1"))
     with pytest.raises(ValueError, match="needs a reward"):
         main(_args(tiny_models["sd3"], tmp_path / "r", "awm", *SMALL["awm"], "--method.reward=", "--train.max_steps=1"))
+
+
+def _mean_brightness(model_dir, lora=None) -> float:
+    """Mean pixel value of 32 CFG-free 4-step diffusers samples (held-out seeds) of the tiny SD3."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(lora)
+    values = [float(pipe(prompt=PROMPTS, num_inference_steps=4, guidance_scale=1.0, height=32, width=32,
+                         output_type="np", generator=[torch.Generator().manual_seed(100 + 4 * s + i)
+                                                      for i in range(4)]).images.mean()) for s in range(8)]
+    return sum(values) / len(values)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["diffusion-nft", "awm", "dgpo"])
+def test_brightness_moves_with_the_reward_and_against_it_when_flipped(tiny_models, tmp_path, method):
+    """40 steps on `brightness` brighten the samples; the same run on the negated reward darkens them
+    (measured: base 0.457; nft 0.467 / 0.442, awm 0.461 / 0.453, dgpo 0.461 / 0.453)."""
+    common = ["--method.images_per_prompt=4", "--train.batch_size=4", "--train.gradient_accumulation_steps=2",
+              "--train.learning_rate=3e-3", "--train.max_steps=40", "--train.checkpointing_steps=0"]
+    small = {"diffusion-nft": [], "awm": SMALL["awm"], "dgpo": SMALL["dgpo"][:2]}[method]
+    out = {}
+    for name, reward in (("up", "brightness"), ("down", '{"brightness": -1.0}')):
+        run_dir = tmp_path / name
+        assert main(_args(tiny_models["sd3"], run_dir, method, *small, *common, f"--method.reward={reward}")) == 0
+        out[name] = _mean_brightness(tiny_models["sd3"], run_dir / "final")
+    base = _mean_brightness(tiny_models["sd3"])
+    assert out["up"] > base + 2e-3 and out["down"] < base - 2e-3, (base, out)
