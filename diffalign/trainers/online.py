@@ -232,6 +232,9 @@ class OnlineMethod:
     def end_epoch(self, run: Run, epoch: int) -> None:
         """Called after each complete epoch (SePPO adds a checkpoint to its reference pool)."""
 
+    def after_step(self, run: Run) -> None:
+        """Called after each optimizer step (``run.global_step`` already counts it; DGPO's EMA reference)."""
+
     # ---- resumable state beyond the weights and the optimizer
     def save_state(self, folder: Path) -> None:
         """Write the method's own state into a checkpoint folder (main process)."""
@@ -346,6 +349,7 @@ def rollout_steps(run: Run) -> Iterator[tuple[dict | None, bool]]:
                 if run.global_step >= cfg.max_steps:
                     return  # max_steps reached inside the epoch: no end-of-epoch state, no checkpoint
                 row = online_step(run, rollout, micros)
+                run.method.after_step(run)
                 row.update({"epoch": run.epoch, "inner_epoch": inner, **rollout.metrics})
                 yield row, False
         run.method.end_epoch(run, run.epoch)

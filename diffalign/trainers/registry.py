@@ -23,13 +23,16 @@ from typing import Any
 
 # every module that defines methods: their decorators fill the table
 import diffalign.text.methods  # noqa: F401
+import diffalign.trainers.awm  # noqa: F401
 import diffalign.trainers.dcpo  # noqa: F401
+import diffalign.trainers.dgpo  # noqa: F401
 import diffalign.trainers.dpo  # noqa: F401
 import diffalign.trainers.flow_grpo_variants  # noqa: F401
 import diffalign.trainers.inpo  # noqa: F401
 import diffalign.trainers.inversion_dpo  # noqa: F401
 import diffalign.trainers.kto  # noqa: F401
 import diffalign.trainers.mapo  # noqa: F401
+import diffalign.trainers.nft  # noqa: F401
 import diffalign.trainers.rankdpo  # noqa: F401
 import diffalign.trainers.sft  # noqa: F401
 import diffalign.trainers.smpo  # noqa: F401

@@ -17,7 +17,8 @@ from diffalign.trainers.registry import (
 
 EXPECTED_KINDS = {
     "offline": {"diffusion-dpo", "mapo", "kto", "sft", "inpo", "inversion-dpo", "smpo", "rankdpo", "dcpo", "tpo"},
-    "online": {"ddpo", "grpo", "flow-grpo", "pref-grpo", "d3po", "seppo", "flow-grpo-fast", "mixgrpo", "grpo-guard"},
+    "online": {"ddpo", "grpo", "flow-grpo", "pref-grpo", "d3po", "seppo", "flow-grpo-fast", "mixgrpo", "grpo-guard",
+               "diffusion-nft", "awm", "dgpo"},
     "backprop": {"alignprop", "draft", "draft-lv", "refl"},
     "video": {"densedpo"},
     "text": {"text-sft", "text-dpo", "text-kto", "text-simpo", "text-orpo"},
