@@ -29,6 +29,7 @@ import diffalign.trainers.inpo  # noqa: F401
 import diffalign.trainers.inversion_dpo  # noqa: F401
 import diffalign.trainers.kto  # noqa: F401
 import diffalign.trainers.mapo  # noqa: F401
+import diffalign.trainers.prdp  # noqa: F401
 import diffalign.trainers.rankdpo  # noqa: F401
 import diffalign.trainers.sft  # noqa: F401
 import diffalign.trainers.smpo  # noqa: F401
