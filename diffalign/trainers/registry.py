@@ -23,6 +23,7 @@ from typing import Any
 
 # every module that defines methods: their decorators fill the table
 import diffalign.text.methods  # noqa: F401
+import diffalign.trainers.adv_grpo  # noqa: F401
 import diffalign.trainers.dcpo  # noqa: F401
 import diffalign.trainers.dpo  # noqa: F401
 import diffalign.trainers.inpo  # noqa: F401
