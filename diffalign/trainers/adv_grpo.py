@@ -66,6 +66,7 @@ class AdvGRPOConfig(DDPOConfig):
         patch_weight: weight of the patch hinge term in the head's loss (0.3).
         cls_weight: weight of ``D(cls)`` in the reward, ``1 − cls_weight`` on the patches' mean (0.7).
         d_lr: Adam learning rate of the head (1e-4); d_betas: its betas ((0.5, 0.999)).
+        d_steps: Adam steps of the head per discriminator epoch, on the same samples (1, as coded).
         d_times: one generator epoch every ``d_times`` epochs, the others train the head (10).
         train_d: train the head at all (True; False keeps ``head_weights`` fixed and every epoch is GRPO's).
         normalize_scored_features: L2-normalise the features when scoring, as the original's scorer does
@@ -89,6 +90,7 @@ class AdvGRPOConfig(DDPOConfig):
     cls_weight: float = 0.7
     d_lr: float = 1e-4
     d_betas: tuple[float, float] = (0.5, 0.999)
+    d_steps: int = 1
     d_times: int = 10
     train_d: bool = True
     normalize_scored_features: bool = False
@@ -135,8 +137,8 @@ class AdvGRPO(DDPO):
             raise ValueError("adv-grpo's reward is its discriminator: leave method.reward empty")
         if not config.reference_images:
             raise ValueError("adv-grpo needs method.reference_images: a JSON {prompt: [image files]}")
-        if config.d_times < 1:
-            raise ValueError(f"d_times must be >= 1, got {config.d_times}")
+        if config.d_times < 1 or config.d_steps < 1:
+            raise ValueError(f"d_times and d_steps must be >= 1, got {config.d_times}, {config.d_steps}")
         if not 0 <= config.cls_weight <= 1:
             raise ValueError(f"cls_weight must be in [0, 1], got {config.cls_weight}")
         if config.advantage not in ADVANTAGE_MODES:
@@ -199,24 +201,26 @@ class AdvGRPO(DDPO):
             return im.convert("RGB")
 
     def train_discriminator(self, run, real, fake: torch.Tensor, epoch: int) -> dict[str, float]:
-        """One Adam step of the head on reference images ``real`` (PIL) vs generations ``fake`` ``[B, 3, H, W]``
-        (``train_dino``); gradients averaged over processes. Returns the step's metrics (gathered)."""
+        """``d_steps`` Adam steps of the head on reference images ``real`` (PIL) vs generations ``fake``
+        ``[B, 3, H, W]`` (``train_dino``; the frozen features are computed once), gradients averaged over
+        processes. Returns the last step's metrics (its loss is before that step's update; gathered)."""
         cfg, acc, head = self.config, run.accelerator, self.reward.head
         g = torch.Generator().manual_seed(stable_seed(run.recipe.train.seed, "adv-patches", epoch, acc.process_index))
-        head.train()
         (cls_r, patch_r), (cls_f, patch_f) = self.reward.features(real), self.reward.features(fake)
-        real_patch = fake_patch = None
-        if cfg.n_patches > 0 and patch_r.shape[1] > 0:
-            real_patch = head(sample_patches(patch_r, cfg.n_patches, g))
-            fake_patch = head(sample_patches(patch_f, cfg.n_patches, g))
-        loss, terms = hinge_discriminator_loss(head(cls_r), head(cls_f), real_patch, fake_patch,
-                                               patch_weight=cfg.patch_weight)
-        self.d_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if acc.num_processes > 1:
-            for p in head.parameters():
-                p.grad = acc.reduce(p.grad, reduction="mean")
-        self.d_optimizer.step()
+        head.train()
+        for _ in range(cfg.d_steps):
+            real_patch = fake_patch = None
+            if cfg.n_patches > 0 and patch_r.shape[1] > 0:
+                real_patch = head(sample_patches(patch_r, cfg.n_patches, g))
+                fake_patch = head(sample_patches(patch_f, cfg.n_patches, g))
+            loss, terms = hinge_discriminator_loss(head(cls_r), head(cls_f), real_patch, fake_patch,
+                                                   patch_weight=cfg.patch_weight)
+            self.d_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if acc.num_processes > 1:
+                for p in head.parameters():
+                    p.grad = acc.reduce(p.grad, reduction="mean")
+            self.d_optimizer.step()
         head.eval()
         out = {"d_loss": loss.detach(), **terms}
         return {k: float(gather_float(acc, v.reshape(1)).mean()) for k, v in out.items()} | {"d_epoch": float(epoch)}
