@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -80,8 +80,8 @@ class AdvGRPOConfig(DDPOConfig):
     prompts: str | list[str] = "references"
     features: str = DINO_ID
     feature_image_size: int | None = None
-    feature_mean: tuple[float, float, float] = IMAGENET_MEAN
-    feature_std: tuple[float, float, float] = IMAGENET_STD
+    feature_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    feature_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     allow_pickle: bool = False
     head_hidden: int = 512
     head_weights: str | None = None
@@ -89,7 +89,7 @@ class AdvGRPOConfig(DDPOConfig):
     patch_weight: float = 0.3
     cls_weight: float = 0.7
     d_lr: float = 1e-4
-    d_betas: tuple[float, float] = (0.5, 0.999)
+    d_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     d_steps: int = 1
     d_times: int = 10
     train_d: bool = True
@@ -137,6 +137,8 @@ class AdvGRPO(DDPO):
             raise ValueError("adv-grpo's reward is its discriminator: leave method.reward empty")
         if not config.reference_images:
             raise ValueError("adv-grpo needs method.reference_images: a JSON {prompt: [image files]}")
+        if len(config.feature_mean) != 3 or len(config.feature_std) != 3 or len(config.d_betas) != 2:
+            raise ValueError("feature_mean and feature_std need 3 numbers, d_betas 2")
         if config.d_times < 1 or config.d_steps < 1:
             raise ValueError(f"d_times and d_steps must be >= 1, got {config.d_times}, {config.d_steps}")
         if not 0 <= config.cls_weight <= 1:
