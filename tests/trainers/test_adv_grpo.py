@@ -172,3 +172,23 @@ def test_adv_grpo_bad_options(tiny_models, tmp_path, dino, references):
                    "--train.max_steps=1"))
     with pytest.raises(FileNotFoundError, match="no such file"):
         main(_args(tiny_models["sd"], tmp_path / "r", dino, tmp_path / "none.json", "--train.max_steps=1"))
+
+
+@pytest.mark.slow
+def test_shapes_recipe_trains_on_rendered_references(tmp_path):
+    """`diffalign shapes render` writes references.json; the Shapes recipe trains on it."""
+    from pathlib import Path
+
+    refs = tmp_path / "refs"
+    assert main(["shapes", "render", "--out", str(refs), "--split", "train", "--n-per-task", "1"]) == 0
+    mapping = json.loads((refs / "references.json").read_text())
+    assert sum(map(len, mapping.values())) == len((refs / "prompts.txt").read_text().splitlines())
+    recipe = Path(__file__).resolve().parents[2] / "pipelines" / "shapes-adv-grpo.yaml"
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), f"--method.reference_images={refs / 'references.json'}",
+                 "--method.num_steps=3", "--method.images_per_prompt=2", "--method.d_steps=2",
+                 "--train.batch_size=4", "--train.max_steps=1", f"--train.output_dir={out}",
+                 "--train.checkpointing_steps=0"]) == 0
+    row = read_metrics(out)[0]
+    assert row["epoch"] == 1 and row["d_loss"] > 0 and row["grad_norm"] > 0
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()

@@ -110,3 +110,16 @@ def test_prdp_bad_options(tiny_models, tmp_path):
         main(_args(tiny_models["sd"], tmp_path / "r", "--method.images_per_prompt=1", "--train.max_steps=1"))
     with pytest.raises(ValueError, match="reference must be"):
         main(_args(tiny_models["sd"], tmp_path / "r", "--method.reference=ema", "--train.max_steps=1"))
+
+
+@pytest.mark.slow
+def test_shapes_prdp_recipe_trains_on_the_bundled_model(tmp_path):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "pipelines" / "shapes-prdp.yaml"
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), "--method.num_steps=3", "--method.images_per_prompt=2", "--train.max_steps=1",
+                 f"--train.output_dir={out}", "--train.checkpointing_steps=0"]) == 0
+    row = read_metrics(out)[0]
+    assert row["pred_diff_abs_max"] == 0.0 and row["grad_norm"] > 0
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
