@@ -123,3 +123,13 @@ def test_shapes_prdp_recipe_trains_on_the_bundled_model(tmp_path):
     row = read_metrics(out)[0]
     assert row["pred_diff_abs_max"] == 0.0 and row["grad_norm"] > 0
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_prdp_full_fine_tune_compares_with_the_frozen_copy(tiny_models, tmp_path):
+    """``model.lora_rank: 0`` (the paper's full UNet fine-tune): the reference is the frozen copy of the base."""
+    out = tmp_path / "run"
+    assert main(_args(tiny_models["sd"], out, "--model.lora_rank=0", "--train.learning_rate=1e-4",
+                      "--train.max_steps=3")) == 0
+    rows = read_metrics(out)
+    assert rows[0]["pred_diff_abs_max"] == 0.0
+    assert rows[2]["epoch"] == 1 and rows[2]["ratio_max_dev"] == 0.0 and rows[2]["pred_diff_abs_max"] > 0
