@@ -280,3 +280,15 @@ def make_tiny_z_image(path: str | Path, seed: int = 0) -> Path:
                           text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
     pipe.save_pretrained(path)
     return path
+
+
+def make_tiny_dinov2(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random ``Dinov2Model`` (2 layers, hidden 32, patch 8, image size 32: 16 patch tokens + CLS) saved
+    as safetensors, with its ``model_type: dinov2`` config: Adv-GRPO's feature net on a CPU."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             patch_size=8, image_size=32)).save_pretrained(path, safe_serialization=True)
+    return path

@@ -30,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def render_main(argv: list[str] | None = None) -> int:
-    """Render ``--n-per-task`` ground-truth scenes per task of a split into a folder (PNG + prompts.txt)."""
+    """Render ``--n-per-task`` ground-truth scenes per task of a split into a folder (PNG + prompts.txt, and
+    references.json ``{prompt: [files]}``: Adv-GRPO's ``method.reference_images``)."""
+    import json
     import random
     from pathlib import Path
 
@@ -50,7 +52,11 @@ def render_main(argv: list[str] | None = None) -> int:
     for i, prompt in enumerate(prompts):
         render(scene_for_prompt(prompt, rng)).save(out / f"{i:05d}.png")
     (out / "prompts.txt").write_text("".join(p.text + "\n" for p in prompts))
-    print(f"wrote {len(prompts)} images and prompts.txt to {out}")
+    references: dict[str, list[str]] = {}
+    for i, prompt in enumerate(prompts):
+        references.setdefault(prompt.text, []).append(f"{i:05d}.png")
+    (out / "references.json").write_text(json.dumps(references, indent=0))
+    print(f"wrote {len(prompts)} images, prompts.txt and references.json to {out}")
     return 0
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 # every module that defines methods: their decorators fill the table
 import diffalign.text.methods  # noqa: F401
+import diffalign.trainers.adv_grpo  # noqa: F401
 import diffalign.trainers.awm  # noqa: F401
 import diffalign.trainers.dcpo  # noqa: F401
 import diffalign.trainers.dgpo  # noqa: F401
@@ -33,6 +34,7 @@ import diffalign.trainers.inversion_dpo  # noqa: F401
 import diffalign.trainers.kto  # noqa: F401
 import diffalign.trainers.mapo  # noqa: F401
 import diffalign.trainers.nft  # noqa: F401
+import diffalign.trainers.prdp  # noqa: F401
 import diffalign.trainers.rankdpo  # noqa: F401
 import diffalign.trainers.sft  # noqa: F401
 import diffalign.trainers.smpo  # noqa: F401

@@ -375,7 +375,9 @@ def test_every_online_method_has_a_recipe_with_valid_options():
         reward = getattr(config, "reward", None)
         if reward:
             assert set(reward if isinstance(reward, dict) else {reward: 1}) <= set(list_rewards()), name
-        if getattr(config, "winners", None) != "data":
+        if getattr(config, "reference_images", None) and config.prompts == "references":
+            assert config.reference_images.endswith(".json"), f"{name}: Adv-GRPO's prompts are its references'"
+        elif getattr(config, "winners", None) != "data":
             prompts_fields(config.prompts)
         else:
             assert recipe.data.source, f"{name}: SePPO's winners come from the data section"

@@ -18,7 +18,7 @@ from diffalign.trainers.registry import (
 EXPECTED_KINDS = {
     "offline": {"diffusion-dpo", "mapo", "kto", "sft", "inpo", "inversion-dpo", "smpo", "rankdpo", "dcpo", "tpo"},
     "online": {"ddpo", "grpo", "flow-grpo", "pref-grpo", "d3po", "seppo", "flow-grpo-fast", "mixgrpo", "grpo-guard",
-               "diffusion-nft", "awm", "dgpo"},
+               "diffusion-nft", "awm", "dgpo", "prdp", "adv-grpo"},
     "backprop": {"alignprop", "draft", "draft-lv", "refl"},
     "video": {"densedpo"},
     "text": {"text-sft", "text-dpo", "text-kto", "text-simpo", "text-orpo"},
