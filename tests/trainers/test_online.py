@@ -291,7 +291,9 @@ def test_d3po_human_labels_two_phase(tiny_models, tmp_path):
     assert main(common + [f"--method.label_files=[{labels}]"]) == 0
     got = read_metrics(out)
     assert len(got) == 2 and got[0]["labelled_pairs"] == 5.0  # 3 pairs + 2 pairs with unequal scores
-    assert got[0]["ratio_max_dev"] == 0.0  # sampled by the base model: stored log-probs are the reference's
+    # sampled by the base model: stored log-probs are the reference's. The rollout was sampled as one batch of 6
+    # in phase 1 and is re-evaluated in micro-batches of 2 here: CPU BLAS sums by batch shape, so equal to ~1e-7
+    assert got[0]["ratio_max_dev"] < 1e-5
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
