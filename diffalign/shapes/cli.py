@@ -1,4 +1,5 @@
-"""`diffalign shapes pretrain | pretrain-reward | render | candidates | label`: the Shapes world's own tools."""
+"""`diffalign shapes pretrain | pretrain-flow | pretrain-reward | render | candidates | label | curve`: the Shapes
+world's own tools."""
 
 from __future__ import annotations
 
@@ -6,18 +7,25 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("tool", choices=["pretrain", "pretrain-reward", "render", "candidates", "label"],
-                        help="pretrain: the bundled base model; pretrain-reward: the bundled learned reward; "
+    parser.add_argument("tool", choices=["pretrain", "pretrain-flow", "pretrain-reward", "render", "candidates",
+                                         "label", "curve"],
+                        help="pretrain: the bundled base model; pretrain-flow: the bundled flow-matching (SD3) "
+                             "base; pretrain-reward: the bundled learned reward; "
                              "render: ground-truth images for prompts of the grammar; candidates: base-model "
                              "samples per training prompt with their oracle utilities (the efficacy tests' data); "
                              "label: oracle-labelled training data from candidates (Pick-a-Pic pairs or KTO "
-                             "feedback), for any shapes-*.yaml recipe")
+                             "feedback), for any shapes-*.yaml recipe; curve: held-out ShapesEval against "
+                             "training minutes of an on-line recipe")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the tool's own arguments (--help for them)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.tool == "pretrain":
         from diffalign.shapes.pretrain import main
+    elif args.tool == "pretrain-flow":
+        from diffalign.shapes.pretrain_flow import main
+    elif args.tool == "curve":
+        from diffalign.shapes.curve import main
     elif args.tool == "pretrain-reward":
         from diffalign.shapes.pretrain_reward import main
     elif args.tool == "candidates":
