@@ -282,6 +282,36 @@ def make_tiny_z_image(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+def make_tiny_flux(path: str | Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """A tiny FLUX.1-architecture pipeline, built like diffusers' own ``FluxPipeline`` tests: a
+    ``FluxTransformer2DModel`` of one double-stream and one single-stream block (2×2 packing, so ``in_channels`` 64
+    for 16 latent channels) with the guidance embedding of FLUX.1-dev (``guidance_embeds=False``: schnell), a
+    16-channel ``AutoencoderKL`` without quant convolutions and with FLUX's ``shift_factor``/``scaling_factor``
+    (0.1159 / 0.3611), a tiny CLIP text model (pooled output) and a tiny T5 encoder, and FLUX.1-dev's scheduler
+    config (shift 3.0 with dynamic shifting, μ bounds 0.5 / 1.15 over 256 / 4096 tokens; from memory). Images of
+    32×32 give latents ``[16, 16, 16]``, 64 image tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tok = _tokenizer()
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 4, 8))
+    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=4,
+                                 relative_attention_num_buckets=8, decoder_start_token_id=0))
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=sched, vae=_vae(latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611,
+                                                  use_quant_conv=False, use_post_quant_conv=False),
+                        text_encoder=_clip_text(CLIPTextModel, tok), tokenizer=tok, text_encoder_2=t5,
+                        tokenizer_2=_t5_tokenizer(), transformer=transformer)
+    pipe.save_pretrained(path)
+    return path
+
+
 def make_tiny_dinov2(path: str | Path, seed: int = 0) -> Path:
     """A tiny random ``Dinov2Model`` (2 layers, hidden 32, patch 8, image size 32: 16 patch tokens + CLS) saved
     as safetensors, with its ``model_type: dinov2`` config: Adv-GRPO's feature net on a CPU."""

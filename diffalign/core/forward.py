@@ -219,8 +219,10 @@ def forward_process_from_scheduler(scheduler, timestep_sampling: TimestepSamplin
 
     config = scheduler.config
     if "FlowMatch" in type(scheduler).__name__:
+        # the training grid is the scheduler's init grid, which applies ``shift`` only without dynamic shifting
+        # (FLUX.1-dev: shift 3.0 with use_dynamic_shifting, so its diffusers script trains on unshifted σ)
         return FlowMatchingForward(
-            shift=float(config.get("shift", 1.0)),
+            shift=1.0 if config.get("use_dynamic_shifting", False) else float(config.get("shift", 1.0)),
             timestep_sampling=timestep_sampling or "logit_normal",
             num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
         )

@@ -443,9 +443,11 @@ def make_sampler(backbone_or_scheduler, num_steps: int, eta: float | None = None
 
 
 # ---------------------------------------------------------------------------------------- guidance
-def uses_cfg(guidance_scale: float) -> bool:
-    """The pipelines' rule: classifier-free guidance runs when ``guidance_scale > 1``."""
-    return guidance_scale > 1.0
+def uses_cfg(guidance_scale: float, backbone=None) -> bool:
+    """The pipelines' rule: classifier-free guidance runs when ``guidance_scale > 1``, except on a
+    guidance-distilled ``backbone`` (``embeds_guidance``: FLUX.1-dev), whose ``guidance_scale`` is the
+    denoiser's guidance-embedding input."""
+    return guidance_scale > 1.0 and not getattr(backbone, "embeds_guidance", False)
 
 
 def guided_prediction(backbone, x: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
@@ -454,10 +456,13 @@ def guided_prediction(backbone, x: torch.Tensor, timesteps: torch.Tensor, cond: 
 
     With CFG (``guidance_scale > 1``) the denoiser runs once on ``[x; x]`` with ``[uncond; cond]``, as
     diffusers pipelines batch it; otherwise once on ``x`` with ``cond``. ``timesteps`` is ``[B]``.
-    ``x`` is cast to the backbone's dtype. Gradients flow to trainable weights.
+    ``x`` is cast to the backbone's dtype. Gradients flow to trainable weights. A guidance-distilled
+    backbone (``embeds_guidance``) runs once, with ``guidance_scale`` as its guidance input.
     """
     x_in = x.to(backbone.dtype)
     timesteps = timesteps.to(x.device)
+    if getattr(backbone, "embeds_guidance", False):
+        return backbone.predict(x_in, timesteps, cond, guidance=guidance_scale).float()
     if not uses_cfg(guidance_scale):
         return backbone.predict(x_in, timesteps, cond).float()
     if uncond is None:
@@ -600,7 +605,7 @@ def prepare_guidance(backbone, cond: Conditioning, uncond: Conditioning | None,
                      guidance_scale: float) -> Conditioning | None:
     """The negative conditioning to use: ``uncond`` as given, the pipeline's default negative
     (``backbone.negative_conditioning``) when CFG is on and none is given, None without CFG."""
-    if not uses_cfg(guidance_scale):
+    if not uses_cfg(guidance_scale, backbone):
         return None
     return uncond if uncond is not None else backbone.negative_conditioning(len(cond))
 

@@ -281,9 +281,13 @@ def generate_folder(pipe, items: Sequence, out_dir: str | Path, *, indices: Sequ
 
 def guidance_kwargs(pipe, guidance_scale: float, n: int, kwargs: dict) -> dict:
     """``kwargs`` plus the pipeline's CFG arguments for ``guidance_scale``: ``guidance_scale`` itself, except for
-    Qwen-Image, whose ``guidance_scale`` is for guidance-distilled models only and whose CFG is ``true_cfg_scale``
-    with a negative prompt (``""`` for each of the ``n`` prompts unless one is given, as diffalign trains it)."""
-    if not type(pipe).__name__.startswith("QwenImage"):
+    Qwen-Image and FLUX.1 without a guidance embedding (schnell), whose ``guidance_scale`` is for guidance-distilled
+    models only and whose CFG is ``true_cfg_scale`` with a negative prompt (``""`` for each of the ``n`` prompts
+    unless one is given, as diffalign trains it). A guidance-distilled FLUX.1 (dev) takes ``guidance_scale`` as
+    its embedding's input, as diffalign samples it."""
+    name = type(pipe).__name__
+    distilled = name.startswith("Flux") and pipe.transformer.config.get("guidance_embeds", False)
+    if not (name.startswith("QwenImage") or (name.startswith("Flux") and not distilled)):
         return {**kwargs, "guidance_scale": guidance_scale}
     kwargs = {**kwargs, "true_cfg_scale": guidance_scale}
     if guidance_scale > 1:

@@ -2,6 +2,7 @@
 
 from diffalign.models.backbone import Backbone
 from diffalign.models.base import Conditioning
+from diffalign.models.flux import FluxBackbone
 from diffalign.models.loading import (
            FAMILIES,
            check_model,
@@ -16,6 +17,6 @@ from diffalign.models.sdxl import SDXLBackbone
 from diffalign.models.video import VideoBackbone, WanBackbone
 from diffalign.models.z_image import ZImageBackbone
 
-__all__ = ["FAMILIES", "Backbone", "Conditioning", "QwenImageBackbone", "SD3Backbone", "SDBackbone", "SDXLBackbone",
+__all__ = ["FAMILIES", "Backbone", "Conditioning", "FluxBackbone", "QwenImageBackbone", "SD3Backbone", "SDBackbone", "SDXLBackbone",
            "VideoBackbone", "WanBackbone", "ZImageBackbone", "check_model", "detect_family", "load_backbone",
            "resolve_pretrained"]

@@ -140,6 +140,9 @@ class Backbone:
     token_packing: ClassVar[int] = 1
     """Latent pixels packed into one input token of the denoiser (4 for the 2×2 packing of Qwen-Image):
     its ``in_channels`` is ``token_packing`` times the latents' channels."""
+    timestep_sampling: ClassVar[str | None] = None
+    """The training density of σ (``"uniform"``, ``"logit_normal"``) where the family's diffusers script differs
+    from :func:`~diffalign.core.forward.forward_process_from_scheduler`'s default (FLUX: uniform)."""
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
@@ -154,7 +157,7 @@ class Backbone:
                 f"latents have {latent}: an inpainting, image-to-image/video or otherwise image-conditioned "
                 "checkpoint. diffalign trains text-to-image (and text-to-video) denoisers on noisy latents alone.")
         self.scheduler = pipeline.scheduler
-        self.forward_process = forward_process_from_scheduler(pipeline.scheduler)
+        self.forward_process = forward_process_from_scheduler(pipeline.scheduler, self.timestep_sampling)
         self._reference_copy: torch.nn.Module | None = None
         self._in_reference = False
         self.is_lora = False
@@ -263,6 +266,12 @@ class Backbone:
     def latent_channels(self) -> int:
         """Channels ``C`` of the latents ``[B, C, h, w]`` the core samples and trains on."""
         return int(self.raw_denoiser.config.in_channels) // self.token_packing
+
+    @property
+    def embeds_guidance(self) -> bool:
+        """Whether the guidance weight is an input of the denoiser (guidance-distilled FLUX.1-dev): then the
+        core passes ``guidance_scale`` to :meth:`predict` and runs no classifier-free guidance."""
+        return False
 
     def flow_schedule(self, num_steps: int, height: int | None = None, width: int | None = None) -> dict:
         """Extra ``set_timesteps`` arguments (``sigmas``, ``mu``) with which the pipeline samples a

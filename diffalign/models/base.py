@@ -15,7 +15,7 @@ what they need, whatever the family:
 
 Implementations live in :mod:`diffalign.models.sd` (SD1.x/2.x), :mod:`~diffalign.models.sdxl`,
 :mod:`~diffalign.models.sd3`, :mod:`~diffalign.models.video` (Wan), :mod:`~diffalign.models.qwen_image` and
-:mod:`~diffalign.models.z_image`, sharing :class:`diffalign.models.backbone.Backbone`;
+:mod:`~diffalign.models.z_image` and :mod:`~diffalign.models.flux`, sharing :class:`diffalign.models.backbone.Backbone`;
 :func:`diffalign.models.load_backbone` picks one from a hub id or folder.
 """
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from diffalign.errors import UsageError
 from diffalign.models.backbone import Backbone, ModelNotFoundError, check_local_weights, model_not_found
+from diffalign.models.flux import FluxBackbone
 from diffalign.models.qwen_image import QwenImageBackbone
 from diffalign.models.sd import SDBackbone
 from diffalign.models.sd3 import SD3Backbone
@@ -15,7 +16,7 @@ from diffalign.models.video import WanBackbone
 from diffalign.models.z_image import ZImageBackbone
 
 FAMILIES: dict[str, type[Backbone]] = {b.family: b for b in (SDBackbone, SDXLBackbone, SD3Backbone, WanBackbone,
-                                                             QwenImageBackbone, ZImageBackbone)}
+                                                             QwenImageBackbone, ZImageBackbone, FluxBackbone)}
 _BY_PIPELINE = {b.pipeline_class_name: b.family for b in FAMILIES.values()}
 # the models shipped in the package (the Shapes world's base models); a path, so models/ imports nothing of shapes/
 BUNDLED_MODELS = Path(__file__).resolve().parents[1] / "shapes" / "assets"
@@ -33,10 +34,11 @@ def resolve_pretrained(name: str) -> str:
 
 
 def detect_family(name_or_path: str | Path, revision: str | None = None) -> str:
-    """``"sd"``, ``"sdxl"``, ``"sd3"``, ``"wan"``, ``"qwen-image"`` or ``"z-image"`` from ``model_index.json``'s
-    ``_class_name`` (folder or hub).
+    """``"sd"``, ``"sdxl"``, ``"sd3"``, ``"wan"``, ``"qwen-image"``, ``"z-image"`` or ``"flux"`` from
+    ``model_index.json``'s ``_class_name`` (folder or hub).
 
-    Task variants (``StableDiffusionXLImg2ImgPipeline``, ...) map to their family.
+    Task variants (``StableDiffusionXLImg2ImgPipeline``, ...) map to their family; a later generation named by a
+    digit after the family's prefix (``Flux2Pipeline``) does not.
     """
     from diffusers import DiffusionPipeline
 
@@ -49,7 +51,8 @@ def detect_family(name_or_path: str | Path, revision: str | None = None) -> str:
         return _BY_PIPELINE[cls]
     # task variants: the longest matching prefix ("StableDiffusionXL" before "StableDiffusion")
     for name in sorted(_BY_PIPELINE, key=len, reverse=True):
-        if cls.startswith(name.removesuffix("Pipeline")):
+        prefix = name.removesuffix("Pipeline")
+        if cls.startswith(prefix) and not cls[len(prefix):len(prefix) + 1].isdigit():
             return _BY_PIPELINE[name]
     raise UsageError(f"{name_or_path}: unsupported pipeline {cls!r}; supported: {sorted(_BY_PIPELINE)}")
 
@@ -79,7 +82,8 @@ def _class_name(folder: str | Path) -> str:
 def load_backbone(name_or_path: str | Path, family: str | None = None, **kwargs) -> Backbone:
     """A backbone from a hub id or a local diffusers folder, as a user types it.
 
-    ``family`` (``"sd"``, ``"sdxl"``, ``"sd3"``, ``"wan"``, ``"qwen-image"``, ``"z-image"``) is detected unless given; a given family
+    ``family`` (``"sd"``, ``"sdxl"``, ``"sd3"``, ``"wan"``, ``"qwen-image"``, ``"z-image"``, ``"flux"``) is detected unless
+    given; a given family
     that does not match a local folder's ``model_index.json`` is a :class:`~diffalign.errors.UsageError`
     naming both (one line from the command line). ``kwargs``
     (``torch_dtype``, ``variant``, ``revision``, pipeline components) go to :meth:`Backbone.from_pretrained`.

@@ -278,7 +278,7 @@ class RewardBackprop(Method):
         """``(cond, uncond)`` of ``B`` prompts (uncond None without CFG)."""
         cfg = self.config
         cond = self.backbone.encode_prompt(prompts)
-        if not uses_cfg(cfg.guidance_scale):
+        if not uses_cfg(cfg.guidance_scale, self.backbone):
             return cond, None
         return cond, self.backbone.negative_conditioning(len(prompts), cfg.negative_prompt)
 

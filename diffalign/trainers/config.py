@@ -40,9 +40,10 @@ class ModelConfig:
     """The backbone to align.
 
     Attributes:
-        pretrained: hub id or local folder of a diffusers pipeline (SD1.x/2.x, SDXL, SD3, Wan, Qwen-Image, Z-Image).
-        family: ``sd``, ``sdxl``, ``sd3``, ``wan``, ``qwen-image`` or ``z-image``; detected from ``model_index.json``
-            when ``None``.
+        pretrained: hub id or local folder of a diffusers pipeline (SD1.x/2.x, SDXL, SD3, Wan, Qwen-Image, Z-Image,
+            FLUX.1).
+        family: ``sd``, ``sdxl``, ``sd3``, ``wan``, ``qwen-image``, ``z-image`` or ``flux``; detected from
+            ``model_index.json`` when ``None``.
         lora_rank: LoRA rank on the denoiser's attention projections; ``0`` = full fine-tune
             (a frozen copy is kept as the reference).
         lora_alpha: LoRA alpha (defaults to the rank, as diffusers' DPO scripts do).

@@ -54,14 +54,14 @@ def test_unreachable_hub_id_names_it(monkeypatch):
 
 
 def test_unknown_pipeline_and_family(tmp_path, tiny_folder):
-    folder = tmp_path / "flux"
+    folder = tmp_path / "kandinsky"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ValueError, match="FluxPipeline"):
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
+    with pytest.raises(ValueError, match="KandinskyV22Pipeline"):
         load_backbone(folder)
     with pytest.raises(ValueError, match="unknown backbone family 'kandinsky'"):
         load_backbone(tiny_folder("sd"), family="kandinsky")
-    assert set(FAMILIES) == {"sd", "sdxl", "sd3", "wan", "qwen-image", "z-image"}
+    assert set(FAMILIES) == {"sd", "sdxl", "sd3", "wan", "qwen-image", "z-image", "flux"}
 
 
 def test_task_variant_maps_to_family(tmp_path):
