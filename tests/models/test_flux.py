@@ -11,6 +11,7 @@ import torch
 from family_runs import (
     assert_final_loads_in_diffusers,
     pair_parquet,
+    run_recipe_on_tiny,
     train_flow_grpo,
     train_offline,
 )
@@ -209,6 +210,23 @@ def test_flow_grpo_ratio_is_exactly_one_before_the_first_update(folder, tmp_path
     rows = train_flow_grpo(folder, tmp_path / "run", "--train.max_steps=2")
     assert rows[0]["ratio_max_dev"] == 0.0 and rows[0]["ratio_mean"] == 1.0 and rows[0]["kl"] == 0.0
     assert rows[1]["ratio_max_dev"] > 0.0  # the second step of the epoch is off-policy by one update
+
+
+def test_the_dpo_recipe_runs_as_written_on_the_tiny_model(folder, tmp_path):
+    """Its options are valid for the family (gradient checkpointing on, its LoRA rank and the family's targets)."""
+    rows = run_recipe_on_tiny("flux-diffusion-dpo.yaml", folder, tmp_path / "run",
+                              f"--data.source={pair_parquet(tmp_path / 'pairs.parquet')}", "--data.resolution=32",
+                              "--train.batch_size=2")
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_the_flow_grpo_recipe_runs_as_written_on_the_tiny_model(folder, tmp_path):
+    """Guidance 3.5 on the embedding: rollout and training make the same single pass, so the ratio is exactly 1."""
+    rows = run_recipe_on_tiny("flux-flow-grpo.yaml", folder, tmp_path / "run", "--method.reward=brightness",
+                              '--method.prompts=["a red cat", "a blue square"]', "--method.prompts_per_epoch=1",
+                              "--method.images_per_prompt=2", "--method.num_steps=3", "--method.resolution=32",
+                              "--train.batch_size=2")
+    assert rows[0]["ratio_max_dev"] == 0.0 and rows[0]["grad_norm"] > 0
 
 
 def test_eval_generation_feeds_guidance_scale_to_the_embedding(flux, schnell_folder):

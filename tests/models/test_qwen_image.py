@@ -164,6 +164,17 @@ def test_the_flow_grpo_recipe_runs_as_written_on_the_tiny_model(folder, tmp_path
     assert rows[0]["ratio_max_dev"] == 0.0 and rows[0]["grad_norm"] > 0
 
 
+def test_the_diffusionnft_recipe_runs_as_written_on_the_tiny_model(folder, tmp_path):
+    """CFG-free rollouts and forward-process training on the packed, masked backbone: at the first step the policy,
+    the old policy and the base model agree, so the KL and the positive/negative split are zero."""
+    rows = run_recipe_on_tiny("qwen-image-diffusionnft.yaml", folder, tmp_path / "run", "--method.reward=brightness",
+                              '--method.prompts=["a red cat", "a blue square"]', "--method.prompts_per_epoch=1",
+                              "--method.images_per_prompt=2", "--method.num_steps=3", "--method.resolution=32",
+                              "--method.sample_batch_size=2", "--train.batch_size=2")
+    assert rows[0]["kl"] == 0.0 and rows[0]["loss_positive"] == rows[0]["loss_negative"]
+    assert math.isfinite(rows[0]["loss"]) and rows[0]["grad_norm"] > 0
+
+
 def test_eval_generation_uses_the_pipelines_true_cfg(qwen):
     """`diffalign eval` images: guidance_scale w is Qwen-Image's true_cfg_scale w with the negative prompt ""."""
     import numpy as np
