@@ -303,7 +303,7 @@ class FlowSDESampler(Sampler):
         reduction: ``"mean"`` (Flow-GRPO) or ``"sum"``.
         mu: resolution-dependent shift for configs with ``use_dynamic_shifting`` (the pipeline's
             ``calculate_shift(image_seq_len, ...)``); must be None otherwise.
-        sigmas: the unshifted σ grid the pipeline passes to ``set_timesteps`` (Qwen-Image, Z-Image:
+        sigmas: the unshifted σ grid the pipeline passes to ``set_timesteps`` (Qwen-Image, Z-Image, FLUX.1:
             ``linspace(1, 1/T, T)``); None for the scheduler's own (SD3).
         sde_type: ``"sde"`` (Flow-GRPO's SDE, the default) or ``"cps"`` (coefficient-preserving
             sampling; Flow-GRPO-Fast's configs use it with noise level 0.8).

@@ -17,6 +17,6 @@ from diffalign.models.sdxl import SDXLBackbone
 from diffalign.models.video import VideoBackbone, WanBackbone
 from diffalign.models.z_image import ZImageBackbone
 
-__all__ = ["FAMILIES", "Backbone", "Conditioning", "FluxBackbone", "QwenImageBackbone", "SD3Backbone", "SDBackbone", "SDXLBackbone",
-           "VideoBackbone", "WanBackbone", "ZImageBackbone", "check_model", "detect_family", "load_backbone",
-           "resolve_pretrained"]
+__all__ = ["FAMILIES", "Backbone", "Conditioning", "FluxBackbone", "QwenImageBackbone", "SD3Backbone", "SDBackbone",
+           "SDXLBackbone", "VideoBackbone", "WanBackbone", "ZImageBackbone", "check_model", "detect_family",
+           "load_backbone", "resolve_pretrained"]

@@ -82,10 +82,9 @@ def _class_name(folder: str | Path) -> str:
 def load_backbone(name_or_path: str | Path, family: str | None = None, **kwargs) -> Backbone:
     """A backbone from a hub id or a local diffusers folder, as a user types it.
 
-    ``family`` (``"sd"``, ``"sdxl"``, ``"sd3"``, ``"wan"``, ``"qwen-image"``, ``"z-image"``, ``"flux"``) is detected unless
-    given; a given family
-    that does not match a local folder's ``model_index.json`` is a :class:`~diffalign.errors.UsageError`
-    naming both (one line from the command line). ``kwargs``
+    ``family`` (``"sd"``, ``"sdxl"``, ``"sd3"``, ``"wan"``, ``"qwen-image"``, ``"z-image"``, ``"flux"``) is detected
+    unless given; a given family that does not match a local folder's ``model_index.json`` is a
+    :class:`~diffalign.errors.UsageError` naming both (one line from the command line). ``kwargs``
     (``torch_dtype``, ``variant``, ``revision``, pipeline components) go to :meth:`Backbone.from_pretrained`.
     """
     if family is None:

@@ -41,8 +41,8 @@ def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def pipeline_flow_schedule(backbone: Backbone, num_steps: int, height: int | None, width: int | None) -> dict:
     """``sigmas = linspace(1, 1/T, T)`` and ``μ`` of the image's token count (2×2 patches of the latents), with the
-    scheduler config's shift bounds and the pipelines' fallbacks, as Qwen-Image's and Z-Image's pipelines pass
-    them to ``set_timesteps``."""
+    scheduler config's shift bounds and the pipelines' fallbacks, as Qwen-Image's, Z-Image's and FLUX.1's pipelines
+    pass them to ``set_timesteps``."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
     pipe = backbone.pipeline

@@ -196,6 +196,22 @@ def test_diffusion_dpo_lora_starts_at_ln2_and_loads_in_plain_diffusers(folder, t
     assert_final_loads_in_diffusers(folder, tmp_path / "run" / "final", guidance_scale=3.5)
 
 
+def test_an_encoded_set_trains_as_the_raw_one(folder, tmp_path, capsys):
+    """T5 sequences and CLIP pooled embeddings cached by `diffalign data encode` come back as encoded: the run
+    without text encoders sees the same first batch as the run that encodes it."""
+    from diffalign.cli import main
+
+    data = pair_parquet(tmp_path / "pairs.parquet")
+    raw = train_offline(folder, data, tmp_path / "raw", "--train.max_steps=1")
+    common = [f"--model.pretrained={folder}", f"--data.source={data}", "--data.resolution=32",
+              f"--data.cache_dir={tmp_path / 'cache'}"]
+    assert main(["data", "encode", "-", *common]) == 0
+    cached = train_offline(folder, data, tmp_path / "cached", "--train.max_steps=1", *common[2:])
+    assert "no text encoder loaded" in capsys.readouterr().out
+    for key in ("model_mse_chosen", "model_mse_rejected", "loss"):
+        assert cached[0][key] == pytest.approx(raw[0][key], rel=1e-5), key
+
+
 @pytest.mark.parametrize("method", ["mapo", "kto", "sft"])
 def test_other_offline_methods_run_a_step(method, folder, tmp_path):
     rows = train_offline(folder, pair_parquet(tmp_path / "pairs.parquet"), tmp_path / method, "--train.max_steps=1",
