@@ -157,8 +157,12 @@ class ForwardProcessMethod(OnlineMethod):
 
     # ---- denoiser calls (no CFG in training, as every original)
     def velocity(self, batch: Noised) -> torch.Tensor:
-        """``[b, C, h, w]`` v(x_t) of the backbone as it is now (fp32; gradients if enabled)."""
-        return self.backbone.predict(batch.x_t.to(self.backbone.dtype), batch.timesteps, batch.cond).float()
+        """``[b, C, h, w]`` v(x_t) of the backbone as it is now (fp32; gradients if enabled). A guidance-distilled
+        backbone (FLUX.1-dev) is given the rollout's ``guidance_scale`` as its guidance input (one pass, not CFG)."""
+        x_t = batch.x_t.to(self.backbone.dtype)
+        if getattr(self.backbone, "embeds_guidance", False):
+            return self.backbone.predict(x_t, batch.timesteps, batch.cond, guidance=self.config.guidance_scale).float()
+        return self.backbone.predict(x_t, batch.timesteps, batch.cond).float()
 
     def reference_velocity(self, batch: Noised) -> torch.Tensor:
         """v_ref(x_t) of the reference (LoRA disabled / the frozen copy), no grad."""

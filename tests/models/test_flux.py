@@ -245,6 +245,34 @@ def test_the_flow_grpo_recipe_runs_as_written_on_the_tiny_model(folder, tmp_path
     assert rows[0]["ratio_max_dev"] == 0.0 and rows[0]["grad_norm"] > 0
 
 
+def test_forward_process_methods_train_at_the_rollouts_guidance_embedding(folder, tmp_path):
+    """DiffusionNFT's training velocities on FLUX.1-dev take the rollout's guidance_scale as the embedding's input
+    (not the backbone's default 3.5), and at the first step the policy, the old copy and the base model agree."""
+    import json
+
+    from diffalign.trainers.loop import setup
+    from diffalign.trainers.online import epoch_plans, run_rollout
+    from diffalign.trainers.registry import load_recipe
+
+    args = [f"model.pretrained={folder}", "model.lora_rank=4", "method.name=diffusion-nft",
+            f"method.prompts={json.dumps(['a red cat', 'a blue square'])}", "method.num_steps=3",
+            "method.resolution=32", "method.reward=brightness", "method.prompts_per_epoch=2",
+            "method.images_per_prompt=2", "method.guidance_scale=1.5", f"train.output_dir={tmp_path / 'run'}",
+            "train.batch_size=2", "train.checkpointing_steps=0"]
+    run = setup(load_recipe(None, args))
+    rollout = run_rollout(run)
+    micro = epoch_plans(run, rollout)[0][0][0]
+    batch = run.method.noised(run, rollout, micro, tag="nft-noise")
+    bb = run.backbone
+    with torch.no_grad():
+        used = run.method.velocity(batch)
+        x = batch.x_t.to(bb.dtype)
+        torch.testing.assert_close(used, bb.predict(x, batch.timesteps, batch.cond, guidance=1.5), rtol=0, atol=0)
+        assert not torch.allclose(used, bb.predict(x, batch.timesteps, batch.cond), atol=1e-5)
+    out = run.method.loss(rollout, micro)
+    assert float(out.metrics["kl"]) == 0.0 and float(out.metrics["old_velocity_gap"]) == 0.0
+
+
 def test_eval_generation_feeds_guidance_scale_to_the_embedding(flux, schnell_folder):
     """`diffalign eval` images: on FLUX.1-dev guidance_scale is the pipeline's (embedded) guidance_scale; on
     schnell it is true_cfg_scale with the negative prompt ""."""
