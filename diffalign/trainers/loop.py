@@ -745,13 +745,16 @@ def log_validation(run: Run) -> Path | None:
     if is_sharded(run.accelerator):
         print(f"step {run.global_step}: validation images skipped, the denoiser is sharded (FSDP / ZeRO-3)")
         return None
+    from diffalign.eval.generate import guidance_kwargs
     from diffalign.eval.grid import image_grid
 
     cfg = run.recipe.train
     pipe = run.backbone.pipeline
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    images = pipe(cfg.validation_prompts, num_inference_steps=cfg.validation_num_inference_steps,
-                  guidance_scale=cfg.validation_guidance_scale, generator=generator).images
+    # the pipeline's CFG arguments for the weight, as `diffalign eval` passes them (Qwen-Image's true_cfg_scale)
+    guidance = guidance_kwargs(pipe, cfg.validation_guidance_scale, len(cfg.validation_prompts), {})
+    images = pipe(cfg.validation_prompts, num_inference_steps=cfg.validation_num_inference_steps, generator=generator,
+                  **guidance).images
     path = run.output_dir / "validation" / f"step-{run.global_step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, cols=min(4, len(images))).save(path)

@@ -290,3 +290,29 @@ def test_eval_generation_feeds_guidance_scale_to_the_embedding(flux, schnell_fol
     plain = generate(schnell, ["a red cat"], [7], guidance_scale=1.0, **kw)[0]
     assert np.array_equal(np.asarray(ours), np.asarray(ref)) and not np.array_equal(np.asarray(ours),
                                                                                     np.asarray(plain))
+
+
+def test_validation_images_take_the_pipelines_guidance_arguments(schnell_folder, tmp_path):
+    """Training's validation grid passes the weight as `diffalign eval` does: on FLUX.1-schnell (no guidance
+    embedding) validation_guidance_scale is true_cfg_scale with the negative prompt ""."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from PIL import Image
+
+    from diffalign.trainers.config import TrainConfig
+    from diffalign.trainers.loop import log_validation
+
+    schnell = load_backbone(schnell_folder)
+    train = TrainConfig(validation_prompts=["a red cat"], validation_num_inference_steps=2,
+                        validation_guidance_scale=3.0, seed=0)
+    run = SimpleNamespace(accelerator=Accelerator(cpu=True), backbone=schnell, recipe=SimpleNamespace(train=train),
+                          output_dir=tmp_path, global_step=0)
+    grid = Image.open(log_validation(run))
+    pipe = schnell.pipeline  # at its default size (256² with the tiny VAE), as validation samples
+    ref = pipe(["a red cat"], generator=torch.Generator().manual_seed(0), true_cfg_scale=3.0, negative_prompt=[""],
+               num_inference_steps=2).images[0]
+    assert grid.size == (ref.width + 4, ref.height + 4)  # one image, 2 px of padding around it
+    assert np.array_equal(np.asarray(grid.crop((2, 2, 2 + ref.width, 2 + ref.height))), np.asarray(ref))
+    plain = pipe(["a red cat"], generator=torch.Generator().manual_seed(0), num_inference_steps=2).images[0]
+    assert not np.array_equal(np.asarray(plain), np.asarray(ref))
