@@ -98,7 +98,7 @@ def run_dir(tmp_path) -> Path:
     ("--train.batch_size=0", "train.batch_size must be > 0, not 0"),
     ("--train.max_nonfinite_steps=0", "train.max_nonfinite_steps must be > 0, not 0"),
     ("--train.mixed_precision=fp32", "train.mixed_precision must be one of no, fp16, bf16, fp8, not 'fp32'"),
-    ("--model.family=sdxxl", "model.family must be one of sd, sdxl, sd3, wan, not 'sdxxl'"),
+    ("--model.family=sdxxl", "model.family must be one of sd, sdxl, sd3, wan, qwen-image, z-image, flux, not 'sdxxl'"),
     ("--data.drop_ties=yes", "data.drop_ties must be true or false, not 'yes'"),
 ])
 def test_setting_out_of_range_is_one_line_before_anything_runs(override, message, tiny_sd, pairs, run_dir, capsys):

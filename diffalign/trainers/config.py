@@ -55,6 +55,10 @@ class ModelConfig:
         channels_last: keep the VAE, and a LoRA-trained convolutional UNet, in channels-last memory
             format (faster convolutions on CPUs and on GPUs in fp16/bf16; not under FSDP/DeepSpeed, nor for
             a fully fine-tuned or transformer denoiser).
+        embedded_guidance: the guidance-embedding input of a guidance-distilled transformer (FLUX.1-dev) in the
+            forward passes no sampler sets (every step of an off-line method); ``None`` = the family's default
+            (3.5, diffusers' FLUX script; 1.0 is common for SFT). On-line methods feed ``method.guidance_scale``.
+            Refused for a model without a guidance embedding.
     """
 
     pretrained: str = ""
@@ -67,6 +71,7 @@ class ModelConfig:
     variant: str | None = None
     allow_pickle: bool = False
     channels_last: bool = True
+    embedded_guidance: float | None = None
 
 
 @dataclass
@@ -454,7 +459,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "desirable_weight": NON_NEGATIVE, "undesirable_weight": NON_NEGATIVE, "pretrain_weight": NON_NEGATIVE,
         "sft_weight": NON_NEGATIVE, "tie_margin": NON_NEGATIVE, "loss_scale": POSITIVE, "scale": POSITIVE,
     },
-    "model": {"lora_rank": NON_NEGATIVE, "lora_alpha": POSITIVE},
+    "model": {"lora_rank": NON_NEGATIVE, "lora_alpha": POSITIVE, "embedded_guidance": NON_NEGATIVE},
     "data": {"resolution": POSITIVE, "caption_dropout": PROBABILITY, "max_samples": POSITIVE,
              "max_bad_fraction": PROBABILITY, "num_workers": NON_NEGATIVE, "prefetch_factor": POSITIVE},
     "train": {
@@ -470,7 +475,7 @@ RANGES: dict[str, dict[str, Range]] = {
 
 # Allowed values of string fields, per recipe section (None is always allowed where the type allows it).
 CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
-    "model": {"family": ("sd", "sdxl", "sd3", "wan")},
+    "model": {"family": ("sd", "sdxl", "sd3", "wan", "qwen-image", "z-image", "flux")},
     "train": {"mixed_precision": ("no", "fp16", "bf16", "fp8")},
 }
 

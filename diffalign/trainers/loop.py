@@ -134,6 +134,13 @@ def load_backbone_for_training(recipe: Recipe, accelerator: Accelerator):
         if accelerator.is_main_process:
             print(f"data: {recipe.data.source} is encoded ({encoded['rows']} rows, by diffalign data encode): "
                   "no text encoder loaded, VAE encoder dropped")
+    if recipe.model.embedded_guidance is not None:
+        from diffalign.errors import UsageError
+
+        if not getattr(backbone, "embeds_guidance", False):
+            raise UsageError(f"model.embedded_guidance is set, but {recipe.model.pretrained} ({backbone.family}) has "
+                             "no guidance embedding (only guidance-distilled models such as FLUX.1-dev do): unset it")
+        backbone.guidance_scale = float(recipe.model.embedded_guidance)
     backbone.to(accelerator.device)
     if recipe.model.channels_last and accelerator.distributed_type not in (DistributedType.FSDP,
                                                                            DistributedType.DEEPSPEED):

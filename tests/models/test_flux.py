@@ -212,6 +212,24 @@ def test_an_encoded_set_trains_as_the_raw_one(folder, tmp_path, capsys):
         assert cached[0][key] == pytest.approx(raw[0][key], rel=1e-5), key
 
 
+def test_offline_training_feeds_the_recipes_embedded_guidance(folder, schnell_folder, tmp_path, capsys):
+    """model.embedded_guidance is the guidance input of every DPO forward (default 3.5, diffusers' script); the
+    family is accepted by name; a model without a guidance embedding refuses the option."""
+    from diffalign.cli import main
+
+    data = pair_parquet(tmp_path / "pairs.parquet")
+    default = train_offline(folder, data, tmp_path / "default", "--train.max_steps=1", "--model.family=flux")
+    explicit = train_offline(folder, data, tmp_path / "explicit", "--train.max_steps=1",
+                             "--model.embedded_guidance=3.5")
+    one = train_offline(folder, data, tmp_path / "one", "--train.max_steps=1", "--model.embedded_guidance=1.0")
+    assert explicit[0]["model_mse_chosen"] == default[0]["model_mse_chosen"]
+    assert one[0]["model_mse_chosen"] != default[0]["model_mse_chosen"]
+    args = ["train", "-", f"--model.pretrained={schnell_folder}", f"--data.source={data}", "--data.resolution=32",
+            f"--train.output_dir={tmp_path / 'schnell'}", "--train.max_steps=1", "--model.embedded_guidance=1.0"]
+    assert main(args) != 0
+    assert "has no guidance embedding" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method", ["mapo", "kto", "sft"])
 def test_other_offline_methods_run_a_step(method, folder, tmp_path):
     rows = train_offline(folder, pair_parquet(tmp_path / "pairs.parquet"), tmp_path / method, "--train.max_steps=1",
