@@ -113,9 +113,11 @@ def make_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def make_tiny_sd3(path: str | Path, with_t5: bool = False, seed: int = 0) -> Path:
+def make_tiny_sd3(path: str | Path, with_t5: bool = False, seed: int = 0, sd35: bool = False) -> Path:
     """A tiny SD3-architecture pipeline (MMDiT, flow matching, CLIP-L + CLIP-G, and a tiny T5 encoder
-    with its tokenizer if ``with_t5``; without it the folder has no T5, as the pipeline allows)."""
+    with its tokenizer if ``with_t5``; without it the folder has no T5, as the pipeline allows). ``sd35``:
+    SD3.5's transformer options, RMS qk-norm in every attention and MMDiT-X dual attention (a second
+    image self-attention) in the first block, as SD3.5 Medium's config has them."""
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
@@ -128,7 +130,8 @@ def make_tiny_sd3(path: str | Path, with_t5: bool = False, seed: int = 0) -> Pat
     tok = _tokenizer()
     transformer = SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
                                         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
-                                        pooled_projection_dim=64, out_channels=4)
+                                        pooled_projection_dim=64, out_channels=4,
+                                        **({"qk_norm": "rms_norm", "dual_attention_layers": (0,)} if sd35 else {}))
     t5 = None
     if with_t5:  # d_model = the transformer's joint_attention_dim, as SD3's T5-XXL (4096) is
         t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=4,

@@ -57,12 +57,12 @@ def train_flow_grpo(model_dir, out, *extra) -> list[dict]:
     return read_metrics(out)
 
 
-def assert_final_loads_in_diffusers(model_dir, final: Path, **call) -> None:
-    """``final/`` loads into the plain diffusers pipeline with ``load_lora_weights``, changes its output, and
-    ``unload_lora_weights()`` gives the base output back."""
+def assert_final_loads_in_diffusers(model_dir, final: Path, load_kwargs: dict | None = None, **call) -> None:
+    """``final/`` loads into the plain diffusers pipeline (``from_pretrained(model_dir, **load_kwargs)``) with
+    ``load_lora_weights``, changes its output, and ``unload_lora_weights()`` gives the base output back."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(model_dir)
+    pipe = DiffusionPipeline.from_pretrained(model_dir, **(load_kwargs or {}))
     pipe.set_progress_bar_config(disable=True)
     kw = dict(prompt="a yellow disc", num_inference_steps=2, output_type="np", height=32, width=32, **call)
     before = pipe(generator=torch.Generator().manual_seed(0), **kw).images
