@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lab.add_argument("--device", default="cpu")
     ff = sub.add_parser("fifa", help="FiFA: keep the pairs of largest proxy-reward margin, prompt quality and prompt "
                         "diversity under a budget (diffalign.data.fifa)")
-    ff.add_argument("input", help="Pick-a-Pic parquet file, folder or glob")
+    ff.add_argument("input", help="Pick-a-Pic parquet file, folder or glob (quoted)")
+    ff.add_argument("--split", default="train", help="a folder in the Hub's layout: the files of this split")
     ff.add_argument("output", help="parquet file to write (atomically): the kept rows, all columns")
     ff.add_argument("--budget", required=True, help="a fraction (0.2 or 20%%) of the untied pairs, or a count (5000)")
     ff.add_argument("--reward", default=None, help="proxy reward scoring both images of each pair (default: the "
@@ -69,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ff.add_argument("--margin", choices=["abs", "signed"], default="abs",
                     help="|r_w - r_l| (the paper) or r_w - r_l (drops pairs the proxy thinks mislabelled)")
     ff.add_argument("--batch-size", type=int, default=16)
-    ff.add_argument("--device", default="cpu")
+    ff.add_argument("--device", default="cpu", help="where the reward scores and the k-NN distances are computed")
     ff.add_argument("--json", action="store_true", help="print the counts as JSON")
     vp = sub.add_parser("video-pairs", help="DenseDPO structural pairs: partly noise each clip, denoise it twice "
                         "with different seeds (diffalign.data.video)")
@@ -197,7 +198,8 @@ def fifa_command(args: argparse.Namespace):
                              if which else "the diversity term needs --text-encoder (or --reward); or pass --gamma 0")
     quality = read_quality(args.quality) if args.quality else None
     return fifa_filter(args.input, args.output, budget=budget, reward=reward, text_encoder=encoder, quality=quality,
-                       alpha=args.alpha, gamma=args.gamma, k=args.k, margin=args.margin, batch_size=args.batch_size)
+                       alpha=args.alpha, gamma=args.gamma, k=args.k, margin=args.margin, batch_size=args.batch_size,
+                       split=args.split, device=args.device)
 
 
 def video_pairs_command(args: argparse.Namespace) -> Path:

@@ -100,15 +100,22 @@ def parse_budget(text: str) -> float:
         raise ValueError(f"--budget expects a fraction (0.2, 20%) or a count (5000), got {text!r}") from None
 
 
-def knn_distances(emb: torch.Tensor, k: int) -> torch.Tensor:
+def knn_distances(emb: torch.Tensor, k: int, *, block_entries: int = 1 << 25) -> torch.Tensor:
     """``ρ_k(i)`` ``[N]``: the Euclidean distance from row ``i`` of ``emb`` ``[N, d]`` to its k-th nearest
-    other row."""
+    other row. Exact, in blocks of rows (``block_entries`` distances at a time) on ``emb``'s device:
+    O(N²·d) work, so put ``emb`` on a GPU for a set of a million pairs."""
     n = emb.shape[0]
     if not 1 <= k < n:
         raise ValueError(f"k-NN needs 1 <= k < N, got k={k}, N={n}")
-    d = torch.cdist(emb.double(), emb.double())
-    d.fill_diagonal_(float("inf"))
-    return d.kthvalue(k, dim=1).values
+    x = emb.double() if emb.device.type == "cpu" else emb.float()
+    rows = max(1, block_entries // n)
+    out = []
+    for start in range(0, n, rows):
+        d = torch.cdist(x[start:start + rows], x)
+        block = torch.arange(d.shape[0], device=d.device)
+        d[block, block + start] = float("inf")  # not its own neighbour
+        out.append(d.kthvalue(k, dim=1).values.double().cpu())
+    return torch.cat(out)
 
 
 def knn_entropy(emb: torch.Tensor, k: int) -> float:
@@ -181,10 +188,10 @@ def read_quality(path: str | os.PathLike) -> dict[str, float]:
     return {str(p): float(v) for p, v in data.items()}
 
 
-def _files(source: str | os.PathLike | list) -> list[Path]:
+def _files(source: str | os.PathLike | list, split: str | None) -> list[Path]:
     from diffalign.data.pickapic import resolve_sources
 
-    files = resolve_sources(source if isinstance(source, list) else str(source), split=None)
+    files = resolve_sources(source if isinstance(source, list) else str(source), split=split)
     if files is None:
         raise ValueError(f"{source}: a hub dataset id; download its parquet files and filter those")
     bad = [f for f in files if not f.name.endswith(".parquet")]
@@ -314,13 +321,16 @@ def _write(files: list[Path], keep: set[int], out: Path, scores: tuple[list, lis
 def fifa_filter(source: str | os.PathLike | list, out: str | os.PathLike, *, budget: float,
                 reward=None, text_encoder: Callable[[list[str]], torch.Tensor] | None = None,
                 quality: Mapping[str, float] | None = None, alpha: float = 1.0, gamma: float = 1.0, k: int = 5,
-                margin: str = "abs", batch_size: int = 16) -> FifaStats:
-    """Keep the FiFA top-``K`` pairs of ``source`` (Pick-a-Pic parquet file(s)) and write them to ``out``.
+                margin: str = "abs", batch_size: int = 16, split: str | None = "train",
+                device: str | torch.device = "cpu") -> FifaStats:
+    """Keep the FiFA top-``K`` pairs of ``source`` (Pick-a-Pic parquet file, glob, list, or a folder in the
+    Hub's layout, of which the files of ``split`` are read) and write them to ``out``.
 
     ``reward``: the proxy reward (a :class:`~diffalign.rewards.base.RewardModel`) scoring both images of
     every pair; ``None`` reads the rows' ``score_0`` / ``score_1``. ``text_encoder``: prompts → ``[B, d]``
     (default: ``reward.encode_text``, the proxy's own text tower). ``quality``: ``{prompt: q}`` for every
-    candidate's prompt (``None``: no quality term). Formula and defaults in the module docstring.
+    candidate's prompt (``None``: no quality term). ``device``: where the k-NN distances are computed.
+    Formula and defaults in the module docstring.
     """
     out = Path(out)
     if out.suffix != ".parquet":
@@ -328,7 +338,7 @@ def fifa_filter(source: str | os.PathLike | list, out: str | os.PathLike, *, bud
                          ".parquet")
     if margin not in MARGINS:
         raise ValueError(f"margin must be one of {MARGINS}, got {margin!r}")
-    files = _files(source)
+    files = _files(source, split)
     if any(f.resolve() == out.resolve() for f in files if out.exists()):
         raise ValueError(f"{out}: the output is one of the inputs")
     if text_encoder is None and gamma != 0:
@@ -355,16 +365,18 @@ def fifa_filter(source: str | os.PathLike | list, out: str | os.PathLike, *, bud
         q = torch.tensor([quality[captions[i]] for i in cand], dtype=torch.float64)
     prompts = [captions[i] for i in cand]
     emb = embed_prompts(text_encoder, prompts) if gamma != 0 else torch.zeros(len(cand), 1, dtype=torch.float64)
+    emb = emb.to(device)
     if gamma != 0 and len(cand) <= k:
         raise ValueError(f"the diversity term's k-NN needs more than k={k} candidate pairs, got {len(cand)}")
     size = budget_size(budget, len(cand))
     chosen = select_top(importance_scores(m, q, emb, alpha=alpha, gamma=gamma, k=k), size)
     stats.kept = len(chosen)
     stats.mean_margin_all, stats.mean_margin_kept = float(m.mean()), float(m[chosen].mean())
+    chosen_t = torch.tensor(chosen, dtype=torch.long, device=emb.device)
     if gamma != 0:
         stats.entropy_all = knn_entropy(emb, k)
         if len(chosen) > k:
-            stats.entropy_kept = knn_entropy(emb[chosen], k)
+            stats.entropy_kept = knn_entropy(emb[chosen_t], k)
     keep = {cand[j] for j in chosen}
     _write(files, keep, out, (s0.tolist(), s1.tolist()) if reward is not None else None, batch_size=max(64, batch_size))
     return stats

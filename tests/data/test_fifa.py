@@ -54,6 +54,16 @@ def test_knn_entropy_of_a_gaussian_and_a_uniform():
     assert knn_entropy(gauss * 3, 5) - knn_entropy(gauss, 5) == pytest.approx(2 * math.log(3), abs=1e-9)
 
 
+def test_knn_distances_in_blocks_equal_the_full_matrix():
+    emb = torch.randn(37, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    full = torch.cdist(emb, emb) + torch.diag(torch.full((37,), float("inf"), dtype=torch.float64))
+    for k in (1, 4):
+        expected = full.sort(dim=1).values[:, k - 1]
+        # (cdist rounds by block shape: equal to float64 precision, not bitwise)
+        assert torch.allclose(knn_distances(emb, k, block_entries=40), expected, rtol=0, atol=1e-12)  # 1 row a block
+        assert torch.allclose(knn_distances(emb, k, block_entries=370), expected, rtol=0, atol=1e-12)  # 10 rows
+
+
 def test_knn_needs_more_points_than_k():
     with pytest.raises(ValueError, match="k < N"):
         knn_distances(torch.zeros(3, 2), 3)
