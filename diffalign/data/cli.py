@@ -1,6 +1,7 @@
 """`diffalign data`: inspect preference data, convert JSONL pairs to Pick-a-Pic parquet, label images
 with reward models into pairs or ranked lists (:mod:`diffalign.data.label`), keep FiFA's most informative
-pairs under a budget (``fifa``, :mod:`diffalign.data.fifa`), make DenseDPO's structural video pairs
+pairs under a budget (``fifa``, :mod:`diffalign.data.fifa`), embed each user's preference for PPD
+(``user-embeddings``, :mod:`diffalign.data.users`), make DenseDPO's structural video pairs
 (``video-pairs``, :mod:`diffalign.data.video`)."""
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ff.add_argument("--batch-size", type=int, default=16)
     ff.add_argument("--device", default="cpu", help="where the reward scores and the k-NN distances are computed")
     ff.add_argument("--json", action="store_true", help="print the counts as JSON")
+    ue = sub.add_parser("user-embeddings", help="PPD: embed each user's preference from their first pairs with a "
+                        "frozen CLIP-type reward (diffalign.data.users)")
+    ue.add_argument("input", help="Pick-a-Pic parquet file, folder or glob with a user_id column")
+    ue.add_argument("output", help="safetensors file to write (atomically)")
+    ue.add_argument("--encoder", required=True, help="a CLIP-type reward whose image features embed the pairs "
+                    "(pickscore; shapes-clip on Shapes)")
+    ue.add_argument("--examples", type=int, default=4, help="pairs per user (the paper: 4)")
+    ue.add_argument("--split", default="train")
+    ue.add_argument("--device", default="cpu")
     vp = sub.add_parser("video-pairs", help="DenseDPO structural pairs: partly noise each clip, denoise it twice "
                         "with different seeds (diffalign.data.video)")
     vp.add_argument("clips", help='JSONL of {"prompt", "video"} (video: .npy [T, H, W, 3], frame folder or video file)')
@@ -228,6 +238,14 @@ def run(args: argparse.Namespace) -> int:
         if args.data_command == "label":
             stats = label_command(args)
             print(f"wrote {args.out}: {stats}")
+            return 0
+        if args.data_command == "user-embeddings":
+            from diffalign.data.users import build_user_embeddings
+            from diffalign.rewards.registry import load_reward
+
+            users = build_user_embeddings(args.input, args.output, load_reward(args.encoder).to(args.device),
+                                          per_user=args.examples, split=args.split, encoder_name=args.encoder)
+            print(f"wrote {args.output}: {len(users.ids)} users, embeddings {list(users.embeddings.shape)}")
             return 0
         if args.data_command == "fifa":
             stats = fifa_command(args)
