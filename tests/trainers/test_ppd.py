@@ -186,3 +186,24 @@ def test_train_runs_and_final_loads_into_a_plain_pipeline(tiny_models, user_pair
     assert abs(alice - bob).max() > 1e-5  # the trained adapter tells the users apart
     with pytest.raises(RuntimeError, match="already has a user adapter"):
         load_user_adapter(pipe.unet, final)
+
+
+def test_resume_restores_the_user_adapter(tiny_models, user_pairs, user_file, tmp_path):
+    """Stopped at step 2 and resumed to 4 gives the unbroken run's adapter (its weights are in the checkpoint)."""
+    from safetensors.torch import load_file
+
+    def train(out, steps, *extra):
+        args = _recipe(tiny_models, user_pairs, user_file, out, f"train.max_steps={steps}",
+                       "train.checkpointing_steps=2", "train.lr_scheduler=constant")
+        assert main(["train", "-", *("--" + a for a in args), *extra]) == 0
+
+    train(tmp_path / "a", 4)
+    train(tmp_path / "b", 2)
+    saved = load_file(tmp_path / "b" / "checkpoints" / "step-2" / "trainable.safetensors")
+    assert any("to_v_ip" in k for k in saved) and any("ppd_user_projection" in k for k in saved)
+    train(tmp_path / "b", 4, "--resume", "latest")
+    wa = load_file(tmp_path / "a" / "final" / "user_adapter.safetensors")
+    wb = load_file(tmp_path / "b" / "final" / "user_adapter.safetensors")
+    assert wa.keys() == wb.keys() and any(float(v.abs().max()) > 0 for k, v in wa.items() if "to_v_ip" in k)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
