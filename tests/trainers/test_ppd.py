@@ -42,18 +42,19 @@ def user_file(user_pairs, tmp_path_factory):
     return out
 
 
-def _recipe(tiny_models, data, users, out, *extra):
-    return [f"model.pretrained={tiny_models['sd']}", "model.lora_rank=4", f"data.source={data}",
+def _recipe(tiny_models, data, users, out, *extra, family="sd"):
+    return [f"model.pretrained={tiny_models[family]}", "model.lora_rank=4", f"data.source={data}",
             "data.resolution=32", "method.name=ppd", f"method.user_embeddings={users}", f"train.output_dir={out}",
             "train.batch_size=2", "train.checkpointing_steps=0", "train.max_steps=3", "train.learning_rate=1e-3",
             *extra]
 
 
-def _setup(tiny_models, user_pairs, user_file, tmp_path, *extra):
+def _setup(tiny_models, user_pairs, user_file, tmp_path, *extra, family="sd"):
     from diffalign.trainers.loop import setup
     from diffalign.trainers.registry import load_recipe
 
-    return setup(load_recipe(None, _recipe(tiny_models, user_pairs, user_file, tmp_path / "run", *extra)))
+    return setup(load_recipe(None, _recipe(tiny_models, user_pairs, user_file, tmp_path / "run", *extra,
+                                           family=family)))
 
 
 def test_user_embeddings_are_the_mean_preference_direction(user_pairs, user_file):
@@ -77,14 +78,19 @@ def test_user_embeddings_are_the_mean_preference_direction(user_pairs, user_file
         users.lookup(["alice", "carol"])
 
 
-def test_loss_is_ln2_at_step_0_and_the_batch_carries_the_users(tiny_models, user_pairs, user_file, tmp_path):
-    run = _setup(tiny_models, user_pairs, user_file, tmp_path)
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_loss_is_ln2_at_step_0_and_the_batch_carries_the_users(family, tiny_models, user_pairs, user_file, tmp_path):
+    run = _setup(tiny_models, user_pairs, user_file, tmp_path, family=family)
     batch = run.data.batch(0, 0, 0, 1)
     positions = run.data.positions(0, 0, 0, 1)
     assert batch.users == [run.data.item_at(p).user for p in positions]
     out = run.method.loss(batch)
     assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert float(out.metrics["implicit_acc"]) == 0.5
+    out.loss.backward()  # the user's value projections get a gradient at step 0 (the keys and projection not yet)
+    unet = run.backbone.raw_denoiser
+    grads = {n: p.grad for n, p in unet.named_parameters() if "to_v_ip" in n}
+    assert grads and any(g is not None and float(g.abs().max()) > 0 for g in grads.values())
 
 
 def _perturb(unet, seed=0):
