@@ -125,7 +125,7 @@ def save_user_adapter(unet: torch.nn.Module, folder: str | Path) -> Path:
 
 def load_user_adapter(unet: torch.nn.Module, folder: str | Path) -> None:
     """Install the adapter saved in ``folder`` on ``unet`` (a plain diffusers UNet, e.g. ``pipe.unet``) and
-    load its weights; every key must match."""
+    load its weights, in the UNet's dtype; every key must match."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -142,5 +142,8 @@ def load_user_adapter(unet: torch.nn.Module, folder: str | Path) -> None:
         raise ValueError(f"{path}: does not fit this UNet (missing {missing[:3]}, unexpected {extra[:3]})")
     getattr(unet, PROJECTION).load_state_dict({k[len("projection."):]: v for k, v in state.items()
                                                if k.startswith("projection.")})
+    dtype = next(unet.parameters()).dtype  # inference in the UNet's precision (fp16 pipelines)
+    getattr(unet, PROJECTION).to(dtype)
     for name, attn in _cross_attentions(unet).items():
         attn.processor.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+        attn.processor.to(dtype)
