@@ -147,3 +147,34 @@ def load_user_adapter(unet: torch.nn.Module, folder: str | Path) -> None:
     for name, attn in _cross_attentions(unet).items():
         attn.processor.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
         attn.processor.to(dtype)
+
+
+class UserPipeline:
+    """A diffusers SD / SDXL pipeline (with the adapter loaded) that generates for one user: called like the
+    pipeline (``prompt``, ``generator``, ``guidance_scale``, ...), it encodes the prompts, appends the user's
+    tokens to the text tokens and zero tokens to the negative ones, and passes ``prompt_embeds``.
+
+    ``embedding``: ``[E]``; a mixture of users is a mixture of their embeddings."""
+
+    def __init__(self, pipe, embedding: torch.Tensor):
+        if not has_user_adapter(pipe.unet):
+            raise ValueError("the pipeline's UNet has no user adapter: load_user_adapter(pipe.unet, folder) first")
+        self.pipe, self.embedding = pipe, embedding.reshape(1, -1)
+
+    def __getattr__(self, name):  # progress bars, device, ...: the pipeline's
+        return getattr(self.pipe, name)
+
+    def __call__(self, prompt, *, guidance_scale: float = 7.5, negative_prompt=None, **kwargs):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        pipe = self.pipe
+        with torch.no_grad():
+            enc = pipe.encode_prompt(prompt=prompts, device=pipe.device, num_images_per_prompt=1,
+                                     do_classifier_free_guidance=guidance_scale > 1, negative_prompt=negative_prompt)
+            text, neg = enc[0], enc[1]
+            tokens = user_tokens(pipe.unet, self.embedding.to(pipe.device).expand(len(prompts), -1)).to(text.dtype)
+        embeds = {"prompt_embeds": with_user_tokens(text, tokens)}
+        if neg is not None:
+            embeds["negative_prompt_embeds"] = with_user_tokens(neg, torch.zeros_like(tokens))
+        if len(enc) == 4:  # SDXL: the pooled embeddings as they are
+            embeds["pooled_prompt_embeds"], embeds["negative_pooled_prompt_embeds"] = enc[2], enc[3]
+        return pipe(guidance_scale=guidance_scale, **embeds, **kwargs)

@@ -162,7 +162,7 @@ def test_train_runs_and_final_loads_into_a_plain_pipeline(tiny_models, user_pair
     from diffusers import StableDiffusionPipeline
 
     from diffalign.data.users import load_user_embeddings
-    from diffalign.models.user_adapter import load_user_adapter, user_tokens
+    from diffalign.models.user_adapter import UserPipeline, load_user_adapter, user_tokens
 
     out = tmp_path / "run"
     args = ["train", "-", *("--" + a for a in _recipe(tiny_models, user_pairs, user_file, out))]
@@ -178,16 +178,18 @@ def test_train_runs_and_final_loads_into_a_plain_pipeline(tiny_models, user_pair
     pipe.load_lora_weights(final)
     load_user_adapter(pipe.unet, final)
     users = load_user_embeddings(user_file)
-    text, neg = pipe.encode_prompt("a yellow disc", "cpu", 1, True, "")
+    kw = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", "guidance_scale": 5.0}
 
     def sample(embedding):
-        with torch.no_grad():
-            tokens = user_tokens(pipe.unet, embedding[None]) if embedding is not None else None
-            zeros = torch.zeros_like(user_tokens(pipe.unet, users.embeddings[:1]))
-            pos = torch.cat([text, tokens if tokens is not None else zeros], 1)
-            return pipe(prompt_embeds=pos, negative_prompt_embeds=torch.cat([neg, zeros], 1), num_inference_steps=2,
-                        height=32, width=32, output_type="np", generator=torch.Generator().manual_seed(0)).images
+        return UserPipeline(pipe, embedding)(["a yellow disc"], generator=torch.Generator().manual_seed(0), **kw).images
 
+    # UserPipeline is the pipeline with the tokens appended by hand
+    text, neg = pipe.encode_prompt("a yellow disc", "cpu", 1, True, "")
+    with torch.no_grad():
+        tokens = user_tokens(pipe.unet, users.embeddings[:1])
+    by_hand = pipe(prompt_embeds=torch.cat([text, tokens], 1), negative_prompt_embeds=torch.cat(
+        [neg, torch.zeros_like(tokens)], 1), generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(sample(users.embeddings[0]) - by_hand).max() < 1e-6
     alice, bob = sample(users.embeddings[0]), sample(users.embeddings[1])
     assert abs(alice - bob).max() > 1e-5  # the trained adapter tells the users apart
     with pytest.raises(RuntimeError, match="already has a user adapter"):
