@@ -1,6 +1,8 @@
 """`diffalign data`: inspect preference data, convert JSONL pairs to Pick-a-Pic parquet, label images
-with reward models into pairs or ranked lists (:mod:`diffalign.data.label`), make DenseDPO's structural
-video pairs (``video-pairs``, :mod:`diffalign.data.video`)."""
+with reward models into pairs or ranked lists (:mod:`diffalign.data.label`), keep FiFA's most informative
+pairs under a budget (``fifa``, :mod:`diffalign.data.fifa`), embed each user's preference for PPD
+(``user-embeddings``, :mod:`diffalign.data.users`), make DenseDPO's structural video pairs
+(``video-pairs``, :mod:`diffalign.data.video`)."""
 
 from __future__ import annotations
 
@@ -50,6 +52,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="local weights (file, folder or hub id) for one reward; repeatable")
     lab.add_argument("--batch-size", type=int, default=16)
     lab.add_argument("--device", default="cpu")
+    ff = sub.add_parser("fifa", help="FiFA: keep the pairs of largest proxy-reward margin, prompt quality and prompt "
+                        "diversity under a budget (diffalign.data.fifa)")
+    ff.add_argument("input", help="Pick-a-Pic parquet file, folder or glob (quoted)")
+    ff.add_argument("--split", default="train", help="a folder in the Hub's layout: the files of this split")
+    ff.add_argument("output", help="parquet file to write (atomically): the kept rows, all columns")
+    ff.add_argument("--budget", required=True, help="a fraction (0.2 or 20%%) of the untied pairs, or a count (5000)")
+    ff.add_argument("--reward", default=None, help="proxy reward scoring both images of each pair (default: the "
+                    "rows' score_0/score_1 columns, e.g. from 'data label')")
+    ff.add_argument("--reward-weights", default=None, help="local weights (file, folder or hub id) for --reward")
+    ff.add_argument("--text-encoder", default=None, help="reward whose text tower embeds the prompts for the "
+                    "diversity term (default: --reward)")
+    ff.add_argument("--quality", default=None, help="cached prompt ratings: JSON {prompt: rating} or JSONL "
+                    "{prompt, quality} (default: no quality term)")
+    ff.add_argument("--alpha", type=float, default=1.0, help="weight of the quality term")
+    ff.add_argument("--gamma", type=float, default=1.0, help="weight of the diversity term (0: margin and quality only)")
+    ff.add_argument("--k", type=int, default=5, help="k of the k-NN entropy estimate")
+    ff.add_argument("--margin", choices=["abs", "signed"], default="abs",
+                    help="|r_w - r_l| (the paper) or r_w - r_l (drops pairs the proxy thinks mislabelled)")
+    ff.add_argument("--batch-size", type=int, default=16)
+    ff.add_argument("--device", default="cpu", help="where the reward scores and the k-NN distances are computed")
+    ff.add_argument("--json", action="store_true", help="print the counts as JSON")
+    ue = sub.add_parser("user-embeddings", help="PPD: embed each user's preference from their first pairs with a "
+                        "frozen CLIP-type reward (diffalign.data.users)")
+    ue.add_argument("input", help="Pick-a-Pic parquet file, folder or glob with a user_id column")
+    ue.add_argument("output", help="safetensors file to write (atomically)")
+    ue.add_argument("--encoder", required=True, help="a CLIP-type reward whose image features embed the pairs "
+                    "(pickscore; shapes-clip on Shapes)")
+    ue.add_argument("--examples", type=int, default=4, help="pairs per user (the paper: 4)")
+    ue.add_argument("--split", default="train")
+    ue.add_argument("--device", default="cpu")
     vp = sub.add_parser("video-pairs", help="DenseDPO structural pairs: partly noise each clip, denoise it twice "
                         "with different seeds (diffalign.data.video)")
     vp.add_argument("clips", help='JSONL of {"prompt", "video"} (video: .npy [T, H, W, 3], frame folder or video file)')
@@ -150,6 +182,36 @@ def label_command(args: argparse.Namespace):
                      min_margin=args.min_margin, weights=mix, normalize=args.normalize, batch_size=args.batch_size)
 
 
+def fifa_command(args: argparse.Namespace):
+    """``diffalign data fifa``: load the proxy reward (and text encoder), then :func:`diffalign.data.fifa.fifa_filter`."""
+    from diffalign.data.fifa import fifa_filter, parse_budget, read_quality
+    from diffalign.rewards.registry import is_reward, list_rewards, load_reward
+
+    budget = parse_budget(args.budget)
+    for flag, name in (("--reward", args.reward), ("--text-encoder", args.text_encoder)):
+        if name is not None and not is_reward(name) and not Path(name).is_dir():
+            raise ValueError(f"{flag}: unknown reward {name!r}; registered: {', '.join(list_rewards())}")
+    if args.reward_weights and not args.reward:
+        raise ValueError("--reward-weights needs --reward")
+    reward = None
+    if args.reward:
+        kw = {"batch_size": args.batch_size, **({"weights": args.reward_weights} if args.reward_weights else {})}
+        reward = load_reward(args.reward, **kw).to(args.device)
+    encoder = None
+    if args.gamma != 0:
+        source = reward if args.text_encoder in (None, args.reward) else load_reward(args.text_encoder).to(args.device)
+        encoder = getattr(source, "encode_text", None)
+        if encoder is None:
+            which = args.text_encoder or args.reward
+            raise ValueError(f"the diversity term embeds prompts with a reward's text tower: {which!r} has none; "
+                             "name one with --text-encoder (a CLIP-type reward), or pass --gamma 0"
+                             if which else "the diversity term needs --text-encoder (or --reward); or pass --gamma 0")
+    quality = read_quality(args.quality) if args.quality else None
+    return fifa_filter(args.input, args.output, budget=budget, reward=reward, text_encoder=encoder, quality=quality,
+                       alpha=args.alpha, gamma=args.gamma, k=args.k, margin=args.margin, batch_size=args.batch_size,
+                       split=args.split, device=args.device)
+
+
 def video_pairs_command(args: argparse.Namespace) -> Path:
     """``diffalign data video-pairs``: :func:`diffalign.data.video.make_structural_pairs` from the command line."""
     import torch
@@ -176,6 +238,18 @@ def run(args: argparse.Namespace) -> int:
         if args.data_command == "label":
             stats = label_command(args)
             print(f"wrote {args.out}: {stats}")
+            return 0
+        if args.data_command == "user-embeddings":
+            from diffalign.data.users import build_user_embeddings
+            from diffalign.rewards.registry import load_reward
+
+            users = build_user_embeddings(args.input, args.output, load_reward(args.encoder).to(args.device),
+                                          per_user=args.examples, split=args.split, encoder_name=args.encoder)
+            print(f"wrote {args.output}: {len(users.ids)} users, embeddings {list(users.embeddings.shape)}")
+            return 0
+        if args.data_command == "fifa":
+            stats = fifa_command(args)
+            print(json.dumps(stats.as_dict(), indent=2) if args.json else f"wrote {args.output}: {stats}")
             return 0
         if args.data_command == "inspect":
             stats = inspect(args.path, args.format, split=args.split, limit=args.limit, image_root=args.image_root)

@@ -137,7 +137,8 @@ class PreferencePair:
     ``source`` says where it came from (``file.parquet:row 12``) for error messages; ``key`` is a
     content hash of the two images and the prompt(s), used to cache latents: the same bytes in another
     row or file give the same key. ``scores``: reward scores ``(chosen, rejected)`` when the data has
-    them (SmPO's smoothed preference reads them). The images are PIL images, or
+    them (SmPO's smoothed preference reads them). ``user``: who labelled the pair, when the data says
+    (Pick-a-Pic's ``user_id``, as text; PPD conditions on it). The images are PIL images, or
     :class:`EncodedImage` where a reader was asked not to decode (``decode=False``, as training does).
     """
 
@@ -149,6 +150,7 @@ class PreferencePair:
     source: str = ""
     key: str = ""
     scores: tuple[float, float] | None = None
+    user: str | None = None
 
 
 class SkipRow(Exception):

@@ -7,7 +7,7 @@ dropped (and counted) by default and the winner is put first.
 Optional columns read when present: ``label_1`` (must equal ``1 - label_0``), ``caption_1`` (a
 different caption for image 1, DCPO-style; ``caption`` is then image 0's), ``weight`` (per-pair loss
 weight) and ``score_0`` / ``score_1`` (reward scores of the two images, e.g. SmPO's PickScores; both or
-neither). ``pickapic_v2_no_images`` rows carry ``image_0_url`` / ``image_1_url`` instead of bytes: the
+neither) and ``user_id`` (who labelled the pair; read as text, PPD's user). ``pickapic_v2_no_images`` rows carry ``image_0_url`` / ``image_1_url`` instead of bytes: the
 images are fetched once and kept under a cache directory, keyed by a hash of the URL.
 
 WebDataset mirrors (``.tar``, ``.tar.gz``, ``.tgz``): one sample is the run of consecutive members
@@ -50,8 +50,8 @@ from diffalign.data.pairs import (
 )
 
 REQUIRED = ("jpg_0", "jpg_1", "label_0", "caption")
-OPTIONAL = ("label_1", "caption_1", "weight", "score_0", "score_1", "image_0_url", "image_1_url")
-WRITABLE_OPTIONAL = ("caption_1", "weight", "score_0", "score_1")
+OPTIONAL = ("label_1", "caption_1", "weight", "score_0", "score_1", "image_0_url", "image_1_url", "user_id")
+WRITABLE_OPTIONAL = ("caption_1", "weight", "score_0", "score_1", "user_id")
 VALID_LABELS = (0.0, 0.5, 1.0)
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -362,7 +362,8 @@ def pair_from_row(src: str, row: dict, *, drop_ties: bool = True, cache_dir: Pat
     p_w, p_l = captions[w], captions[1 - w]
     return PreferencePair(prompt=p_w, chosen=img_w, rejected=img_l, prompt_rejected=p_l if p_l != p_w else None,
                           weight=float(weight), source=src, key=content_key(raw_w, raw_l, p_w, p_l),
-                          scores=None if scores is None else (scores[w], scores[1 - w]))
+                          scores=None if scores is None else (scores[w], scores[1 - w]),
+                          user=None if row.get("user_id") is None else str(row["user_id"]))
 
 
 def _rows_to_pairs(rows: Iterable[tuple[str, dict]], drop_ties: bool, strict: bool, stats: DataStats,
@@ -421,10 +422,11 @@ def _columns(rows: list[dict], start: int, optional: list[str]) -> dict[str, pa.
         cols["label_0"].append(label)
         cols["label_1"].append(1.0 - label)
         for o in optional:
-            cols[o].append(r.get(o))
+            value = r.get(o)
+            cols[o].append(str(value) if o == "user_id" and value is not None else value)
     types = {"caption": pa.string(), "caption_1": pa.string(), "jpg_0": pa.binary(), "jpg_1": pa.binary(),
              "label_0": pa.float64(), "label_1": pa.float64(), "weight": pa.float64(), "score_0": pa.float64(),
-             "score_1": pa.float64()}
+             "score_1": pa.float64(), "user_id": pa.string()}
     return {k: pa.array(v, types[k]) for k, v in cols.items()}
 
 

@@ -458,6 +458,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "adv_eps": NON_NEGATIVE, "adv_clip_max": POSITIVE, "win_rate_temperature": POSITIVE,
         "desirable_weight": NON_NEGATIVE, "undesirable_weight": NON_NEGATIVE, "pretrain_weight": NON_NEGATIVE,
         "sft_weight": NON_NEGATIVE, "tie_margin": NON_NEGATIVE, "loss_scale": POSITIVE, "scale": POSITIVE,
+        "num_user_tokens": POSITIVE, "adapter_scale": NON_NEGATIVE,
     },
     "model": {"lora_rank": NON_NEGATIVE, "lora_alpha": POSITIVE, "embedded_guidance": NON_NEGATIVE},
     "data": {"resolution": POSITIVE, "caption_dropout": PROBABILITY, "max_samples": POSITIVE,

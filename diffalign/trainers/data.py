@@ -33,7 +33,7 @@ MIN_ROWS_JUDGED = 100  # rows read before data.max_bad_fraction is judged (all o
 class Example:
     """One example as read by :meth:`TrainingData.read_example`: its images (each ``(image, placement,
     cache key)``), one prompt and score per image, its loss weight and feedback, and its generator (the
-    placement draws taken; the noise and timestep come next)."""
+    placement draws taken; the noise and timestep come next), and who labelled it (``user``, pairs only)."""
 
     images: list
     prompts: list[str]
@@ -41,6 +41,7 @@ class Example:
     weight: float
     desirable: bool | None
     generator: torch.Generator
+    user: str | None = None
 
 
 @dataclass
@@ -54,7 +55,8 @@ class CpuBatch:
     ``keys``, ``prompts``, ``placements`` per row; ``scores`` per row or ``None``; ``weights`` and
     ``desirable`` per loss row; ``generator_states`` ``[B, L]``: each example's generator state;
     ``reads``: ``(row index, None or (reason, where, detail))`` for every row read, skipped ones included
-    (the training process counts them)."""
+    (the training process counts them); ``users``: each example's user (pairs), or ``None`` when no example
+    has one."""
 
     group: int
     latents: torch.Tensor | None
@@ -69,6 +71,7 @@ class CpuBatch:
     desirable: list[bool] | None
     generator_states: torch.Tensor
     reads: list[tuple]
+    users: list[str | None] | None = None
 
     def known_latents(self) -> dict[str, torch.Tensor]:
         """``{key: latent}`` of the rows that came cached."""
@@ -189,6 +192,7 @@ class TrainingData:
         desirable = [e.desirable for e in examples] if self.kind == "feedback" else None
         if self.kind == "feedback-pairs":  # per-row feedback and weights: [winners, losers]
             desirable, weights = [True] * n + [False] * n, weights * 2
+        users = [e.user for e in examples] if any(e.user is not None for e in examples) else None
         latent_rows = [i for i, r in enumerate(rows) if r[3] is not None]
         pixel_rows = [i for i, r in enumerate(rows) if r[3] is None]
         return CpuBatch(group=group, latents=torch.stack([rows[i][3] for i in latent_rows]) if latent_rows else None,
@@ -196,7 +200,8 @@ class TrainingData:
                         pixels=torch.stack([rows[i][4] for i in pixel_rows]) if pixel_rows else None,
                         keys=[r[2] for r in rows], prompts=[examples[i].prompts[j] for j in range(group) for i in range(n)],
                         placements=[r[1] for r in rows], scores=scores, weights=weights, desirable=desirable,
-                        generator_states=torch.stack([e.generator.get_state() for e in examples]), reads=reads)
+                        generator_states=torch.stack([e.generator.get_state() for e in examples]), reads=reads,
+                        users=users)
 
     def read_example(self, position: int, reads: list[tuple]) -> Example:
         """The example at ``position``: the first usable row from the order's choice on; every row tried
@@ -258,7 +263,7 @@ class TrainingData:
         sc = getattr(item, "scores", None)
         return Example([(item.chosen, w, key_of(item.chosen, w)), (item.rejected, l, key_of(item.rejected, l))],
                        ["" if drop else item.prompt, "" if drop else p_l],
-                       list(sc) if sc is not None else [float("nan")] * 2, weight, None, g)
+                       list(sc) if sc is not None else [float("nan")] * 2, weight, None, g, getattr(item, "user", None))
 
     def _pixels_or_latent(self, image, placement, key: str, where: str = "") -> tuple:
         """``(image, placement, key, cached latent or None, pixels or None)``; an image that does not decode
@@ -332,6 +337,7 @@ class TrainingData:
             desirable=torch.tensor(cpu.desirable, device=device) if cpu.desirable is not None else None,
             prompts=cpu.prompts,
             scores=None if cpu.scores is None else torch.tensor(cpu.scores, device=device, dtype=torch.float32),
+            users=cpu.users,
         )
 
     def _account(self, reads: list[tuple]) -> None:

@@ -1,21 +1,20 @@
-"""Diffusion-DPO (Wallace et al., 2023) on the shared likelihood core."""
+"""Diffusion-DPO (Wallace et al., 2023) on the shared likelihood core. Its loss,
+:func:`~diffalign.trainers.method.diffusion_dpo_loss`, lives with the shared method helpers, as PPD uses it too."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from diffalign.core.likelihood import elbo_loglik
-from diffalign.objectives import dpo_loss, loss_terms
+from diffalign.objectives import loss_terms
 from diffalign.trainers.method import (
     Method,
     StepOutput,
     TrainBatch,
-    dpo_metrics,
+    diffusion_dpo_loss,
     register_method,
-    weighted_mean,
 )
+
+__all__ = ["DiffusionDPO", "DiffusionDPOConfig", "diffusion_dpo_loss"]
 
 
 @dataclass
@@ -40,33 +39,6 @@ class DiffusionDPOConfig:
 
     def terms(self) -> list[tuple[str, float]]:
         return loss_terms(self.loss_type, self.loss_weights)
-
-
-def diffusion_dpo_loss(
-    policy_errors: torch.Tensor,
-    ref_errors: torch.Tensor,
-    weights: torch.Tensor,
-    config: DiffusionDPOConfig,
-) -> StepOutput:
-    """Diffusion-DPO on per-sample denoising errors ``[2B]`` (winners first, then losers).
-
-    ``loss = −log σ(−½β((Lθw − Lθl) − (Lrw − Lrl)))`` (and the other terms of ``config.loss_type``).
-    """
-    policy_w, policy_l = elbo_loglik(policy_errors).chunk(2)
-    ref_w, ref_l = elbo_loglik(ref_errors).chunk(2)
-    total = policy_errors.new_zeros(())
-    out = None
-    for loss_type, w in config.terms():
-        if loss_type == "sft":
-            term = policy_errors.chunk(2)[0]
-        else:
-            out = dpo_loss(policy_w, policy_l, ref_w, ref_l, beta=config.beta, loss_type=loss_type,
-                           label_smoothing=config.label_smoothing)
-            term = out.losses
-        total = total + w * weighted_mean(term, weights)
-    if out is None:  # metrics need the DPO logit even when only "sft" is trained
-        out = dpo_loss(policy_w, policy_l, ref_w, ref_l, beta=config.beta)
-    return StepOutput(total, dpo_metrics(out.logits, out.chosen_rewards, out.rejected_rewards, policy_errors, ref_errors))
 
 
 @register_method("diffusion-dpo", DiffusionDPOConfig, kind="offline")

@@ -86,7 +86,8 @@ def setup(recipe: Recipe, accelerator: Accelerator | None = None) -> Run:
       (reward backprop), tokenised text, video pairs, or ``None`` (on-line);
     * ``prepare(run)``: anything that needs the optimizer or the run (on-line methods' references);
     * ``steps(run)``: the step source, ``(row, boundary)`` events (default :func:`data_steps`);
-    * ``save_state(folder)`` / ``load_state(folder)``: the method's own checkpointed state.
+    * ``save_state(folder)`` / ``load_state(folder)``: the method's own checkpointed state;
+    * ``write_final(folder)``: files the method adds to ``final/`` beside the trained weights.
     """
     cls = recipe.method.entry.method_class
     accelerator = accelerator or make_accelerator(recipe)
@@ -430,6 +431,8 @@ def save_final(run) -> Path:
 
         def write(tmp: Path) -> None:
             run.backbone.save_trained(tmp, state_dict=state_dict)
+            if hasattr(run.method, "write_final"):  # what the method adds to final/ (PPD's user adapter)
+                run.method.write_final(tmp)
             write_model_card(tmp, run.recipe, steps=run.global_step, metrics_path=run.output_dir / "metrics.jsonl",
                              data_stats=data_stats(run), lora=run.recipe.model.lora_rank > 0)
 

@@ -13,8 +13,9 @@ from typing import ClassVar
 
 import torch
 
-from diffalign.core.likelihood import denoising_error
+from diffalign.core.likelihood import denoising_error, elbo_loglik
 from diffalign.models.base import Conditioning
+from diffalign.objectives import dpo_loss
 
 # The method table that :func:`register_method` fills, read through :mod:`diffalign.trainers.registry`.
 KINDS: dict[str, str] = {
@@ -71,6 +72,7 @@ class TrainBatch:
     * ``desirable``: ``[N]`` bool, per-row feedback (KTO only)
     * ``prompts``: the ``N`` rows' caption texts (after caption dropout)
     * ``scores``: ``[N]`` per-row reward scores when the data has them (SmPO, RankDPO; NaN where missing)
+    * ``users``: the ``B`` pairs' user ids when the data has them (Pick-a-Pic ``user_id``; PPD), else ``None``
 
     Ranked lists (RankDPO) are laid out like pairs with ``K`` groups: ``[best (B), second (B), ...,
     worst (B)]``, all ``K`` rows of a list sharing noise and timestep.
@@ -86,6 +88,7 @@ class TrainBatch:
     desirable: torch.Tensor | None = None
     prompts: list[str] | None = None
     scores: torch.Tensor | None = None
+    users: list[str | None] | None = None
 
 
 @dataclass
@@ -167,3 +170,31 @@ def dpo_metrics(logits: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rew
         "ref_mse_chosen": rw.mean(),
         "ref_mse_rejected": rl.mean(),
     }
+
+
+def diffusion_dpo_loss(
+    policy_errors: torch.Tensor,
+    ref_errors: torch.Tensor,
+    weights: torch.Tensor,
+    config,
+) -> StepOutput:
+    """Diffusion-DPO on per-sample denoising errors ``[2B]`` (winners first, then losers); ``config`` has
+    ``beta``, ``label_smoothing`` and ``terms()`` (``DiffusionDPOConfig``, ``PPDConfig``).
+
+    ``loss = −log σ(−½β((Lθw − Lθl) − (Lrw − Lrl)))`` (and the other terms of ``config.loss_type``).
+    """
+    policy_w, policy_l = elbo_loglik(policy_errors).chunk(2)
+    ref_w, ref_l = elbo_loglik(ref_errors).chunk(2)
+    total = policy_errors.new_zeros(())
+    out = None
+    for loss_type, w in config.terms():
+        if loss_type == "sft":
+            term = policy_errors.chunk(2)[0]
+        else:
+            out = dpo_loss(policy_w, policy_l, ref_w, ref_l, beta=config.beta, loss_type=loss_type,
+                           label_smoothing=config.label_smoothing)
+            term = out.losses
+        total = total + w * weighted_mean(term, weights)
+    if out is None:  # metrics need the DPO logit even when only "sft" is trained
+        out = dpo_loss(policy_w, policy_l, ref_w, ref_l, beta=config.beta)
+    return StepOutput(total, dpo_metrics(out.logits, out.chosen_rewards, out.rejected_rewards, policy_errors, ref_errors))

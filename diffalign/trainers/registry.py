@@ -34,6 +34,7 @@ import diffalign.trainers.inversion_dpo  # noqa: F401
 import diffalign.trainers.kto  # noqa: F401
 import diffalign.trainers.mapo  # noqa: F401
 import diffalign.trainers.nft  # noqa: F401
+import diffalign.trainers.ppd  # noqa: F401
 import diffalign.trainers.prdp  # noqa: F401
 import diffalign.trainers.rankdpo  # noqa: F401
 import diffalign.trainers.sft  # noqa: F401

@@ -16,7 +16,8 @@ from diffalign.trainers.registry import (
 )
 
 EXPECTED_KINDS = {
-    "offline": {"diffusion-dpo", "mapo", "kto", "sft", "inpo", "inversion-dpo", "smpo", "rankdpo", "dcpo", "tpo"},
+    "offline": {"diffusion-dpo", "mapo", "kto", "sft", "inpo", "inversion-dpo", "smpo", "rankdpo", "dcpo", "tpo",
+                "ppd"},
     "online": {"ddpo", "grpo", "flow-grpo", "pref-grpo", "d3po", "seppo", "flow-grpo-fast", "mixgrpo", "grpo-guard",
                "diffusion-nft", "awm", "dgpo", "prdp", "adv-grpo"},
     "backprop": {"alignprop", "draft", "draft-lv", "refl"},
