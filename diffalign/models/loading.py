@@ -86,7 +86,9 @@ def load_backbone(name_or_path: str | Path, family: str | None = None, **kwargs)
     unless given; a given family that does not match a local folder's ``model_index.json`` is a
     :class:`~diffalign.errors.UsageError` naming both (one line from the command line). ``kwargs``
     (``torch_dtype``, ``variant``, ``revision``, pipeline components) go to :meth:`Backbone.from_pretrained`.
+    ``bundled:NAME`` (a Shapes base shipped in the package) loads as in recipes.
     """
+    name_or_path = resolve_pretrained(str(name_or_path))
     if family is None:
         family = detect_family(name_or_path, kwargs.get("revision"))
     if family not in FAMILIES:

@@ -34,6 +34,9 @@ REWARD_MODEL_NAME = "shapes-clip-reward"
 LATENT_SIZE = 16  # 64x64 images, VAE downsamples by 4
 # How the model is meant to be sampled (the README card records the ShapesEval measured with these).
 DEFAULT_SAMPLING = {"num_inference_steps": 20, "guidance_scale": 5.0, "height": 64, "width": 64}
+# How the flow-matching base is meant to be sampled: Flow-GRPO's 10 steps and CFG 4.5 (its card records
+# the ShapesEval measured with these; the Euler schedule of the saved scheduler, shift 1).
+FLOW_DEFAULT_SAMPLING = {"num_inference_steps": 10, "guidance_scale": 4.5, "height": 64, "width": 64}
 
 # The noise schedule of Stable Diffusion 1.x (scaled-linear betas, epsilon prediction, 1000 steps).
 NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from diffalign.core.forward import FlowMatchingForward
 from diffalign.shapes.model import (
-    DEFAULT_SAMPLING,
+    FLOW_DEFAULT_SAMPLING,
     assemble_flow_pipeline,
     base_model_path,
     make_flow_text_encoder,
@@ -170,7 +170,7 @@ def pretrain_flow(cfg: FlowPretrainConfig) -> Path:
     save(out)
     shutil.rmtree(out / "tokenizer-build")
     if cfg.eval_per_task:
-        report["shapes_eval"] = evaluate_pipeline(pipe, cfg.eval_per_task, seed=cfg.seed, **DEFAULT_SAMPLING)
+        report["shapes_eval"] = evaluate_pipeline(pipe, cfg.eval_per_task, seed=cfg.seed, **FLOW_DEFAULT_SAMPLING)
         print(json.dumps(report["shapes_eval"]), flush=True)
     report["times"] = times
     (out.parent / f"{out.name}-report.json").write_text(json.dumps(report, indent=2))
