@@ -209,6 +209,7 @@ def test_resume_restores_the_user_adapter(tiny_models, user_pairs, user_file, tm
     train(tmp_path / "b", 2)
     saved = load_file(tmp_path / "b" / "checkpoints" / "step-2" / "trainable.safetensors")
     assert any("to_v_ip" in k for k in saved) and any("ppd_user_projection" in k for k in saved)
+    assert (tmp_path / "b" / "checkpoints" / "step-2" / "user_adapter.safetensors").is_file()  # loads like final/
     train(tmp_path / "b", 4, "--resume", "latest")
     wa = load_file(tmp_path / "a" / "final" / "user_adapter.safetensors")
     wb = load_file(tmp_path / "b" / "final" / "user_adapter.safetensors")
