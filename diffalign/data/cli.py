@@ -2,7 +2,8 @@
 with reward models into pairs or ranked lists (:mod:`diffalign.data.label`), keep FiFA's most informative
 pairs under a budget (``fifa``, :mod:`diffalign.data.fifa`), embed each user's preference for PPD
 (``user-embeddings``, :mod:`diffalign.data.users`), make DenseDPO's structural video pairs
-(``video-pairs``, :mod:`diffalign.data.video`)."""
+(``video-pairs``, :mod:`diffalign.data.video`), rate prompts for FiFA's quality term (``rate-prompts``,
+:mod:`diffalign.data.prompt_quality`)."""
 
 from __future__ import annotations
 

@@ -216,3 +216,25 @@ def test_resume_restores_the_user_adapter(tiny_models, user_pairs, user_file, tm
     assert wa.keys() == wb.keys() and any(float(v.abs().max()) > 0 for k, v in wa.items() if "to_v_ip" in k)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+def test_user_pipeline_on_sdxl(tiny_models):
+    """SDXL's pipeline through UserPipeline (its pooled embeddings pass as they are): untrained, the user does
+    not matter and the image is the plain pipeline's; with trained value projections two users differ."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffalign.models.user_adapter import UserPipeline, install_user_adapter
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models["sdxl"])
+    pipe.set_progress_bar_config(disable=True)
+    kw = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", "guidance_scale": 5.0}
+    plain = pipe("a yellow disc", generator=torch.Generator().manual_seed(0), **kw).images
+    install_user_adapter(pipe.unet, 8)
+    a, b = torch.randn(8, generator=torch.Generator().manual_seed(1)), torch.randn(8)
+
+    def sample(e):
+        return UserPipeline(pipe, e)("a yellow disc", generator=torch.Generator().manual_seed(0), **kw).images
+
+    assert abs(sample(a) - plain).max() < 1e-5
+    _perturb(pipe.unet)
+    assert abs(sample(a) - sample(b)).max() > 1e-5
