@@ -162,7 +162,11 @@ def test_train_runs_and_final_loads_into_a_plain_pipeline(tiny_models, user_pair
     from diffusers import StableDiffusionPipeline
 
     from diffalign.data.users import load_user_embeddings
-    from diffalign.models.user_adapter import UserPipeline, load_user_adapter, user_tokens
+    from diffalign.models.user_adapter import (
+        UserPipeline,
+        load_user_adapter,
+        user_tokens,
+    )
 
     out = tmp_path / "run"
     args = ["train", "-", *("--" + a for a in _recipe(tiny_models, user_pairs, user_file, out))]
