@@ -2,7 +2,8 @@
 with reward models into pairs or ranked lists (:mod:`diffalign.data.label`), keep FiFA's most informative
 pairs under a budget (``fifa``, :mod:`diffalign.data.fifa`), embed each user's preference for PPD
 (``user-embeddings``, :mod:`diffalign.data.users`), make DenseDPO's structural video pairs
-(``video-pairs``, :mod:`diffalign.data.video`)."""
+(``video-pairs``, :mod:`diffalign.data.video`), rate prompts for FiFA's quality term (``rate-prompts``,
+:mod:`diffalign.data.prompt_quality`)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ff.add_argument("--batch-size", type=int, default=16)
     ff.add_argument("--device", default="cpu", help="where the reward scores and the k-NN distances are computed")
     ff.add_argument("--json", action="store_true", help="print the counts as JSON")
+    rp = sub.add_parser("rate-prompts", help="FiFA's quality term: rate each prompt with a causal LM judge -> JSON "
+                        "{prompt: rating} (diffalign.data.prompt_quality)")
+    rp.add_argument("input", help="Pick-a-Pic parquet file, folder or glob (its captions), or a .txt of prompts")
+    rp.add_argument("output", help="JSON file to write (atomically), for 'data fifa --quality'")
+    rp.add_argument("--model", required=True, help="causal LM: hub id or local folder (safetensors; no remote code)")
+    rp.add_argument("--batch-size", type=int, default=8)
+    rp.add_argument("--device", default="cpu")
     ue = sub.add_parser("user-embeddings", help="PPD: embed each user's preference from their first pairs with a "
                         "frozen CLIP-type reward (diffalign.data.users)")
     ue.add_argument("input", help="Pick-a-Pic parquet file, folder or glob with a user_id column")
@@ -238,6 +246,14 @@ def run(args: argparse.Namespace) -> int:
         if args.data_command == "label":
             stats = label_command(args)
             print(f"wrote {args.out}: {stats}")
+            return 0
+        if args.data_command == "rate-prompts":
+            from diffalign.data.prompt_quality import load_judge, rate_prompts, read_prompts, write_ratings
+
+            model, tokenizer = load_judge(args.model, args.device)
+            ratings = rate_prompts(read_prompts(args.input), model, tokenizer, batch_size=args.batch_size)
+            write_ratings(ratings, args.output)
+            print(f"wrote {args.output}: {len(ratings)} prompts rated")
             return 0
         if args.data_command == "user-embeddings":
             from diffalign.data.users import build_user_embeddings

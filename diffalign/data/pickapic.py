@@ -6,9 +6,10 @@ dropped (and counted) by default and the winner is put first.
 
 Optional columns read when present: ``label_1`` (must equal ``1 - label_0``), ``caption_1`` (a
 different caption for image 1, DCPO-style; ``caption`` is then image 0's), ``weight`` (per-pair loss
-weight) and ``score_0`` / ``score_1`` (reward scores of the two images, e.g. SmPO's PickScores; both or
-neither) and ``user_id`` (who labelled the pair; read as text, PPD's user). ``pickapic_v2_no_images`` rows carry ``image_0_url`` / ``image_1_url`` instead of bytes: the
-images are fetched once and kept under a cache directory, keyed by a hash of the URL.
+weight), ``score_0`` / ``score_1`` (reward scores of the two images, e.g. SmPO's PickScores; both or
+neither) and ``user_id`` (who labelled the pair; read as text, PPD's user). ``pickapic_v2_no_images``
+rows carry ``image_0_url`` / ``image_1_url`` instead of bytes: the images are fetched once and kept
+under a cache directory, keyed by a hash of the URL.
 
 WebDataset mirrors (``.tar``, ``.tar.gz``, ``.tgz``): one sample is the run of consecutive members
 sharing a key (the member path up to the first dot of its file name), e.g.::

@@ -574,6 +574,8 @@ def save_checkpoint(run: Run, write_extra: Callable[[Path], None] | None = None)
     if acc.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"global_step": run.global_step, "epoch": run.epoch}))
         run.backbone.save_trained(tmp, state_dict=state_dict)
+        if hasattr(run.method, "write_final"):  # a checkpoint loads for inference as final/ does
+            run.method.write_final(tmp)
         if write_extra is not None:
             write_extra(tmp)
         if final.exists():

@@ -162,7 +162,11 @@ def test_train_runs_and_final_loads_into_a_plain_pipeline(tiny_models, user_pair
     from diffusers import StableDiffusionPipeline
 
     from diffalign.data.users import load_user_embeddings
-    from diffalign.models.user_adapter import UserPipeline, load_user_adapter, user_tokens
+    from diffalign.models.user_adapter import (
+        UserPipeline,
+        load_user_adapter,
+        user_tokens,
+    )
 
     out = tmp_path / "run"
     args = ["train", "-", *("--" + a for a in _recipe(tiny_models, user_pairs, user_file, out))]
@@ -209,9 +213,32 @@ def test_resume_restores_the_user_adapter(tiny_models, user_pairs, user_file, tm
     train(tmp_path / "b", 2)
     saved = load_file(tmp_path / "b" / "checkpoints" / "step-2" / "trainable.safetensors")
     assert any("to_v_ip" in k for k in saved) and any("ppd_user_projection" in k for k in saved)
+    assert (tmp_path / "b" / "checkpoints" / "step-2" / "user_adapter.safetensors").is_file()  # loads like final/
     train(tmp_path / "b", 4, "--resume", "latest")
     wa = load_file(tmp_path / "a" / "final" / "user_adapter.safetensors")
     wb = load_file(tmp_path / "b" / "final" / "user_adapter.safetensors")
     assert wa.keys() == wb.keys() and any(float(v.abs().max()) > 0 for k, v in wa.items() if "to_v_ip" in k)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+def test_user_pipeline_on_sdxl(tiny_models):
+    """SDXL's pipeline through UserPipeline (its pooled embeddings pass as they are): untrained, the user does
+    not matter and the image is the plain pipeline's; with trained value projections two users differ."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffalign.models.user_adapter import UserPipeline, install_user_adapter
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models["sdxl"])
+    pipe.set_progress_bar_config(disable=True)
+    kw = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", "guidance_scale": 5.0}
+    plain = pipe("a yellow disc", generator=torch.Generator().manual_seed(0), **kw).images
+    install_user_adapter(pipe.unet, 8)
+    a, b = torch.randn(8, generator=torch.Generator().manual_seed(1)), torch.randn(8)
+
+    def sample(e):
+        return UserPipeline(pipe, e)("a yellow disc", generator=torch.Generator().manual_seed(0), **kw).images
+
+    assert abs(sample(a) - plain).max() < 1e-5
+    _perturb(pipe.unet)
+    assert abs(sample(a) - sample(b)).max() > 1e-5
