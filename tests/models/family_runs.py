@@ -2,9 +2,11 @@
 
 import io
 import json
+import math
 import random
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image, ImageDraw
 from run_helpers import PROMPTS, read_metrics
@@ -55,6 +57,23 @@ def train_flow_grpo(model_dir, out, *extra) -> list[dict]:
             "--train.gradient_accumulation_steps=1", *extra]
     assert main(args) == 0
     return read_metrics(out)
+
+
+def assert_offline_method_runs_a_step(model_dir, tmp: Path, method: str) -> None:
+    """One step of ``method`` (MaPO, KTO, SFT, ...) trains the LoRA and saves ``final/``; KTO starts at 1 − σ(0)."""
+    rows = train_offline(model_dir, pair_parquet(tmp / "pairs.parquet"), tmp / method, "--train.max_steps=1",
+                         f"--method.name={method}")
+    assert len(rows) == 1 and math.isfinite(rows[0]["loss"]) and rows[0]["grad_norm"] > 0
+    if method == "kto":  # policy == reference: every sample's loss is 1 − σ(0)
+        assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert (tmp / method / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def assert_flow_grpo_ratio_is_one_before_the_first_update(model_dir, tmp: Path) -> None:
+    """Flow-GRPO's first step is on-policy (ratio exactly 1, KL 0); the second is off-policy by one update."""
+    rows = train_flow_grpo(model_dir, tmp / "run", "--train.max_steps=2")
+    assert rows[0]["ratio_max_dev"] == 0.0 and rows[0]["ratio_mean"] == 1.0 and rows[0]["kl"] == 0.0
+    assert rows[1]["ratio_max_dev"] > 0.0  # the second step of the epoch is off-policy by one update
 
 
 def assert_final_loads_in_diffusers(model_dir, final: Path, load_kwargs: dict | None = None, **call) -> None:
