@@ -45,13 +45,14 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+from diffalign.data.files import atomic_write
 
 OUTPUTS = ("pairs", "ranked")
 PAIR_MODES = ("best-worst", "all")
@@ -204,17 +205,6 @@ def ranked_pairs(indices: Sequence[int], s: torch.Tensor, mode: str) -> list[tup
 # ---------------------------------------------------------------------------- output
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _ranked_records(items, groups, s, raw, out: Path, as_bytes: bool) -> list[dict]:
     records = []
     for prompt, idx in groups.items():
@@ -232,7 +222,7 @@ def _ranked_records(items, groups, s, raw, out: Path, as_bytes: bool) -> list[di
 def write_ranked(records: list[dict], out: Path) -> None:
     """Ranked-list records as JSONL (``.jsonl``) or parquet (``.parquet``), atomically."""
     if out.suffix == ".jsonl":
-        _atomic_write(out, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records)))
+        atomic_write(out, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records)))
         return
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -245,7 +235,7 @@ def write_ranked(records: list[dict], out: Path) -> None:
         "ranking": pa.array([r["ranking"] for r in records], pa.list_(pa.int64())),
         "rewards": pa.array([json.dumps(r["rewards"]) for r in records], pa.string()),
     })
-    _atomic_write(out, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(out, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_ranked(path: str | os.PathLike) -> Iterator[RankedList]:

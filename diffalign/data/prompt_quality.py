@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from diffalign.data.files import atomic_write
 
 RATING_PROMPT = ("Rate the following text-to-image prompt from 0 to 9: 0 if it is harmful, offensive or "
                  "meaningless, 9 if it is safe, clear and describes an image well. Answer with one digit.\n"
@@ -110,13 +111,4 @@ def read_prompts(source: str | os.PathLike) -> list[str]:
 
 def write_ratings(ratings: dict[str, float], out: str | os.PathLike) -> Path:
     """``{prompt: rating}`` as JSON, atomically (what ``diffalign data fifa --quality`` reads)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(json.dumps(ratings, indent=1, ensure_ascii=False))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return atomic_write(out, lambda tmp: tmp.write_text(json.dumps(ratings, indent=1, ensure_ascii=False)))

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from diffalign.data.files import atomic_write
 from diffalign.data.pairs import PreferencePair
 
 
@@ -89,22 +90,11 @@ def embed_users(examples: dict[str, list[PreferencePair]],
 
 def save_user_embeddings(users: UserEmbeddings, path: str | os.PathLike) -> Path:
     """Write ``users`` as safetensors (atomically)."""
-    import uuid
-
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file({"embeddings": users.embeddings.float().contiguous()}, tmp,
-                  metadata={"user_ids": json.dumps(users.ids), "encoder": users.encoder,
-                            "examples": str(users.examples)})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: save_file(
+        {"embeddings": users.embeddings.float().contiguous()}, tmp,
+        metadata={"user_ids": json.dumps(users.ids), "encoder": users.encoder, "examples": str(users.examples)}))
 
 
 def load_user_embeddings(path: str | os.PathLike) -> UserEmbeddings:
