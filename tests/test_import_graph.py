@@ -178,6 +178,7 @@ def test_layers_run_one_way(edges):
 # the applications above the registry: what may import it (it imports every method and trainer)
 REGISTRY_USERS = {"diffalign.trainers", "diffalign.trainers.cli", "diffalign.trainers.bench",
                   "diffalign.trainers.encode", "diffalign.shapes.demo", "diffalign.shapes.curve",
+                  "diffalign.shapes.efficacy",
                   "diffalign.text.cli", "diffalign.text.shapes"}
 
 

@@ -1,4 +1,4 @@
-"""`diffalign shapes pretrain | pretrain-flow | pretrain-reward | render | candidates | label | curve`: the Shapes
+"""`diffalign shapes pretrain | pretrain-flow | pretrain-reward | render | candidates | label | curve | efficacy`: the Shapes
 world's own tools."""
 
 from __future__ import annotations
@@ -8,14 +8,15 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("tool", choices=["pretrain", "pretrain-flow", "pretrain-reward", "render", "candidates",
-                                         "label", "curve"],
+                                         "label", "curve", "efficacy"],
                         help="pretrain: the bundled base model; pretrain-flow: the bundled flow-matching (SD3) "
                              "base; pretrain-reward: the bundled learned reward; "
                              "render: ground-truth images for prompts of the grammar; candidates: base-model "
                              "samples per training prompt with their oracle utilities (the efficacy tests' data); "
                              "label: oracle-labelled training data from candidates (Pick-a-Pic pairs or KTO "
                              "feedback), for any shapes-*.yaml recipe; curve: held-out ShapesEval against "
-                             "training minutes of an on-line recipe")
+                             "training minutes of an on-line recipe; efficacy: every method at several training "
+                             "seeds on labels and flipped labels, against base (the README's efficacy table)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the tool's own arguments (--help for them)")
 
 
@@ -26,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
         from diffalign.shapes.pretrain_flow import main
     elif args.tool == "curve":
         from diffalign.shapes.curve import main
+    elif args.tool == "efficacy":
+        from diffalign.shapes.efficacy import main
     elif args.tool == "pretrain-reward":
         from diffalign.shapes.pretrain_reward import main
     elif args.tool == "candidates":
