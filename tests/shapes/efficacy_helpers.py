@@ -25,8 +25,8 @@ from diffalign.shapes.demo import (
     compare_images,
     heldout_eval_set,
     load_base_pipeline,
-    preference_rows,
 )
+from diffalign.shapes.efficacy import oracle_pairs  # noqa: F401 - the tests' data, as the efficacy table's
 from diffalign.shapes.oracle import Oracle
 from diffalign.trainers.loop import train
 from diffalign.trainers.registry import load_recipe
@@ -70,11 +70,6 @@ def heldout_world(tmp_path_factory) -> HeldoutWorld:
     root = tmp_path_factory.getbasetemp()
     shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
     return HeldoutWorld(shared)
-
-
-def oracle_pairs(candidates: Candidates, *, flip: bool) -> list[dict]:
-    """The demo's training data: each prompt's best and worst candidate, labelled by the noisy oracle."""
-    return preference_rows(candidates, Oracle(noise=0.1, seed=0), flip=flip)
 
 
 def train_and_compare(world, tmp: Path, recipe: str, overrides: list[str], write_data: Callable[[Path], None]

@@ -24,8 +24,9 @@ from efficacy_helpers import (
 
 from diffalign.data.label import write_ranked
 from diffalign.data.pickapic import write_pickapic_parquet
-from diffalign.shapes.demo import Candidates, load_base_pipeline
-from diffalign.shapes.oracle import Oracle
+from diffalign.shapes.demo import load_base_pipeline
+from diffalign.shapes.efficacy import RANKED_K, RANKED_PROMPTS, scored_rows
+from diffalign.shapes.efficacy import ranked_records as efficacy_ranked_records
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,39 +35,15 @@ pytestmark = [
 ]
 
 
-def scored_rows(candidates: Candidates, *, flip: bool) -> list[dict]:
-    """The oracle-labelled pairs with each image's noise-free utility as score_0/score_1 (SmPO); the
-    control scores ``1 − u`` (and flips the label)."""
-    rows = oracle_pairs(candidates, flip=flip)
-    judge = Oracle(noise=0.0)
-    for row, prompt in zip(rows, candidates.prompts):
-        from diffalign.data.pairs import decode_image
-
-        for j in (0, 1):
-            u = judge.utility(decode_image(row[f"jpg_{j}"], "candidate"), prompt)
-            row[f"score_{j}"] = 1.0 - u if flip else u
-    return rows
-
-
-RANKED_PROMPTS, RANKED_K = 200, 4
-
-
 def ranked_records(world, *, flip: bool) -> list[dict]:
     """Lists of ``RANKED_K`` fresh base samples per prompt, ranked by noise-free oracle utility (control:
     ``1 − u``, the reversed ranking)."""
     from diffalign.shapes.demo import sample_candidates
-    from diffalign.shapes.oracle import to_png_bytes
 
     if not hasattr(world, "lists"):
         world.lists = sample_candidates(load_base_pipeline(), world.candidates.prompts[:RANKED_PROMPTS],
                                         images_per_prompt=RANKED_K, seed=0, progress=None)
-    records = []
-    for prompt, group, utils in zip(world.lists.prompts, world.lists.images, world.lists.utilities):
-        scores = [1.0 - u if flip else u for u in utils]
-        records.append({"caption": prompt.text, "images": [to_png_bytes(im) for im in group],
-                        "names": [str(i) for i in range(len(group))], "scores": scores,
-                        "ranking": sorted(range(len(group)), key=lambda i: -scores[i]), "rewards": {}})
-    return records
+    return efficacy_ranked_records(world.lists, flip=flip)
 
 
 def write_data(world, recipe: str, *, flip: bool, scores: bool):
