@@ -37,7 +37,9 @@ from diffalign.rewards.scoring import (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--reward", required=True, help="reward name(s), comma-separated (see --list), or a "
+    parser.add_argument("--list", action="store_true", help="list the registered rewards (name, backbone, what "
+                        "the score means, from each reward's card) and exit")
+    parser.add_argument("--reward", help="reward name(s), comma-separated (see --list), or a "
                         "served one: remote:http://HOST:PORT (`diffalign reward serve NAME`)")
     parser.add_argument("--images", help="folder of images, or a parquet file")
     parser.add_argument("--prompts", help="prompts: .txt (one per line, sorted image order), .json or .csv mapping")
@@ -71,9 +73,31 @@ def write_rows(rows: list[dict], out: str | None) -> None:
     tmp.replace(out)
 
 
+def reward_list() -> str:
+    """One line a registered reward: its name, then the start of its card's score and backbone (or "no
+    card"; ``get_card`` gives the whole card)."""
+    from diffalign.rewards.registry import get_card, list_rewards
+
+    def short(text: str, n: int) -> str:
+        return text if len(text) <= n else text[:n - 1].rstrip() + "…"
+
+    lines = []
+    for name in list_rewards():
+        card = get_card(name)
+        about = f"{short(card.score, 70)} [{short(card.backbone, 40)}]" if card else "no card"
+        lines.append(f"{name:<24} {about}")
+    return "\n".join(lines) + "\n"
+
+
 def run(args: argparse.Namespace) -> int:
     from diffalign.rewards.registry import is_reward, list_rewards, load_reward
 
+    if args.list:
+        sys.stdout.write(reward_list())
+        return 0
+    if not args.reward:
+        print("error: --reward is required (--list names them)", file=sys.stderr)
+        return 2
     names = [n.strip() for n in args.reward.split(",") if n.strip()]
     unknown = [n for n in names if not is_reward(n) and not Path(n).is_dir()]
     if unknown:

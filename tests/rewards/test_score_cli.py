@@ -76,3 +76,15 @@ def test_bad_inputs_are_named_and_nothing_is_written(image_dir, tmp_path, capsys
     assert "1 prompt lines for 3 images" in capsys.readouterr().err and not out.exists()
     assert main(["score", "--reward", "nope", "--images", str(image_dir), "--prompts", str(prompts)]) == 2
     assert "unknown reward" in capsys.readouterr().err
+
+
+def test_list_names_every_registered_reward_with_its_cards_score(capsys):
+    from diffalign.rewards.registry import get_card, list_rewards
+
+    assert main(["score", "--list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert set(lines) == set(list_rewards())
+    assert "fraction of the caption's claims that hold" in lines["shapes-eval"]
+    assert all(("no card" in lines[n]) == (get_card(n) is None) for n in lines)
+    assert main(["score"]) == 2  # neither --list nor --reward
+    assert "--reward is required (--list names them)" in capsys.readouterr().err
