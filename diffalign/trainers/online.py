@@ -268,9 +268,16 @@ class OnlineMethod:
                              width=size).repeat_interleave(shared_noise, dim=0)
         parts = []
         with torch.no_grad():
-            for start in range(0, len(texts), per_call):
+            # every call's prompts at the rollout's one text length: the update recomputes a micro-batch
+            # drawn across calls at that length, so the rollout must have used it too (ratio exactly 1)
+            starts = range(0, len(texts), per_call)
+            conds = [backbone.encode_prompt(list(texts[start:start + per_call])) for start in starts]
+            if any(c.mask is not None for c in conds):
+                length = max(c.prompt_embeds.shape[1] for c in conds)
+                conds = [c.padded(length) for c in conds]
+            for start, cond in zip(starts, conds):
                 chunk = list(texts[start:start + per_call])
-                parts.append(sample_trajectory(backbone, self.sampler, backbone.encode_prompt(chunk),
+                parts.append(sample_trajectory(backbone, self.sampler, cond,
                                                guidance_scale=cfg.guidance_scale,
                                                latents=x0[start:start + per_call], generator=g,
                                                record_means=self.records_means))

@@ -142,6 +142,29 @@ def test_flow_grpo_ratio_is_exactly_one_before_the_first_update(folder, tmp_path
     assert_flow_grpo_ratio_is_one_before_the_first_update(folder, tmp_path)
 
 
+def test_a_rollout_samples_every_call_at_the_one_text_length_the_update_recomputes_at(folder, tmp_path):
+    """Prompts of different token counts in different sampler calls: each call is padded to the rollout's
+    longest prompt, the length its micro-batches (drawn across calls) are recomputed at. Sampling a call
+    at its own shorter length changed the recomputed log-probs in the last bits under some CPU kernels
+    (ATEN_CPU_CAPABILITY=default), so the first ratio was not exactly 1."""
+    import json
+
+    from diffalign.trainers.loop import setup
+    from diffalign.trainers.registry import load_recipe
+
+    texts = ["a cat", "a cat", "a photo of a red cat on a blue square mat", "a photo of a red cat on a blue square mat"]
+    args = [f"model.pretrained={folder}", "model.lora_rank=4", "method.name=flow-grpo",
+            f"method.prompts={json.dumps(texts[1:3])}", "method.num_steps=2", "method.resolution=32",
+            "method.reward=brightness", f"train.output_dir={tmp_path / 'run'}", "train.batch_size=2",
+            "train.checkpointing_steps=0"]
+    run = setup(load_recipe(None, args))
+    calls = []
+    traj = run.method.sample(run, texts, 0, on_call=lambda part, chunk: calls.append(part.cond.prompt_embeds.shape[1]))
+    own = [run.backbone.encode_prompt(texts[i:i + 2]).prompt_embeds.shape[1] for i in (0, 2)]
+    assert own[0] < own[1]  # the calls' own lengths differ ...
+    assert calls == [own[1], own[1]] == [traj.cond.prompt_embeds.shape[1]] * 2  # ... they are sampled at one
+
+
 def test_the_dpo_recipe_runs_as_written_on_the_tiny_model(folder, tmp_path):
     """Its options are valid for the family (gradient checkpointing on, its LoRA rank and targets)."""
     rows = run_recipe_on_tiny("qwen-image-diffusion-dpo.yaml", folder, tmp_path / "run",
