@@ -201,8 +201,7 @@ def train_run(method: str, spec: MethodSpec, seed: int, arm: str, work: Path, ca
     flip = arm == "flipped"
     overrides = [*spec.overrides, *(spec.control if flip else ())]
     if spec.data != "none":
-        suffix = ".jsonl" if spec.data == "ranked" else ".parquet"
-        data = write_training_data(spec.data, work / f"train{suffix}", candidates,
+        data = write_training_data(spec.data, work / "train.parquet", candidates,
                                    flip=flip and not spec.control, ranked_lists=ranked_lists)
         overrides.append(f"data.source={data}")
     overrides += [f"train.output_dir={work / 'run'}", f"train.seed={seed}", "train.checkpointing_steps=100000",
@@ -413,11 +412,19 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(Path(a.out), a.overrides, a.eval_per_task)
     bench.base()
     if not a.table_only:
+        failed = set()
         for m in methods:
             for s in seeds:
                 for arm in ARMS:
-                    if bench.run(m, s, arm):
-                        print(f"efficacy: {m} seed {s} {arm} done", file=sys.stderr, flush=True)
+                    if m in failed:
+                        continue
+                    try:
+                        if bench.run(m, s, arm):
+                            print(f"efficacy: {m} seed {s} {arm} done", file=sys.stderr, flush=True)
+                    except Exception as e:  # noqa: BLE001 - one method's failure must not stop the others' runs
+                        failed.add(m)
+                        print(f"efficacy: {m} seed {s} {arm} FAILED ({type(e).__name__}: {e}); its other runs are "
+                              "skipped, the other methods go on", file=sys.stderr, flush=True)
     table = write_table(bench, methods, seeds)
     print((bench.out / "table.md").read_text())
     return 0 if not table["missing"] else 3

@@ -83,6 +83,10 @@ def test_the_command_trains_both_arms_resumes_without_training_and_names_what_is
     printed = capsys.readouterr().out
     assert "| diffusion-dpo" in printed and "- sft: not measured in this run" in printed
     assert efficacy.main(["--methods", "diffusion-dpo", *args]) == 0  # resumed: nothing to train
+    # a method whose run fails is reported and skipped; the table still comes from the others
+    assert efficacy.main(["--methods", "sft,diffusion-dpo", *args]) == 3
+    captured = capsys.readouterr()
+    assert "efficacy: sft seed 0 labels FAILED (AssertionError" in captured.err and "| diffusion-dpo" in captured.out
 
 
 def test_an_unknown_method_is_a_usage_error(tmp_path):
