@@ -248,12 +248,20 @@ def pretrain(cfg: PretrainConfig) -> Path:
     return out
 
 
+def config_from_flags(config_cls, prog: str, description: str, argv: list[str] | None):
+    """``config_cls`` (a dataclass of str / int / float fields) from command-line flags: every field is a
+    ``--flag`` (underscores as dashes) with its default. The Shapes pretraining tools' command line."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for f in fields(config_cls):
+        if type(f.default) not in (str, int, float):
+            raise TypeError(f"{config_cls.__name__}.{f.name}: only str, int and float fields become flags")
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    return config_cls(**vars(parser.parse_args(argv)))
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: every :class:`PretrainConfig` field is a ``--flag`` (underscores as dashes)."""
-    parser = argparse.ArgumentParser(prog="diffalign shapes pretrain", description=__doc__.split("\n\n")[0])
-    for f in fields(PretrainConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    cfg = PretrainConfig(**vars(parser.parse_args(argv)))
+    cfg = config_from_flags(PretrainConfig, "diffalign shapes pretrain", __doc__.split("\n\n")[0], argv)
     print(f"saved {pretrain(cfg)}")
     return 0
 

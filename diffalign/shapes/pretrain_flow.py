@@ -19,11 +19,10 @@ longer run; ``--snapshot-every`` saves the prefixes for picking.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ from diffalign.shapes.model import (
     make_flow_text_encoder,
     make_flow_transformer,
 )
-from diffalign.shapes.pretrain import encode_pool, evaluate_pipeline, render_pool
+from diffalign.shapes.pretrain import config_from_flags, encode_pool, evaluate_pipeline, render_pool
 from diffalign.shapes.tokenizer import build_tokenizer
 
 T5_TOKENS = 256
@@ -179,10 +178,7 @@ def pretrain_flow(cfg: FlowPretrainConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: every :class:`FlowPretrainConfig` field is a ``--flag`` (underscores as dashes)."""
-    parser = argparse.ArgumentParser(prog="diffalign shapes pretrain-flow", description=__doc__.split("\n\n")[0])
-    for f in fields(FlowPretrainConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    cfg = FlowPretrainConfig(**vars(parser.parse_args(argv)))
+    cfg = config_from_flags(FlowPretrainConfig, "diffalign shapes pretrain-flow", __doc__.split("\n\n")[0], argv)
     print(f"saved {pretrain_flow(cfg)}")
     return 0
 

@@ -12,11 +12,10 @@ colours swapped between objects), so the model has to read composition, not only
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from diffalign.shapes.pretrain import render_pool
+from diffalign.shapes.pretrain import config_from_flags, render_pool
 from diffalign.shapes.tokenizer import build_tokenizer
 
 COUNT_WORDS = ("two", "three", "four", "five")
@@ -209,10 +208,8 @@ def train_reward(cfg: RewardConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: every :class:`RewardConfig` field is a ``--flag`` (underscores as dashes)."""
-    parser = argparse.ArgumentParser(prog="diffalign shapes pretrain-reward", description=__doc__.split("\n\n")[0])
-    for f in fields(RewardConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    print(f"saved {train_reward(RewardConfig(**vars(parser.parse_args(argv))))}")
+    cfg = config_from_flags(RewardConfig, "diffalign shapes pretrain-reward", __doc__.split("\n\n")[0], argv)
+    print(f"saved {train_reward(cfg)}")
     return 0
 
 

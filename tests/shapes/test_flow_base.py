@@ -56,3 +56,22 @@ def test_the_bundled_flow_base_loads_in_plain_diffusers_and_as_an_sd3_backbone()
     assert backbone.family == "sd3"
     card = (flow_base_model_path() / "README.md").read_text()
     assert "python -m diffalign.shapes.pretrain_flow" in card and "StableDiffusion3Pipeline" in card
+
+
+def test_the_pretraining_tools_read_every_config_field_as_a_flag():
+    from dataclasses import dataclass
+
+    from diffalign.shapes.pretrain import config_from_flags
+    from diffalign.shapes.pretrain_flow import FlowPretrainConfig
+    from diffalign.shapes.pretrain_reward import RewardConfig
+
+    cfg = config_from_flags(FlowPretrainConfig, "p", "", ["--num-scenes", "5", "--out", "x", "--lr", "0.5"])
+    assert (cfg.num_scenes, cfg.out, cfg.lr) == (5, "x", 0.5) and cfg.steps == FlowPretrainConfig().steps
+    assert config_from_flags(RewardConfig, "p", "", []) == RewardConfig()
+
+    @dataclass
+    class WithABool:
+        flag: bool = False
+
+    with pytest.raises(TypeError, match="WithABool.flag: only str, int and float"):
+        config_from_flags(WithABool, "p", "", [])
