@@ -233,21 +233,20 @@ class DDPO(OnlineMethod):
         adv = rollout.tensors["advantages"][micro.units]
         losses, ratio = ppo_clip_loss(new.log_prob[:, 0], old, adv, cfg.clip_range, cfg.adv_clip_max)
         loss = losses.mean()
-        delta = (new.log_prob[:, 0] - old).detach()
-        metrics = {
-            "policy_loss": loss.detach(),
-            "ratio_mean": ratio.detach().mean(),
-            "ratio_max_dev": (ratio.detach() - 1).abs().max(),
-            "clipfrac": ((ratio.detach() - 1).abs() > cfg.clip_range).float().mean(),
-            "approx_kl": 0.5 * (delta**2).mean(),
-        }
-        if cfg.kl_beta > 0:
-            with torch.no_grad(), self.backbone.reference():
-                ref = transition_log_probs(self.backbone, traj, micro.steps)
-            kl = gaussian_kl(new.mean, ref.mean, new.std, reduction=cfg.reduction).mean()
-            loss = loss + cfg.kl_beta * kl
-            metrics["kl"] = kl.detach()
-        return StepOutput(loss, metrics)
+        metrics = ppo_metrics(loss, ratio, new.log_prob[:, 0] - old, cfg.clip_range)
+        return StepOutput(self.with_reference_kl(loss, metrics, traj, micro, new), metrics)
+
+    def with_reference_kl(self, loss: torch.Tensor, metrics: dict, traj, micro: Micro, new) -> torch.Tensor:
+        """``loss + β_KL · KL(π_θ ‖ π_ref)`` of the micro-batch's transitions (``new``: the policy's, from
+        :func:`transition_log_probs`), logging ``kl``; ``loss`` as it is when ``kl_beta`` is 0."""
+        cfg = self.config
+        if cfg.kl_beta <= 0:
+            return loss
+        with torch.no_grad(), self.backbone.reference():
+            ref = transition_log_probs(self.backbone, traj, micro.steps)
+        kl = gaussian_kl(new.mean, ref.mean, new.std, reduction=cfg.reduction).mean()
+        metrics["kl"] = kl.detach()
+        return loss + cfg.kl_beta * kl
 
     # ---- state
     def save_state(self, folder: Path) -> None:
@@ -261,6 +260,14 @@ class DDPO(OnlineMethod):
         path = folder / "stat_tracker.json"
         if path.is_file():
             self.tracker.load(json.loads(path.read_text()))
+
+
+def ppo_metrics(loss: torch.Tensor, ratio: torch.Tensor, log_ratio: torch.Tensor, clip_range: float) -> dict:
+    """What every PPO-style update logs: ``policy_loss``, the ratio's mean and largest deviation from 1 (exactly
+    0 on-policy), ``clipfrac`` and ``approx_kl = ½·mean(log ρ²)``; ``ratio``, ``log_ratio`` ``[b]``."""
+    ratio, log_ratio = ratio.detach(), log_ratio.detach()
+    return {"policy_loss": loss.detach(), "ratio_mean": ratio.mean(), "ratio_max_dev": (ratio - 1).abs().max(),
+            "clipfrac": ((ratio - 1).abs() > clip_range).float().mean(), "approx_kl": 0.5 * (log_ratio**2).mean()}
 
 
 def raw_to_rewards(raw: torch.Tensor, group_size: int, cfg: DDPOConfig) -> torch.Tensor:

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 import torch
 
 from diffalign.core.positions import stable_seed
-from diffalign.core.sampling import FlowSDESampler, gaussian_kl, transition_log_probs
+from diffalign.core.sampling import FlowSDESampler, transition_log_probs
 from diffalign.objectives.flow_grpo import grpo_guard_loss
-from diffalign.trainers.ddpo import DDPO, FlowGRPOConfig
+from diffalign.trainers.ddpo import DDPO, FlowGRPOConfig, ppo_metrics
 from diffalign.trainers.method import StepOutput, register_method
 from diffalign.trainers.online import Micro, Rollout, trainable_steps, trajectory_plan
 
@@ -247,19 +247,6 @@ class GRPOGuard(DDPO):
                                         reweight=cfg.grad_reweight, reduction=cfg.reduction)
         loss = losses.mean()
         delta = (new.log_prob[:, 0] - old).detach()
-        ratio = ratio.detach()
-        metrics = {
-            "policy_loss": loss.detach(),
-            "ratio_mean": ratio.mean(),
-            "ratio_max_dev": (ratio - 1).abs().max(),
-            "clipfrac": ((ratio - 1).abs() > cfg.clip_range).float().mean(),
-            "raw_ratio_mean": delta.exp().mean(),         # Flow-GRPO's ratio, for comparison
-            "approx_kl": 0.5 * (delta**2).mean(),
-        }
-        if cfg.kl_beta > 0:
-            with torch.no_grad(), self.backbone.reference():
-                ref = transition_log_probs(self.backbone, traj, micro.steps)
-            kl = gaussian_kl(new.mean, ref.mean, new.std, reduction=cfg.reduction).mean()
-            loss = loss + cfg.kl_beta * kl
-            metrics["kl"] = kl.detach()
-        return StepOutput(loss, metrics)
+        metrics = ppo_metrics(loss, ratio, delta, cfg.clip_range)
+        metrics["raw_ratio_mean"] = delta.exp().mean()  # Flow-GRPO's ratio, for comparison
+        return StepOutput(self.with_reference_kl(loss, metrics, traj, micro, new), metrics)
