@@ -14,7 +14,6 @@ flip): the same image bytes in another row or file hit the same entry.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffalign.data.files import atomic_write
 from diffalign.data.pairs import content_key
 
 
@@ -126,15 +126,8 @@ class LatentCache:
         shard, meta = self.dir / f"shard-{sid}.safetensors", self.dir / f"shard-{sid}.json"
         data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}  # no shared storage
         names = sorted(data)
-        for final, write in ((shard, lambda p: save_file(data, str(p))),
-                             (meta, lambda p: p.write_text(json.dumps(names)))):
-            tmp = final.with_name(f".{final.name}.tmp")
-            try:
-                write(tmp)
-                os.replace(tmp, final)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
+        atomic_write(shard, lambda p: save_file(data, str(p)))
+        atomic_write(meta, lambda p: p.write_text(json.dumps(names)))
         self._loaded[shard.name] = data
         self._add(names, shard.name)
 

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from diffalign.data.files import atomic_write
 from diffalign.data.pairs import (
     BadRow,
     DataStats,
@@ -288,10 +289,7 @@ def fetch_url(url: str, cache_dir: Path, timeout: float = 30.0) -> bytes:
     req = urllib.request.Request(url, headers={"User-Agent": "diffalign"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         data = r.read()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return data
 
 

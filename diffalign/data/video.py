@@ -334,10 +334,9 @@ def make_structural_pairs(backbone, clips_file: str | Path, out_dir: str | Path,
     if not rows:
         raise ValueError(f"{clips_file}: no clips")
     out = out_dir / "pairs.jsonl"
-    tmp = out.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(out)
-    return out
+    from diffalign.data.files import atomic_write
+
+    return atomic_write(out, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 
 @torch.no_grad()

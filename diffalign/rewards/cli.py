@@ -68,9 +68,9 @@ def write_rows(rows: list[dict], out: str | None) -> None:
     if not out:
         sys.stdout.write(text)
         return
-    tmp = Path(out + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    from diffalign.data.files import atomic_write
+
+    atomic_write(out, lambda tmp: tmp.write_text(text))
 
 
 def reward_list() -> str:

@@ -23,7 +23,6 @@ import threading
 import time
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -253,9 +252,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: listening on {args.host}, not only this machine; the server has no authentication",
               file=sys.stderr)
     if args.port_file:
-        tmp = Path(args.port_file + ".tmp")
-        tmp.write_text(f"{server.port}\n")
-        tmp.replace(args.port_file)
+        from diffalign.data.files import atomic_write
+
+        atomic_write(args.port_file, lambda tmp: tmp.write_text(f"{server.port}\n"))
     print(f"serving reward {reward.name!r} on {server.url} (device {reward.device}, max_batch {args.max_batch}); "
           f"use it as remote:{server.url}", file=sys.stderr, flush=True)
 

@@ -95,15 +95,12 @@ class Candidates:
 
         from diffalign.shapes.oracle import to_png_bytes as png
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from diffalign.data.files import atomic_write
+
         table = pa.table({"caption": [p.text for p in self.prompts],
                           "jpg": [[png(im) for im in g] for g in self.images],
                           "utility": self.utilities})
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
-        return path
+        return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
     @classmethod
     def load(cls, path: str | Path) -> Candidates:

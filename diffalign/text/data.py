@@ -216,13 +216,11 @@ def load_examples(source: str | list[str], kind: str, *, split: str = "train",
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     """Write rows as JSONL atomically (temp file, then rename)."""
-    import os
+    from diffalign.data.files import atomic_write
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    return atomic_write(path, write)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +65,7 @@ def encode_data(recipe, *, batch_size: int = 16, accelerator=None) -> EncodeResu
 
     from diffalign.data.cache import LatentCache
     from diffalign.data.dataset import placed_image_key
+    from diffalign.data.files import atomic_write
     from diffalign.data.examples import open_examples
     from diffalign.data.pairs import BadRow, DataStats, SkipRow, skip_reason
     from diffalign.data.transforms import place_image, render
@@ -177,8 +177,6 @@ def encode_data(recipe, *, batch_size: int = 16, accelerator=None) -> EncodeResu
         manifest = {"complete": True, "source": d.source if isinstance(d.source, str) else list(map(str, d.source)),
                     "format": d.format, "resolution": d.resolution, "random_flip": d.random_flip,
                     "caption_dropout": d.caption_dropout > 0, **total, "skipped": skipped}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
     acc.wait_for_everyone()
     return EncodeResult(stats.rows, counts["images"], counts["prompts"], counts["cached"], path, stats)
