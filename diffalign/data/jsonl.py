@@ -144,9 +144,7 @@ def iter_raw_pairs(path: str | Path, *, image_root: str | Path | None = None, st
         try:
             raw = raw_pair_from_object(obj, src, root, decode)
         except SkipRow as skip:
-            if strict:
-                raise ValueError(str(skip)) from None
-            stats.skip_bad(src, skip.detail, skip.reason)
+            stats.skip_or_raise(skip, src, strict=strict)
             continue
         stats.labels[1.0] += 1
         stats.kept += 1

@@ -49,9 +49,7 @@ def read_feedback(source: str | Path | Iterable[PreferencePair], *, image_root: 
         try:
             sample = feedback_from_object(obj, src, root, decode, stats=stats)
         except SkipRow as skip:
-            if strict:
-                raise ValueError(str(skip)) from None
-            stats.skip_bad(src, skip.detail, skip.reason)
+            stats.skip_or_raise(skip, src, strict=strict)
             continue
         stats.kept += 1
         yield sample

@@ -197,6 +197,16 @@ class DataStats:
             self.bad_rows.append(source)
             self.bad_reasons.append(reason)
 
+    def skip_or_raise(self, skip: SkipRow, source: str, *, strict: bool) -> None:
+        """Count the row ``skip`` leaves out: a tie as dropped; any other reason as a bad row
+        (:meth:`skip_bad`), or under ``strict`` a ``ValueError`` naming the row and what was wrong."""
+        if skip.reason == "tie":
+            self.ties_dropped += 1
+            return
+        if strict:
+            raise ValueError(str(skip)) from None
+        self.skip_bad(source, skip.detail, skip.reason)
+
     def as_dict(self) -> dict:
         return {"rows": self.rows, "kept": self.kept, "ties_dropped": self.ties_dropped,
                 "bad_images": self.bad_images, "skipped": dict(sorted(self.skipped.items())),

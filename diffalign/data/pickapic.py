@@ -372,12 +372,7 @@ def _rows_to_pairs(rows: Iterable[tuple[str, dict]], drop_ties: bool, strict: bo
         try:
             pair = pair_from_row(src, row, drop_ties=drop_ties, cache_dir=cache_dir, decode=decode, stats=stats)
         except SkipRow as skip:
-            if skip.reason == "tie":
-                stats.ties_dropped += 1
-                continue
-            if strict:
-                raise ValueError(str(skip)) from None
-            stats.skip_bad(src, skip.detail, skip.reason)
+            stats.skip_or_raise(skip, src, strict=strict)
             continue
         stats.kept += 1
         yield pair

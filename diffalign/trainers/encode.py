@@ -132,12 +132,7 @@ def encode_data(recipe, *, batch_size: int = 16, accelerator=None) -> EncodeResu
         try:
             item = examples.get(r)
         except SkipRow as skip:
-            if skip.reason == "tie":
-                stats.ties_dropped += 1
-                continue
-            if d.strict:
-                raise ValueError(str(skip)) from None
-            stats.skip_bad(skip.where, skip.detail, skip.reason)
+            stats.skip_or_raise(skip, skip.where, strict=d.strict)
             continue
         except BadRow as bad:
             if d.strict:
