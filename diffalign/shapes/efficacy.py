@@ -64,7 +64,7 @@ class MethodSpec:
 
 ONLINE_ORACLE = ("method.reward=shapes-oracle",)
 METHODS: dict[str, MethodSpec] = {
-    "diffusion-dpo": MethodSpec("shapes-diffusion-dpo.yaml", note="the demo's recipe: β 500, lr 2e-3, 300 × 8 pairs"),
+    "diffusion-dpo": MethodSpec("shapes-diffusion-dpo.yaml", note="β 500, lr 2e-3, 300 × 8 pairs"),
     "mapo": MethodSpec("shapes-mapo.yaml", note="β 0.1, lr 1e-3 cosine, 300 × 8 pairs"),
     "kto": MethodSpec("shapes-kto.yaml", note="pairs as feedback, paired_noise, β 2000, 300 × 4 pairs"),
     "sft": MethodSpec("shapes-sft.yaml", note="reference line: the chosen images (control: the rejected ones)"),
