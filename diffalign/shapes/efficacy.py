@@ -19,8 +19,10 @@ its interval (:func:`pooled_win_rate`) resamples the training seeds and the prom
 counts both sources of chance: the held-out sample and which seeds were trained.
 
 The control: offline methods train on the same data with every label flipped (SmPO: scores ``1 − u``;
-RankDPO: the reversed ranking; TPO: its caption preferences flipped); on-line methods train with the
-oracle reward negated (``fidelity_weight``, ``quality_weight`` of the oracle sign-flipped).
+RankDPO: the reversed ranking; TPO: its caption preferences flipped; SePPO: the rejected images as its
+winners); on-line methods train with the oracle reward negated (``fidelity_weight``, ``quality_weight`` of
+the oracle sign-flipped); the reward-backpropagation methods (AlignProp, DRaFT, ReFL) minimise their differentiable
+reward (the bundled Shapes CLIP) instead of maximising it.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class MethodSpec:
         recipe: a bundled recipe (``pipelines/``).
         overrides: dotted overrides applied to both arms.
         data: ``pairs`` (the oracle-labelled candidate pairs), ``scored`` (the same with each image's
-            utility as ``score_0/score_1``), ``ranked`` (lists of fresh base samples ranked by the oracle)
+            utility as ``score_0/score_1``), ``dual-caption`` (the same with a perturbed loser caption), ``ranked`` (lists of fresh base samples ranked by the oracle)
             or ``none`` (on-line: the recipe samples its own prompts).
         control: overrides of the control arm; empty means the data's labels are flipped instead.
         note: what the row's settings are, for the table.
@@ -63,6 +65,7 @@ class MethodSpec:
 
 
 ONLINE_ORACLE = ("method.reward=shapes-oracle",)
+SHAPES_CLIP = ("method.reward=shapes-clip",)  # the differentiable Shapes reward of the backprop methods
 METHODS: dict[str, MethodSpec] = {
     "diffusion-dpo": MethodSpec("shapes-diffusion-dpo.yaml", note="β 500, lr 2e-3, 300 × 8 pairs"),
     "mapo": MethodSpec("shapes-mapo.yaml", note="β 0.1, lr 1e-3 cosine, 300 × 8 pairs"),
@@ -72,6 +75,8 @@ METHODS: dict[str, MethodSpec] = {
     "inversion-dpo": MethodSpec("shapes-inversion-dpo.yaml", note="β 500, 10-step inversion, 2 steps an update"),
     "smpo": MethodSpec("shapes-smpo.yaml", data="scored", note="oracle utilities as scores"),
     "rankdpo": MethodSpec("shapes-rankdpo.yaml", data="ranked", note="4 fresh samples of 200 prompts, oracle-ranked"),
+    "dcpo": MethodSpec("shapes-dcpo.yaml", data="dual-caption",
+                       note="DCPO-p: the loser captioned by a perturbed prompt; β 500, lr 2e-3, 300 × 8 pairs"),
     "tpo": MethodSpec("shapes-tpo.yaml", control=("method.flip_labels=true",), note="control: caption labels flipped"),
     "grpo": MethodSpec("shapes-grpo.yaml", (*ONLINE_ORACLE, "train.max_steps=40", "train.checkpointing_steps=1000"),
                        data="none", control=(f"method.reward_options={{shapes-oracle: {NEGATED_ORACLE}}}",),
@@ -79,9 +84,18 @@ METHODS: dict[str, MethodSpec] = {
     "d3po": MethodSpec("shapes-d3po.yaml", ("train.max_steps=40", "train.checkpointing_steps=1000"), data="none",
                        control=(f"method.oracle_options={{noise: 0.1, {NEGATED_ORACLE[1:-1]}}}",),
                        note="oracle labels (noise 0.1), 40 updates"),
-}
-NOT_RUN = {
-    "dcpo": "needs a loser caption per pair; every Shapes pair has one caption, so it would be Diffusion-DPO",
+    "ddpo": MethodSpec("shapes-ddpo.yaml", (*ONLINE_ORACLE, "train.max_steps=40", "train.checkpointing_steps=1000"),
+                       data="none", control=(f"method.reward_options={{shapes-oracle: {NEGATED_ORACLE}}}",),
+                       note="oracle utility reward, 16 prompts × 1 image, 40 updates"),
+    "seppo": MethodSpec("shapes-seppo.yaml", ("method.winners=data", "data.format=pickapic", "data.drop_ties=true",
+                                              "train.max_steps=40"),
+                        note="winners: the oracle pairs' chosen images (control: the rejected), 40 updates"),
+    "draft": MethodSpec("shapes-draft.yaml", (*SHAPES_CLIP, "train.max_steps=60"), data="none",
+                        control=("method.reward_sign=-1",), note="DRaFT-1, Shapes CLIP reward, 60 × 4 prompts"),
+    "alignprop": MethodSpec("shapes-alignprop.yaml", (*SHAPES_CLIP, "train.max_steps=60"), data="none",
+                            control=("method.reward_sign=-1",), note="the whole 20-step chain, Shapes CLIP, 60 × 4"),
+    "refl": MethodSpec("shapes-refl.yaml", (*SHAPES_CLIP, "train.max_steps=60"), data="none",
+                       control=("method.reward_sign=-1",), note="Shapes CLIP reward + pretraining loss, 60 × 4"),
 }
 ARMS = ("labels", "flipped")
 
@@ -108,6 +122,25 @@ def scored_rows(candidates, *, flip: bool) -> list[dict]:
         for j in (0, 1):
             u = judge.utility(decode_image(row[f"jpg_{j}"], "candidate"), prompt)
             row[f"score_{j}"] = 1.0 - u if flip else u
+    return rows
+
+
+def dual_caption_rows(candidates, *, flip: bool, seed: int = 0) -> list[dict]:
+    """:func:`oracle_pairs` with a loser caption (DCPO-p, the perturbed-prompt variant): the loser image is
+    captioned by the prompt with one colour, count, shape or relation changed
+    (:func:`~diffalign.shapes.pretrain_reward.perturb_caption`); ``caption`` is image 0's, ``caption_1``
+    image 1's. Under ``flip`` the labels are flipped first, so the perturbed caption follows the new loser."""
+    import random
+
+    from diffalign.shapes.pretrain_reward import perturb_caption
+
+    rng, rows = random.Random(seed), oracle_pairs(candidates, flip=flip)
+    for row in rows:
+        perturbed = perturb_caption(row["caption"], rng)
+        if row["label_0"] == 0.0:      # image 0 lost
+            row["caption"], row["caption_1"] = perturbed, row["caption"]
+        else:                          # image 1 lost (a tie is dropped by the reader: its captions do not matter)
+            row["caption_1"] = perturbed
     return rows
 
 
@@ -138,6 +171,8 @@ def write_training_data(kind: str, path: Path, candidates, *, flip: bool, ranked
     elif kind in ("pairs", "scored"):
         rows = (scored_rows if kind == "scored" else oracle_pairs)(candidates, flip=flip)
         write_pickapic_parquet(rows, path)
+    elif kind == "dual-caption":
+        write_pickapic_parquet(dual_caption_rows(candidates, flip=flip), path, optional_columns=("caption_1",))
     else:
         raise ValueError(f"no training data of kind {kind!r}")
     return path
@@ -366,7 +401,7 @@ def table_markdown(summaries: list[dict], base: dict, seeds: Sequence[int], miss
     if overrides:
         lines.append(f"Every run with: {' '.join(overrides)}.")
     for name in missing:
-        lines.append(f"- {name}: {NOT_RUN.get(name, 'not measured in this run')}")
+        lines.append(f"- {name}: not measured in this run")
     return "\n".join(lines) + "\n"
 
 

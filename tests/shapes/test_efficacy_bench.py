@@ -59,6 +59,32 @@ def test_the_control_data_flips_every_label_and_score(tmp_path):
         efficacy.write_training_data("none", tmp_path / "x", candidates, flip=False)
 
 
+def test_dcpo_data_captions_the_loser_with_a_perturbed_prompt_in_both_arms(tmp_path):
+    from diffalign.data.pickapic import read_pickapic
+
+    candidates = Candidates.load(BUNDLED_CANDIDATES)
+    candidates = Candidates(candidates.prompts[:12], candidates.images[:12], candidates.utilities[:12])
+    prompts = [p.text for p in candidates.prompts]
+    for flip in (False, True):
+        path = efficacy.write_training_data("dual-caption", tmp_path / f"{flip}.parquet", candidates, flip=flip)
+        pairs = efficacy.oracle_pairs(candidates, flip=flip)
+        rows = [r for r, pair in zip(pq.read_table(path).to_pylist(), pairs) if pair["label_0"] != 0.5]
+        assert len(rows) >= 8
+        for row, prompt in zip(rows, prompts):
+            winner, loser = ("caption", "caption_1") if row["label_0"] == 1.0 else ("caption_1", "caption")
+            assert row[winner] == prompt and row[loser] != prompt  # one colour, count, shape or relation changed
+        # as DCPO reads it: the winner first, conditioned on its own caption; the loser on the perturbed one
+        read = list(read_pickapic(path))
+        assert len(read) == len(rows)
+        assert all(r.prompt in prompts and r.prompt_rejected not in (None, r.prompt) for r in read)
+    # the flipped arm's loser is the labelled arm's winner image, now under the perturbed caption
+    plain = pq.read_table(tmp_path / "False.parquet").to_pylist()
+    flipped = pq.read_table(tmp_path / "True.parquet").to_pylist()
+    for a, b in zip(plain, flipped):
+        if a["label_0"] == 1.0:
+            assert b["label_0"] == 0.0 and b["caption_1"] == a["caption"] and b["jpg_0"] == a["jpg_0"]
+
+
 def test_the_command_trains_both_arms_resumes_without_training_and_names_what_is_missing(tmp_path, monkeypatch,
                                                                                        capsys):
     out = tmp_path / "bench"

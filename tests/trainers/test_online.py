@@ -370,7 +370,7 @@ def test_every_online_method_has_a_recipe_with_valid_options():
 
     recipes = _online_recipes()
     assert set(methods("online")) <= {r.method["name"] for r in recipes.values()}
-    assert {"shapes-grpo.yaml", "shapes-d3po.yaml", "shapes-seppo.yaml"} <= set(recipes)
+    assert {"shapes-grpo.yaml", "shapes-ddpo.yaml", "shapes-d3po.yaml", "shapes-seppo.yaml"} <= set(recipes)
     for name, recipe in recipes.items():
         spec = dict(recipe.method)
         config = METHODS[spec.pop("name")].config_class(**spec)
@@ -386,10 +386,11 @@ def test_every_online_method_has_a_recipe_with_valid_options():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["shapes-grpo.yaml", "shapes-d3po.yaml", "shapes-seppo.yaml"])
+@pytest.mark.parametrize("recipe", ["shapes-grpo.yaml", "shapes-ddpo.yaml", "shapes-d3po.yaml", "shapes-seppo.yaml"])
 def test_shapes_online_recipes_train_on_the_bundled_model(recipe, tmp_path):
     out = tmp_path / "run"
     small = {"shapes-grpo.yaml": ["--method.images_per_prompt=2", "--train.batch_size=4"],
+             "shapes-ddpo.yaml": ["--method.prompts_per_epoch=4", "--train.batch_size=4"],
              "shapes-d3po.yaml": ["--method.prompts_per_epoch=2", "--train.batch_size=2"],
              "shapes-seppo.yaml": ["--method.steps_per_epoch=1", "--train.batch_size=2"]}[recipe]
     assert main(["train", str(REPO / "pipelines" / recipe), "--method.num_steps=3", "--train.max_steps=1",
