@@ -5,9 +5,9 @@
    spot check of them: sampling all 1,600 takes longer than the rest of the demo on 2 CPU cores);
 2. pair each prompt's best and worst candidate and label the pair with the (noisy) oracle annotator
    (Pick-a-Pic v2 schema: ``jpg_0, jpg_1, label_0, caption``);
-3. train TPO with LoRA through the normal recipe (``pipelines/shapes-tpo.yaml``: the method strongest pooled
-   over training seeds in the efficacy table, README; ``--recipe`` trains another pair method, e.g.
-   ``shapes-mapo.yaml``);
+3. train MaPO with LoRA through the normal recipe (``pipelines/shapes-mapo.yaml``: the method that beat base
+   at every training seed of the efficacy table, README; ``--recipe`` trains another, e.g.
+   ``shapes-diffusion-dpo.yaml``);
 4. evaluate base and aligned on held-out prompts with the same seeds: ShapesEval per task, the
    oracle's win rate of aligned over base (95% CI), the learned reward's mean;
 5. write ``results.json`` and ``report.html``.
@@ -29,7 +29,7 @@ import torch
 ACCEPTS_OVERRIDES = True  # recipe overrides, e.g. --train.max_steps=50
 
 # the bundled recipe itself (pipelines/), not a file of that name in the working directory
-RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "shapes-tpo.yaml"
+RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "shapes-mapo.yaml"
 BUNDLED_CANDIDATES = Path(__file__).resolve().parent / "assets" / "candidates" / "candidates.parquet"  # datasets/...
 # the settings the bundled candidates were sampled with (`diffalign shapes candidates`, its defaults)
 BUNDLED_SETTINGS = {"seed": 0, "images_per_prompt": 4, "sample_steps": 20, "guidance_scale": 5.0, "max_prompts": 400}
@@ -40,7 +40,7 @@ class DemoConfig:
     """Sizes of the demo; the defaults fit in a few minutes on 2 CPU cores."""
 
     output_dir: str = "runs/shapes-demo"
-    recipe: str | None = None          # None = the bundled pipelines/shapes-tpo.yaml (or its packaged copy)
+    recipe: str | None = None          # None = the bundled pipelines/shapes-mapo.yaml (or its packaged copy)
     train_prompts: int = 400
     images_per_prompt: int = 4         # the pair is the oracle's best and worst of these
     sample_steps: int = 20             # sampler steps for the training candidates
@@ -315,7 +315,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     rows = preference_rows(candidates, Oracle(noise=cfg.oracle_noise, seed=cfg.seed), flip=cfg.flip_labels)
     label_counts = write_preference_data(rows, data_path)
 
-    # 3. the recipe's method (TPO by default) with LoRA, through the normal recipe
+    # 3. the recipe's method (MaPO by default) with LoRA, through the normal recipe
     recipe = load_recipe(cfg.recipe or RECIPE, [
         f"data.source={data_path}", f"train.output_dir={out / 'train'}", f"train.seed={cfg.seed}",
         "train.overwrite=true", *cfg.overrides])  # the demo's own rerun replaces its training run
@@ -512,7 +512,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "~8 more minutes on 2 cores) or a parquet made by `diffalign shapes candidates`")
     parser.add_argument("--recipe", default=None,
                         help="the training recipe (a bundled name such as shapes-diffusion-dpo.yaml, or a path) of "
-                             "a method trained on preference pairs; default: pipelines/shapes-tpo.yaml")
+                             "a method trained on preference pairs; default: pipelines/shapes-mapo.yaml")
     parser.add_argument("--seed", type=int, default=0)
 
 
