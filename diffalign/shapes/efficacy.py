@@ -51,8 +51,9 @@ class MethodSpec:
         recipe: a bundled recipe (``pipelines/``).
         overrides: dotted overrides applied to both arms.
         data: ``pairs`` (the oracle-labelled candidate pairs), ``scored`` (the same with each image's
-            utility as ``score_0/score_1``), ``dual-caption`` (the same with a perturbed loser caption), ``ranked`` (lists of fresh base samples ranked by the oracle)
-            or ``none`` (on-line: the recipe samples its own prompts).
+            utility as ``score_0/score_1``), ``dual-caption`` (the same with a perturbed loser caption),
+            ``ranked`` (lists of fresh base samples ranked by the oracle) or ``none`` (on-line: the recipe
+            samples its own prompts).
         control: overrides of the control arm; empty means the data's labels are flipped instead.
         note: what the row's settings are, for the table.
     """
@@ -64,8 +65,13 @@ class MethodSpec:
     note: str = ""
 
 
-ONLINE_ORACLE = ("method.reward=shapes-oracle",)
-SHAPES_CLIP = ("method.reward=shapes-clip",)  # the differentiable Shapes reward of the backprop methods
+# on-line: 40 updates on the oracle's utility; the control negates it
+ONLINE_ORACLE = ("method.reward=shapes-oracle", "train.max_steps=40", "train.checkpointing_steps=1000")
+NEGATED_REWARD = (f"method.reward_options={{shapes-oracle: {NEGATED_ORACLE}}}",)
+# reward backprop: 60 updates on the differentiable Shapes reward (the bundled Shapes CLIP); the control
+# minimises it
+SHAPES_CLIP = ("method.reward=shapes-clip", "train.max_steps=60")
+MINIMISED = ("method.reward_sign=-1",)
 METHODS: dict[str, MethodSpec] = {
     "diffusion-dpo": MethodSpec("shapes-diffusion-dpo.yaml", note="β 500, lr 2e-3, 300 × 8 pairs"),
     "mapo": MethodSpec("shapes-mapo.yaml", note="β 0.1, lr 1e-3 cosine, 300 × 8 pairs"),
@@ -78,24 +84,22 @@ METHODS: dict[str, MethodSpec] = {
     "dcpo": MethodSpec("shapes-dcpo.yaml", data="dual-caption",
                        note="DCPO-p: the loser captioned by a perturbed prompt; β 500, lr 2e-3, 300 × 8 pairs"),
     "tpo": MethodSpec("shapes-tpo.yaml", control=("method.flip_labels=true",), note="control: caption labels flipped"),
-    "grpo": MethodSpec("shapes-grpo.yaml", (*ONLINE_ORACLE, "train.max_steps=40", "train.checkpointing_steps=1000"),
-                       data="none", control=(f"method.reward_options={{shapes-oracle: {NEGATED_ORACLE}}}",),
+    "grpo": MethodSpec("shapes-grpo.yaml", ONLINE_ORACLE, data="none", control=NEGATED_REWARD,
                        note="oracle utility reward, 40 updates"),
     "d3po": MethodSpec("shapes-d3po.yaml", ("train.max_steps=40", "train.checkpointing_steps=1000"), data="none",
                        control=(f"method.oracle_options={{noise: 0.1, {NEGATED_ORACLE[1:-1]}}}",),
                        note="oracle labels (noise 0.1), 40 updates"),
-    "ddpo": MethodSpec("shapes-ddpo.yaml", (*ONLINE_ORACLE, "train.max_steps=40", "train.checkpointing_steps=1000"),
-                       data="none", control=(f"method.reward_options={{shapes-oracle: {NEGATED_ORACLE}}}",),
+    "ddpo": MethodSpec("shapes-ddpo.yaml", ONLINE_ORACLE, data="none", control=NEGATED_REWARD,
                        note="oracle utility reward, 16 prompts × 1 image, 40 updates"),
     "seppo": MethodSpec("shapes-seppo.yaml", ("method.winners=data", "data.format=pickapic", "data.drop_ties=true",
                                               "train.max_steps=40"),
                         note="winners: the oracle pairs' chosen images (control: the rejected), 40 updates"),
-    "draft": MethodSpec("shapes-draft.yaml", (*SHAPES_CLIP, "train.max_steps=60"), data="none",
-                        control=("method.reward_sign=-1",), note="DRaFT-1, Shapes CLIP reward, 60 × 4 prompts"),
-    "alignprop": MethodSpec("shapes-alignprop.yaml", (*SHAPES_CLIP, "train.max_steps=60"), data="none",
-                            control=("method.reward_sign=-1",), note="the whole 20-step chain, Shapes CLIP, 60 × 4"),
-    "refl": MethodSpec("shapes-refl.yaml", (*SHAPES_CLIP, "train.max_steps=60"), data="none",
-                       control=("method.reward_sign=-1",), note="Shapes CLIP reward + pretraining loss, 60 × 4"),
+    "draft": MethodSpec("shapes-draft.yaml", SHAPES_CLIP, data="none", control=MINIMISED,
+                        note="DRaFT-1, Shapes CLIP reward, 60 × 4 prompts"),
+    "alignprop": MethodSpec("shapes-alignprop.yaml", SHAPES_CLIP, data="none", control=MINIMISED,
+                            note="the whole 20-step chain, Shapes CLIP, 60 × 4"),
+    "refl": MethodSpec("shapes-refl.yaml", SHAPES_CLIP, data="none", control=MINIMISED,
+                       note="Shapes CLIP reward + pretraining loss, 60 × 4"),
 }
 ARMS = ("labels", "flipped")
 
