@@ -23,6 +23,12 @@ RankDPO: the reversed ranking; TPO: its caption preferences flipped; SePPO: the 
 winners); on-line methods train with the oracle reward negated (``fidelity_weight``, ``quality_weight`` of
 the oracle sign-flipped); the reward-backpropagation methods (AlignProp, DRaFT, ReFL) minimise their differentiable
 reward (the bundled Shapes CLIP) instead of maximising it.
+
+The prompt rewriter's row (``rewriter``): the tiny LM rewriter of :mod:`diffalign.text.shapes` (SFT on
+claim-preserving rewrites, then DPO on pairs of its rewrites that the base rendered and ShapesEval scored
+against the original caption; the control: DPO on the same pairs swapped). Its "model" is the base T2I
+model given the rewriter's greedy rewrite of each held-out caption, judged against the original caption; so
+"over base" compares images of rewritten captions with images of the unrewritten ones at the same seeds.
 """
 
 from __future__ import annotations
@@ -52,8 +58,8 @@ class MethodSpec:
         overrides: dotted overrides applied to both arms.
         data: ``pairs`` (the oracle-labelled candidate pairs), ``scored`` (the same with each image's
             utility as ``score_0/score_1``), ``dual-caption`` (the same with a perturbed loser caption),
-            ``ranked`` (lists of fresh base samples ranked by the oracle) or ``none`` (on-line: the recipe
-            samples its own prompts).
+            ``ranked`` (lists of fresh base samples ranked by the oracle), ``none`` (on-line: the recipe
+            samples its own prompts) or ``rewriter`` (the prompt rewriter's own pairs, module docstring).
         control: overrides of the control arm; empty means the data's labels are flipped instead.
         note: what the row's settings are, for the table.
     """
@@ -100,6 +106,8 @@ METHODS: dict[str, MethodSpec] = {
                             note="the whole 20-step chain, Shapes CLIP, 60 × 4"),
     "refl": MethodSpec("shapes-refl.yaml", SHAPES_CLIP, data="none", control=MINIMISED,
                        note="Shapes CLIP reward + pretraining loss, 60 × 4"),
+    "rewriter": MethodSpec("shapes-rewriter-dpo.yaml", data="rewriter",
+                           note="prompt rewriter: SFT 300, DPO 100 on ShapesEval-scored rewrites; the base renders"),
 }
 ARMS = ("labels", "flipped")
 
@@ -218,15 +226,16 @@ def pooled_win_rate(wins: np.ndarray, groups: Sequence, *, n_boot: int = 4000, s
 
 # --- one run ----------------------------------------------------------------------------------------------
 
-def heldout_results(pipe, prompts, seeds) -> dict:
-    """Sample ``prompts`` (image ``i`` with ``seeds[i]``, :data:`SAMPLING`) and judge each image:
+def heldout_results(pipe, prompts, seeds, texts: Sequence[str] | None = None) -> dict:
+    """Sample ``prompts`` (image ``i`` with ``seeds[i]``, :data:`SAMPLING`; from ``texts[i]`` instead of the
+    prompt's caption when given) and judge each image against its prompt:
     ``{"utility": [N] noise-free oracle utilities, "correct": [N] ShapesEval verdicts (0/1)}``."""
     from diffalign.eval.generate import generate
     from diffalign.shapes.evaluate import evaluate
     from diffalign.shapes.oracle import Oracle
 
     judge = Oracle(noise=0.0)
-    images = generate(pipe, [p.text for p in prompts], seeds, **SAMPLING)
+    images = generate(pipe, list(texts) if texts is not None else [p.text for p in prompts], seeds, **SAMPLING)
     return {"utility": [float(judge.utility(im, p)) for im, p in zip(images, prompts)],
             "correct": [float(evaluate(im, p).correct) for im, p in zip(images, prompts)]}
 
@@ -249,6 +258,48 @@ def train_run(method: str, spec: MethodSpec, seed: int, arm: str, work: Path, ca
     start = time.perf_counter()
     run_dir = train(config)
     return Path(run_dir) / "final", (time.perf_counter() - start) / 60
+
+
+def rewriter_run(seed: int, arm: str, shared: Path, work: Path, prompts, image_seeds,
+                 overrides: Sequence[str] = ()) -> tuple[dict, float]:
+    """One run of the rewriter row: SFT and its pairs once per seed in ``shared`` (both arms use them; a
+    lock lets two processes share it), DPO on the pairs (the control: swapped) in ``work``, then the base
+    samples the DPO model's greedy rewrite of each held-out caption. Returns (:func:`heldout_results` judged
+    against the original captions, with ``"rewrites"``: the texts sampled; training minutes of SFT, pairs
+    and DPO)."""
+    from filelock import FileLock
+
+    from diffalign.data.files import atomic_write
+    from diffalign.rewards import load_reward
+    from diffalign.shapes.demo import load_base_pipeline
+    from diffalign.text.data import write_jsonl
+    from diffalign.text.rewriter import PromptRewriter, RewriteConfig
+    from diffalign.text.shapes import ShapesRewriterConfig, swapped_pairs, train_dpo, train_sft_and_pairs
+
+    cfg = ShapesRewriterConfig(out=str(shared), seed=seed, overrides=list(overrides))
+    pipe = load_base_pipeline()
+    done = shared / "stage.json"
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(shared) + ".lock"):
+        if not done.is_file():
+            shutil.rmtree(shared, ignore_errors=True)
+            start = time.perf_counter()
+            rewards = {name: load_reward(name, **cfg.pairs.reward_options.get(name, {})) for name in cfg.pairs.rewards}
+            sft, rows, summary = train_sft_and_pairs(cfg, shared, pipe, rewards)
+            write_jsonl(swapped_pairs(rows), shared / "pairs-swapped.jsonl")
+            stage = {"sft": str(sft.relative_to(shared)), "pairs": summary,
+                     "minutes": (time.perf_counter() - start) / 60}
+            atomic_write(done, lambda tmp: tmp.write_text(json.dumps(stage)))
+    stage = json.loads(done.read_text())
+    start = time.perf_counter()
+    pairs = shared / ("pairs-swapped.jsonl" if arm == "flipped" else "pairs.jsonl")
+    dpo = train_dpo(cfg, shared / stage["sft"], pairs, work / "dpo")
+    minutes = stage["minutes"] + (time.perf_counter() - start) / 60
+    greedy = RewriteConfig(do_sample=False, max_new_tokens=cfg.pairs.sampling.max_new_tokens)
+    rewrites = [r[0] for r in PromptRewriter.from_pretrained(dpo).rewrite([p.text for p in prompts], config=greedy)]
+    res = heldout_results(pipe, prompts, image_seeds, texts=rewrites)
+    res.update(rewrites=rewrites, pairs=stage["pairs"])
+    return res, minutes
 
 
 class Bench:
@@ -326,11 +377,16 @@ class Bench:
             spec = METHODS[method]
             work = path.parent / f"seed{seed}-{arm}"
             shutil.rmtree(work, ignore_errors=True)  # a run that stopped half-way starts again
-            ranked = self.ranked_lists() if spec.data == "ranked" else None
-            final, minutes = train_run(method, spec, seed, arm, work, self.candidates, ranked, self.extra_overrides)
-            pipe = load_base_pipeline()
-            pipe.load_lora_weights(str(final))
-            res = heldout_results(pipe, self.prompts, self.seeds)
+            if spec.data == "rewriter":
+                res, minutes = rewriter_run(seed, arm, path.parent / f"seed{seed}-sft", work, self.prompts,
+                                            self.seeds, self.extra_overrides)
+            else:
+                ranked = self.ranked_lists() if spec.data == "ranked" else None
+                final, minutes = train_run(method, spec, seed, arm, work, self.candidates, ranked,
+                                           self.extra_overrides)
+                pipe = load_base_pipeline()
+                pipe.load_lora_weights(str(final))
+                res = heldout_results(pipe, self.prompts, self.seeds)
             res.update(method=method, seed=seed, arm=arm, training_minutes=minutes, recipe=spec.recipe,
                        overrides=[*spec.overrides, *(spec.control if arm == "flipped" else ()), *self.extra_overrides])
             atomic_write(path, lambda tmp: tmp.write_text(json.dumps(res)))

@@ -147,26 +147,19 @@ def pair_margins(model_dir: Path, rows: list[dict]) -> torch.Tensor:
     return w - l
 
 
-def run_shapes_rewriter(cfg: ShapesRewriterConfig) -> dict:
-    """Every stage of the module docstring; returns (and writes) ``results.json``."""
-    from diffalign.rewards import load_reward
-    from diffalign.shapes.demo import load_base_pipeline
-    from diffalign.shapes.evaluate import evaluate
+def train_sft_and_pairs(cfg: ShapesRewriterConfig, out: Path, pipe, rewards: dict) -> tuple[Path, list[dict], dict]:
+    """Stages 1–3 in ``out``: the tiny rewriter, SFT on claim-preserving rewrites of ``cfg.seed``'s train
+    captions, then DPO pairs of the SFT model's sampled rewrites rendered by ``pipe`` and scored by
+    ``rewards`` against the original caption (``out/pairs.jsonl``). Returns (SFT ``final/``, pair rows,
+    pair summary); raises if every candidate of every caption tied."""
     from diffalign.shapes.grammar import prompt_set
     from diffalign.text.data import write_jsonl
-    from diffalign.text.guidance import render_rewrites
     from diffalign.text.pairs import build_pairs
     from diffalign.text.rewriter import PromptRewriter
     from diffalign.trainers.registry import run_recipe as train
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    t0 = time.time()
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     train_prompts = list(dict.fromkeys(p.text for p in prompt_set("train", cfg.train_per_task, seed=cfg.seed)))
-    heldout = list(dict.fromkeys(p.text for p in prompt_set("heldout", cfg.heldout_per_task, seed=cfg.seed + 1)))
-
     # 1. the tiny rewriter
     tok = shapes_tokenizer()
     base_dir = out / "base-lm"
@@ -185,25 +178,57 @@ def run_shapes_rewriter(cfg: ShapesRewriterConfig) -> dict:
         f"train.max_steps={cfg.sft_steps}", f"train.seed={cfg.seed}", *cfg.overrides])) / "final"
 
     # 3. pairs from images scored against the original captions
-    pipe = load_base_pipeline()
-    rewards = {name: load_reward(name, **cfg.pairs.reward_options.get(name, {})) for name in cfg.pairs.rewards}
-    rewriter = PromptRewriter.from_pretrained(sft)
-    rows, pair_summary = build_pairs(rewriter, pipe, train_prompts, cfg.pairs, rewards=rewards)
+    rows, pair_summary = build_pairs(PromptRewriter.from_pretrained(sft), pipe, train_prompts, cfg.pairs,
+                                     rewards=rewards)
     write_jsonl(rows, out / "pairs.jsonl")
-    held_cfg = PairConfig(**{**asdict(cfg.pairs), "seed": cfg.pairs.seed + 7})
-    held_rows, held_summary = build_pairs(rewriter, pipe, heldout, held_cfg, rewards=rewards)
-    write_jsonl(held_rows, out / "pairs-heldout.jsonl")
     if not rows:
         raise RuntimeError("no training pairs: every candidate of every caption scored the same")
+    return sft, rows, pair_summary
 
-    # 4. DPO from the SFT model
-    dpo = train(_load_recipe("shapes-rewriter-dpo.yaml", [
-        f"model.pretrained={sft}", f"data.source={out / 'pairs.jsonl'}", f"train.output_dir={out / 'dpo'}",
-        "train.overwrite=true",
+
+def swapped_pairs(rows: list[dict]) -> list[dict]:
+    """The control's pairs: each row's ``chosen`` and ``rejected`` exchanged."""
+    return [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
+
+
+def train_dpo(cfg: ShapesRewriterConfig, sft: Path, pairs: Path, out: Path) -> Path:
+    """Stage 4: DPO from the SFT model on the pair file ``pairs``; returns its ``final/``."""
+    from diffalign.trainers.registry import run_recipe as train
+
+    return train(_load_recipe("shapes-rewriter-dpo.yaml", [
+        f"model.pretrained={sft}", f"data.source={pairs}", f"train.output_dir={out}", "train.overwrite=true",
         f"train.max_steps={cfg.dpo_steps}", f"train.seed={cfg.seed}", *cfg.overrides])) / "final"
 
+
+def run_shapes_rewriter(cfg: ShapesRewriterConfig) -> dict:
+    """Every stage of the module docstring; returns (and writes) ``results.json``."""
+    from diffalign.rewards import load_reward
+    from diffalign.shapes.demo import load_base_pipeline
+    from diffalign.shapes.evaluate import evaluate
+    from diffalign.shapes.grammar import prompt_set
+    from diffalign.text.data import write_jsonl
+    from diffalign.text.guidance import render_rewrites
+    from diffalign.text.pairs import build_pairs
+    from diffalign.text.rewriter import PromptRewriter
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    out = Path(cfg.out)
+    heldout = list(dict.fromkeys(p.text for p in prompt_set("heldout", cfg.heldout_per_task, seed=cfg.seed + 1)))
+    pipe = load_base_pipeline()
+    rewards = {name: load_reward(name, **cfg.pairs.reward_options.get(name, {})) for name in cfg.pairs.rewards}
+    sft, rows, pair_summary = train_sft_and_pairs(cfg, out, pipe, rewards)
+    held_cfg = PairConfig(**{**asdict(cfg.pairs), "seed": cfg.pairs.seed + 7})
+    held_rows, held_summary = build_pairs(PromptRewriter.from_pretrained(sft), pipe, heldout, held_cfg,
+                                          rewards=rewards)
+    write_jsonl(held_rows, out / "pairs-heldout.jsonl")
+
+    # 4. DPO from the SFT model
+    dpo = train_dpo(cfg, sft, out / "pairs.jsonl", out / "dpo")
+
     # 5b. held-out pairs: preference of the DPO model over the SFT model's
-    results: dict = {"train_captions": len(train_prompts), "heldout_captions": len(heldout),
+    results: dict = {"train_captions": pair_summary["prompts"], "heldout_captions": len(heldout),
                      "pairs": pair_summary, "heldout_pairs": held_summary}
     # 5a. the training pairs: what DPO optimises (its margin must rise over the SFT model's)
     t_sft, t_dpo = pair_margins(sft, rows), pair_margins(dpo, rows)

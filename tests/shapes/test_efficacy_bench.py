@@ -118,3 +118,48 @@ def test_the_command_trains_both_arms_resumes_without_training_and_names_what_is
 def test_an_unknown_method_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="unknown method.*dpo-typo"):
         efficacy.main(["--methods", "dpo-typo", "--out", str(tmp_path)])
+
+
+def test_the_rewriter_row_trains_sft_once_a_seed_and_its_control_on_swapped_pairs(tmp_path, monkeypatch):
+    import functools
+
+    from diffalign.text import pairs as text_pairs
+    from diffalign.text import rewriter as text_rewriter
+    from diffalign.text import shapes as text_shapes
+
+    small = functools.partial(text_shapes.ShapesRewriterConfig, train_per_task=2, sft_steps=20, dpo_steps=2,
+                              pairs=text_pairs.PairConfig(
+                                  num_candidates=3, images_per_candidate=1, rewards={"shapes-eval": 1.0},
+                                  num_inference_steps=4, sampling=text_rewriter.RewriteConfig(
+                                      do_sample=True, temperature=1.0, max_new_tokens=16)))
+    monkeypatch.setattr(text_shapes, "ShapesRewriterConfig", small)
+    stages = []
+    real_stage = text_shapes.train_sft_and_pairs
+    monkeypatch.setattr(text_shapes, "train_sft_and_pairs", lambda *a, **k: stages.append(1) or real_stage(*a, **k))
+    out = tmp_path / "bench"
+    assert efficacy.main(["--methods", "rewriter", "--seeds", "0", "--eval-per-task", "1", "--out", str(out)]) == 0
+    assert len(stages) == 1  # SFT and its pairs: once for both arms
+    shared = out / "runs" / "rewriter" / "seed0-sft"
+    rows = [json.loads(x) for x in (shared / "pairs.jsonl").read_text().splitlines()]
+    swapped = [json.loads(x) for x in (shared / "pairs-swapped.jsonl").read_text().splitlines()]
+    assert rows and [(r["chosen"], r["rejected"]) for r in rows] == [(s["rejected"], s["chosen"]) for s in swapped]
+    base = json.loads((out / "base.json").read_text())
+    for arm in efficacy.ARMS:
+        run = json.loads((out / "runs" / "rewriter" / f"seed0-{arm}.json").read_text())
+        assert len(run["utility"]) == len(run["correct"]) == len(run["rewrites"]) == len(base["utility"]) == 12
+        assert run["pairs"]["pairs"] == len(rows)
+    (row,) = json.loads((out / "table.json").read_text())["methods"]
+    assert row["method"] == "rewriter"
+
+
+def test_rewritten_captions_are_judged_against_the_original_prompts():
+    """An image of a rewrite is scored for the prompt it stands for: base given the caption itself as its
+    "rewrite" gives base's own results."""
+    from diffalign.shapes.demo import heldout_eval_set, load_base_pipeline
+
+    prompts, seeds = heldout_eval_set(1, 1)
+    pipe = load_base_pipeline()
+    same = efficacy.heldout_results(pipe, prompts, seeds)
+    assert efficacy.heldout_results(pipe, prompts, seeds, texts=[p.text for p in prompts]) == same
+    other = efficacy.heldout_results(pipe, prompts, seeds, texts=["a photo of a red circle"] * len(prompts))
+    assert other["utility"] != same["utility"]
