@@ -107,7 +107,7 @@ METHODS: dict[str, MethodSpec] = {
     "refl": MethodSpec("shapes-refl.yaml", SHAPES_CLIP, data="none", control=MINIMISED,
                        note="Shapes CLIP reward + pretraining loss, 60 × 4"),
     "rewriter": MethodSpec("shapes-rewriter-dpo.yaml", data="rewriter",
-                           note="prompt rewriter: SFT 300, DPO 100 on ShapesEval-scored rewrites; the base renders"),
+                           note="prompt rewriter: SFT 1500 steps, 40 train captions a task, 6 candidates; DPO 100"),
 }
 ARMS = ("labels", "flipped")
 

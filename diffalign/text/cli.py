@@ -90,14 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     s = sub.add_parser("shapes", help="SFT + DPO of a tiny rewriter on the Shapes world, evaluated on held-out prompts")
     s.add_argument("--out", default="runs/shapes-rewriter")
-    s.add_argument("--train-per-task", type=int, default=12)
-    s.add_argument("--heldout-per-task", type=int, default=6)
-    s.add_argument("--sft-steps", type=int, default=300)
-    s.add_argument("--dpo-steps", type=int, default=100)
-    s.add_argument("--num-candidates", type=int, default=4)
-    s.add_argument("--images-per-candidate", type=int, default=2)
-    s.add_argument("--steps", type=int, default=20, help="sampler steps of the base model")
-    s.add_argument("--eval-seeds", type=int, default=4)
+    for flag in ("--train-per-task", "--heldout-per-task", "--sft-steps", "--dpo-steps", "--num-candidates",
+                 "--images-per-candidate", "--eval-seeds"):
+        s.add_argument(flag, type=int, default=None, help="default: ShapesRewriterConfig's")
+    s.add_argument("--steps", type=int, default=None, help="sampler steps of the base model (default 20)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=None)
 
@@ -182,12 +178,14 @@ def _run(args: argparse.Namespace) -> int:
         from diffalign.text.pairs import PairConfig
         from diffalign.text.shapes import ShapesRewriterConfig, run_shapes_rewriter
 
-        cfg = ShapesRewriterConfig(out=args.out, seed=args.seed, train_per_task=args.train_per_task,
-                                   heldout_per_task=args.heldout_per_task, sft_steps=args.sft_steps,
-                                   dpo_steps=args.dpo_steps, eval_seeds=args.eval_seeds, threads=args.threads)
-        cfg.pairs = PairConfig(**{**cfg.pairs.__dict__, "num_candidates": args.num_candidates,
-                                  "images_per_candidate": args.images_per_candidate,
-                                  "num_inference_steps": args.steps})
+        given = {k: v for k, v in vars(args).items() if v is not None}
+        cfg = ShapesRewriterConfig(out=args.out, seed=args.seed, threads=args.threads, **{
+            k: given[k] for k in ("train_per_task", "heldout_per_task", "sft_steps", "dpo_steps", "eval_seeds")
+            if k in given})
+        cfg.pairs = PairConfig(**{**cfg.pairs.__dict__, **{
+            field: given[flag] for flag, field in (("num_candidates", "num_candidates"),
+                                                   ("images_per_candidate", "images_per_candidate"),
+                                                   ("steps", "num_inference_steps")) if flag in given}})
         results = run_shapes_rewriter(cfg)
         print(format_shapes_results(results))
         print(f"wrote {Path(args.out) / 'results.json'}")

@@ -112,12 +112,12 @@ class ShapesRewriterConfig:
 
     out: str = "runs/shapes-rewriter"
     seed: int = 0
-    train_per_task: int = 12
+    train_per_task: int = 40
     heldout_per_task: int = 6
-    sft_steps: int = 300
+    sft_steps: int = 1500
     dpo_steps: int = 100
     pairs: PairConfig = field(default_factory=lambda: PairConfig(
-        num_candidates=4, images_per_candidate=2, rewards={"shapes-eval": 1.0}, num_inference_steps=20,
+        num_candidates=6, images_per_candidate=2, rewards={"shapes-eval": 1.0}, num_inference_steps=20,
         guidance_scale=5.0, sampling=RewriteConfig(do_sample=True, temperature=1.0, max_new_tokens=16)))
     eval_seeds: int = 4
     overrides: list[str] = field(default_factory=list)
