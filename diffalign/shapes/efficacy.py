@@ -270,11 +270,11 @@ def rewriter_run(seed: int, arm: str, shared: Path, work: Path, prompts, image_s
     from filelock import FileLock
 
     from diffalign.data.files import atomic_write
-    from diffalign.rewards import load_reward
     from diffalign.shapes.demo import load_base_pipeline
     from diffalign.text.data import write_jsonl
     from diffalign.text.rewriter import PromptRewriter, RewriteConfig
-    from diffalign.text.shapes import ShapesRewriterConfig, swapped_pairs, train_dpo, train_sft_and_pairs
+    from diffalign.text.shapes import (ShapesRewriterConfig, pair_rewards, swapped_pairs, train_dpo,
+                                       train_sft_and_pairs)
 
     cfg = ShapesRewriterConfig(out=str(shared), seed=seed, overrides=list(overrides))
     pipe = load_base_pipeline()
@@ -284,8 +284,7 @@ def rewriter_run(seed: int, arm: str, shared: Path, work: Path, prompts, image_s
         if not done.is_file():
             shutil.rmtree(shared, ignore_errors=True)
             start = time.perf_counter()
-            rewards = {name: load_reward(name, **cfg.pairs.reward_options.get(name, {})) for name in cfg.pairs.rewards}
-            sft, rows, summary = train_sft_and_pairs(cfg, shared, pipe, rewards)
+            sft, rows, summary = train_sft_and_pairs(cfg, shared, pipe, pair_rewards(cfg))
             write_jsonl(swapped_pairs(rows), shared / "pairs-swapped.jsonl")
             stage = {"sft": str(sft.relative_to(shared)), "pairs": summary,
                      "minutes": (time.perf_counter() - start) / 60}

@@ -175,17 +175,19 @@ def _run(args: argparse.Namespace) -> int:
         print(f"done: {run_recipe(recipe)}")
         return 0
     if args.action == "shapes":
-        from diffalign.text.pairs import PairConfig
+        import dataclasses
+
         from diffalign.text.shapes import ShapesRewriterConfig, run_shapes_rewriter
 
-        given = {k: v for k, v in vars(args).items() if v is not None}
-        cfg = ShapesRewriterConfig(out=args.out, seed=args.seed, threads=args.threads, **{
-            k: given[k] for k in ("train_per_task", "heldout_per_task", "sft_steps", "dpo_steps", "eval_seeds")
-            if k in given})
-        cfg.pairs = PairConfig(**{**cfg.pairs.__dict__, **{
-            field: given[flag] for flag, field in (("num_candidates", "num_candidates"),
-                                                   ("images_per_candidate", "images_per_candidate"),
-                                                   ("steps", "num_inference_steps")) if flag in given}})
+        def given(**fields):  # the flags set on the command line; the config's defaults for the rest
+            return {k: v for k, v in fields.items() if v is not None}
+
+        cfg = ShapesRewriterConfig(out=args.out, seed=args.seed, threads=args.threads, **given(
+            train_per_task=args.train_per_task, heldout_per_task=args.heldout_per_task, sft_steps=args.sft_steps,
+            dpo_steps=args.dpo_steps, eval_seeds=args.eval_seeds))
+        cfg.pairs = dataclasses.replace(cfg.pairs, **given(
+            num_candidates=args.num_candidates, images_per_candidate=args.images_per_candidate,
+            num_inference_steps=args.steps))
         results = run_shapes_rewriter(cfg)
         print(format_shapes_results(results))
         print(f"wrote {Path(args.out) / 'results.json'}")

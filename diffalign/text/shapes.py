@@ -147,6 +147,13 @@ def pair_margins(model_dir: Path, rows: list[dict]) -> torch.Tensor:
     return w - l
 
 
+def pair_rewards(cfg: ShapesRewriterConfig) -> dict:
+    """``{name: reward}`` of ``cfg.pairs.rewards``, each loaded with its ``reward_options``."""
+    from diffalign.rewards import load_reward
+
+    return {name: load_reward(name, **cfg.pairs.reward_options.get(name, {})) for name in cfg.pairs.rewards}
+
+
 def train_sft_and_pairs(cfg: ShapesRewriterConfig, out: Path, pipe, rewards: dict) -> tuple[Path, list[dict], dict]:
     """Stages 1–3 in ``out``: the tiny rewriter, SFT on claim-preserving rewrites of ``cfg.seed``'s train
     captions, then DPO pairs of the SFT model's sampled rewrites rendered by ``pipe`` and scored by
@@ -202,7 +209,6 @@ def train_dpo(cfg: ShapesRewriterConfig, sft: Path, pairs: Path, out: Path) -> P
 
 def run_shapes_rewriter(cfg: ShapesRewriterConfig) -> dict:
     """Every stage of the module docstring; returns (and writes) ``results.json``."""
-    from diffalign.rewards import load_reward
     from diffalign.shapes.demo import load_base_pipeline
     from diffalign.shapes.evaluate import evaluate
     from diffalign.shapes.grammar import prompt_set
@@ -217,7 +223,7 @@ def run_shapes_rewriter(cfg: ShapesRewriterConfig) -> dict:
     out = Path(cfg.out)
     heldout = list(dict.fromkeys(p.text for p in prompt_set("heldout", cfg.heldout_per_task, seed=cfg.seed + 1)))
     pipe = load_base_pipeline()
-    rewards = {name: load_reward(name, **cfg.pairs.reward_options.get(name, {})) for name in cfg.pairs.rewards}
+    rewards = pair_rewards(cfg)
     sft, rows, pair_summary = train_sft_and_pairs(cfg, out, pipe, rewards)
     held_cfg = PairConfig(**{**asdict(cfg.pairs), "seed": cfg.pairs.seed + 7})
     held_rows, held_summary = build_pairs(PromptRewriter.from_pretrained(sft), pipe, heldout, held_cfg,
