@@ -138,6 +138,10 @@ class TrainConfig:
         lr_warmup_steps: linear warm-up steps of the schedule.
         adam_beta1, adam_beta2, adam_epsilon, weight_decay: AdamW's.
         max_grad_norm: gradient clipping norm.
+        ema_decay: keep an exponential moving average of the trainable weights at this decay (0: off;
+            Flow-GRPO and DiffusionNFT use 0.9, diffusers' scripts' ``--use_ema`` 0.9999): checkpoints'
+            diffusers-format weights, validation and ``final/`` are the average, training uses the
+            weights themselves (:mod:`diffalign.trainers.ema`). Not under FSDP / DeepSpeed.
         use_8bit_adam: bitsandbytes' 8-bit AdamW (``pip install 'diffalign[bnb]'``).
         mixed_precision: ``no``, ``fp16``, ``bf16`` or ``fp8`` (accelerate's; ``--train.mixed_precision=no``
             is the string ``"no"``: recipes read only ``true``/``false`` as booleans).
@@ -178,6 +182,7 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
+    ema_decay: float = 0.0
     use_8bit_adam: bool = False
     mixed_precision: str = "no"
     checkpointing_steps: int = 500

@@ -39,6 +39,7 @@ from diffalign.trainers.distributed import (
     no_zero3_init,
     warn_about_launch,
 )
+from diffalign.trainers.ema import WeightEMA
 from diffalign.trainers.hub import check_push_to_hub, push_run
 from diffalign.trainers.method import Method, StepOutput
 
@@ -68,6 +69,12 @@ class Run:
     epoch: int = 0
     progress: object = None
     stopped: str | None = None
+    ema: WeightEMA | None = None  # train.ema_decay > 0: the weights checkpoints, validation and final/ hand out
+
+    def handed_out_weights(self):
+        """A context inside which the trainable weights are the ones the run hands out: the EMA's
+        (``train.ema_decay > 0``), else the trained weights themselves."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
 
 def setup(recipe: Recipe, accelerator: Accelerator | None = None) -> Run:
@@ -100,6 +107,7 @@ def setup(recipe: Recipe, accelerator: Accelerator | None = None) -> Run:
     else:
         run.data = load_training_data(recipe, method.data_kind, model, run.output_dir, accelerator)
     run.optimizer, run.lr_scheduler = setup_optimizer(recipe, accelerator, model)
+    run.ema = setup_ema(recipe, accelerator, model)
     if hasattr(method, "prepare"):
         method.prepare(run)
     return run
@@ -155,6 +163,19 @@ def load_backbone_for_training(recipe: Recipe, accelerator: Accelerator):
     if recipe.model.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
     return backbone
+
+
+def setup_ema(recipe: Recipe, accelerator: Accelerator, backbone) -> WeightEMA | None:
+    """The moving average of the trainable weights when ``train.ema_decay > 0`` (else ``None``)."""
+    if not recipe.train.ema_decay:
+        return None
+    if uses_accelerate_state(accelerator):
+        from diffalign.errors import UsageError
+
+        raise UsageError("train.ema_decay is not supported under FSDP / DeepSpeed (their weights are sharded); "
+                         "set train.ema_decay=0 or train on one process / DDP")
+    module = accelerator.unwrap_model(backbone.module)
+    return WeightEMA([(n, p) for n, p in module.named_parameters() if p.requires_grad], recipe.train.ema_decay)
 
 
 def encoded_set_for(recipe: Recipe) -> dict | None:
@@ -425,18 +446,20 @@ def save_final(run) -> Path:
     ``output_dir``."""
     acc = run.accelerator
     acc.wait_for_everyone()
-    state_dict = gathered_state_dict(acc, run.backbone.module)
-    if acc.is_main_process:
-        from diffalign.trainers.model_card import write_model_card
+    with run.handed_out_weights():
+        state_dict = gathered_state_dict(acc, run.backbone.module)
+        if acc.is_main_process:
+            from diffalign.trainers.model_card import write_model_card
 
-        def write(tmp: Path) -> None:
-            run.backbone.save_trained(tmp, state_dict=state_dict)
-            if hasattr(run.method, "write_final"):  # what the method adds to final/ (PPD's user adapter)
-                run.method.write_final(tmp)
-            write_model_card(tmp, run.recipe, steps=run.global_step, metrics_path=run.output_dir / "metrics.jsonl",
-                             data_stats=data_stats(run), lora=run.recipe.model.lora_rank > 0)
+            def write(tmp: Path) -> None:
+                run.backbone.save_trained(tmp, state_dict=state_dict)
+                if hasattr(run.method, "write_final"):  # what the method adds to final/ (PPD's user adapter)
+                    run.method.write_final(tmp)
+                write_model_card(tmp, run.recipe, steps=run.global_step,
+                                 metrics_path=run.output_dir / "metrics.jsonl", data_stats=data_stats(run),
+                                 lora=run.recipe.model.lora_rank > 0)
 
-        _atomic_dir(run.output_dir / "final", write)
+            _atomic_dir(run.output_dir / "final", write)
     acc.wait_for_everyone()
     return run.output_dir
 
@@ -503,6 +526,8 @@ def optimizer_step(run, micro_losses: Sequence[Callable[[], StepOutput]]) -> dic
                 grad_norm = float(acc.clip_grad_norm_(clip_parameters(acc, run.backbone), cfg.max_grad_norm))
             run.optimizer.step()
             run.lr_scheduler.step()
+            if run.ema is not None:
+                run.ema.update()
         skipped = not finite
     run.optimizer.zero_grad(set_to_none=True)
     run.global_step += 1
@@ -570,12 +595,18 @@ def save_checkpoint(run: Run, write_extra: Callable[[Path], None] | None = None)
                      for n, p in acc.unwrap_model(run.backbone.module).named_parameters() if p.requires_grad}
         save_file(trainable, str(tmp / "trainable.safetensors"))
         save_training_state(tmp, run.optimizer, run.lr_scheduler)
-    state_dict = gathered_state_dict(acc, run.backbone.module)  # every process: the gather is collective
+    with run.handed_out_weights():  # the diffusers-format weights are the ones final/ would hold
+        state_dict = gathered_state_dict(acc, run.backbone.module)  # every process: the gather is collective
+        if acc.is_main_process:
+            trainer_state = {"global_step": run.global_step, "epoch": run.epoch}
+            if run.ema is not None:
+                run.ema.save(tmp)
+                trainer_state["ema_updates"] = run.ema.updates
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+            run.backbone.save_trained(tmp, state_dict=state_dict)
+            if hasattr(run.method, "write_final"):  # a checkpoint loads for inference as final/ does
+                run.method.write_final(tmp)
     if acc.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"global_step": run.global_step, "epoch": run.epoch}))
-        run.backbone.save_trained(tmp, state_dict=state_dict)
-        if hasattr(run.method, "write_final"):  # a checkpoint loads for inference as final/ does
-            run.method.write_final(tmp)
         if write_extra is not None:
             write_extra(tmp)
         if final.exists():
@@ -632,6 +663,8 @@ def _load_checkpoint_state(run: Run, ckpt: Path) -> None:
     if missing.unexpected_keys:
         raise RuntimeError(f"checkpoint {ckpt} has unexpected keys {missing.unexpected_keys[:5]}")
     load_training_state(ckpt, run.optimizer, run.lr_scheduler)
+    if run.ema is not None:
+        run.ema.load(ckpt, json.loads((ckpt / "trainer_state.json").read_text()).get("ema_updates", 0))
 
 
 ACCELERATE_PICKLES = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl")
@@ -748,7 +781,7 @@ def _continue_schedule(run: Run, base_lrs: list[float]) -> None:
 
 @torch.no_grad()
 def log_validation(run: Run) -> Path | None:
-    """Sample the validation prompts with the current weights; saves ``validation/step-N.png``.
+    """Sample the validation prompts with the weights the run hands out (the EMA's when on); saves ``validation/step-N.png``.
 
     Not under FSDP / ZeRO-3: the pipeline calls the bare denoiser, which holds one shard (a note is
     printed instead)."""
@@ -765,8 +798,9 @@ def log_validation(run: Run) -> Path | None:
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     # the pipeline's CFG arguments for the weight, as `diffalign eval` passes them (Qwen-Image's true_cfg_scale)
     guidance = guidance_kwargs(pipe, cfg.validation_guidance_scale, len(cfg.validation_prompts), {})
-    images = pipe(cfg.validation_prompts, num_inference_steps=cfg.validation_num_inference_steps, generator=generator,
-                  **guidance).images
+    with run.handed_out_weights():
+        images = pipe(cfg.validation_prompts, num_inference_steps=cfg.validation_num_inference_steps,
+                      generator=generator, **guidance).images
     path = run.output_dir / "validation" / f"step-{run.global_step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, cols=min(4, len(images))).save(path)
