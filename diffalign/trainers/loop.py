@@ -71,10 +71,12 @@ class Run:
     stopped: str | None = None
     ema: WeightEMA | None = None  # train.ema_decay > 0: the weights checkpoints, validation and final/ hand out
 
-    def handed_out_weights(self):
-        """A context inside which the trainable weights are the ones the run hands out: the EMA's
-        (``train.ema_decay > 0``), else the trained weights themselves."""
-        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+def handed_out_weights(run) -> contextlib.AbstractContextManager:
+    """A context inside which the trainable weights are the ones ``run`` hands out: the EMA's
+    (``train.ema_decay > 0``), else the trained weights themselves."""
+    ema = getattr(run, "ema", None)
+    return ema.applied() if ema is not None else contextlib.nullcontext()
 
 
 def setup(recipe: Recipe, accelerator: Accelerator | None = None) -> Run:
@@ -446,7 +448,7 @@ def save_final(run) -> Path:
     ``output_dir``."""
     acc = run.accelerator
     acc.wait_for_everyone()
-    with run.handed_out_weights():
+    with handed_out_weights(run):
         state_dict = gathered_state_dict(acc, run.backbone.module)
         if acc.is_main_process:
             from diffalign.trainers.model_card import write_model_card
@@ -595,7 +597,7 @@ def save_checkpoint(run: Run, write_extra: Callable[[Path], None] | None = None)
                      for n, p in acc.unwrap_model(run.backbone.module).named_parameters() if p.requires_grad}
         save_file(trainable, str(tmp / "trainable.safetensors"))
         save_training_state(tmp, run.optimizer, run.lr_scheduler)
-    with run.handed_out_weights():  # the diffusers-format weights are the ones final/ would hold
+    with handed_out_weights(run):  # the diffusers-format weights are the ones final/ would hold
         state_dict = gathered_state_dict(acc, run.backbone.module)  # every process: the gather is collective
         if acc.is_main_process:
             trainer_state = {"global_step": run.global_step, "epoch": run.epoch}
@@ -798,7 +800,7 @@ def log_validation(run: Run) -> Path | None:
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     # the pipeline's CFG arguments for the weight, as `diffalign eval` passes them (Qwen-Image's true_cfg_scale)
     guidance = guidance_kwargs(pipe, cfg.validation_guidance_scale, len(cfg.validation_prompts), {})
-    with run.handed_out_weights():
+    with handed_out_weights(run):
         images = pipe(cfg.validation_prompts, num_inference_steps=cfg.validation_num_inference_steps,
                       generator=generator, **guidance).images
     path = run.output_dir / "validation" / f"step-{run.global_step}.png"
