@@ -665,8 +665,6 @@ def _load_checkpoint_state(run: Run, ckpt: Path) -> None:
     if missing.unexpected_keys:
         raise RuntimeError(f"checkpoint {ckpt} has unexpected keys {missing.unexpected_keys[:5]}")
     load_training_state(ckpt, run.optimizer, run.lr_scheduler)
-    if run.ema is not None:
-        run.ema.load(ckpt, json.loads((ckpt / "trainer_state.json").read_text()).get("ema_updates", 0))
 
 
 ACCELERATE_PICKLES = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl")
@@ -705,6 +703,8 @@ def _maybe_resume(run: Run) -> Path | None:
             _load_checkpoint_state(run, ckpt)
             state = json.loads((ckpt / "trainer_state.json").read_text())
             global_step, epoch = int(state["global_step"]), int(state.get("epoch", 0))
+            if run.ema is not None:
+                run.ema.load(ckpt, int(state.get("ema_updates", 0)))
             if hasattr(run.method, "load_state"):
                 run.method.load_state(ckpt)
         except UsageError:
@@ -783,7 +783,8 @@ def _continue_schedule(run: Run, base_lrs: list[float]) -> None:
 
 @torch.no_grad()
 def log_validation(run: Run) -> Path | None:
-    """Sample the validation prompts with the weights the run hands out (the EMA's when on); saves ``validation/step-N.png``.
+    """Sample the validation prompts with the weights the run hands out (the EMA's when on); saves
+    ``validation/step-N.png``.
 
     Not under FSDP / ZeRO-3: the pipeline calls the bare denoiser, which holds one shard (a note is
     printed instead)."""
