@@ -64,13 +64,17 @@ def test_full_finetune_final_loads_with_from_pretrained(tiny_models, pair_parque
 
 
 @pytest.mark.slow
-def test_resume_latest_gives_the_same_weights(tiny_models, pair_parquet, tmp_path):
+@pytest.mark.parametrize("ema", [False, True], ids=["weights", "ema"])
+def test_resume_latest_gives_the_same_weights(ema, tiny_models, pair_parquet, tmp_path):
+    """With train.ema_decay the handed-out weights are the moving average: a resumed run continues it."""
     from safetensors.torch import load_file
 
-    common = ["--train.checkpointing_steps=2", "--train.lr_scheduler=constant"]
+    common = ["--train.checkpointing_steps=2", "--train.lr_scheduler=constant",
+              *(["--train.ema_decay=0.5"] if ema else [])]
     unbroken = _train(tiny_models["sd"], pair_parquet, tmp_path / "a", "--train.max_steps=4", *common)
     stopped = _train(tiny_models["sd"], pair_parquet, tmp_path / "b", "--train.max_steps=2", *common)
     assert (stopped / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+    assert (stopped / "checkpoints" / "step-2" / "ema.safetensors").is_file() == ema
     resumed = _train(tiny_models["sd"], pair_parquet, tmp_path / "b", "--train.max_steps=4", "--resume", "latest", *common)
     wa = load_file(unbroken / "final" / "pytorch_lora_weights.safetensors")
     wb = load_file(resumed / "final" / "pytorch_lora_weights.safetensors")
