@@ -234,6 +234,13 @@ def _shapes_clip(allow_pickle: bool = False, **kw) -> RewardModel:
     return ShapesCLIP.from_pretrained(allow_pickle=allow_pickle, **kw)
 
 
+@register_reward("shapes-pickscore")
+def _shapes_pickscore(allow_pickle: bool = False, **kw) -> RewardModel:
+    from diffalign.rewards.shapes import ShapesPickScore
+
+    return ShapesPickScore.from_pretrained(allow_pickle=allow_pickle, **kw)
+
+
 @register_reward("brightness")
 def _brightness(**kw) -> RewardModel:
     from diffalign.rewards.image_stats import BrightnessReward

@@ -1,5 +1,5 @@
-"""`diffalign shapes pretrain | pretrain-flow | pretrain-reward | render | candidates | label | curve | efficacy`: the Shapes
-world's own tools."""
+"""`diffalign shapes pretrain | pretrain-flow | pretrain-reward | pretrain-pickscore | render | candidates | label |
+curve | efficacy`: the Shapes world's own tools."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("tool", choices=["pretrain", "pretrain-flow", "pretrain-reward", "render", "candidates",
-                                         "label", "curve", "efficacy"],
+    parser.add_argument("tool", choices=["pretrain", "pretrain-flow", "pretrain-reward", "pretrain-pickscore", "render",
+                                         "candidates", "label", "curve", "efficacy"],
                         help="pretrain: the bundled base model; pretrain-flow: the bundled flow-matching (SD3) "
-                             "base; pretrain-reward: the bundled learned reward; "
+                             "base; pretrain-reward: the bundled learned reward; pretrain-pickscore: that reward "
+                             "fine-tuned on the oracle's preference pairs (the bundled shapes-pickscore); "
                              "render: ground-truth images for prompts of the grammar; candidates: base-model "
                              "samples per training prompt with their oracle utilities (the efficacy tests' data); "
                              "label: oracle-labelled training data from candidates (Pick-a-Pic pairs or KTO "
@@ -31,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
         from diffalign.shapes.efficacy import main
     elif args.tool == "pretrain-reward":
         from diffalign.shapes.pretrain_reward import main
+    elif args.tool == "pretrain-pickscore":
+        from diffalign.shapes.pretrain_pickscore import main
     elif args.tool == "candidates":
         main = candidates_main
     elif args.tool == "label":

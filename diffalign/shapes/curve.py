@@ -7,8 +7,11 @@ samples the held-out prompt combinations (``prompt_set("heldout", per_task)``, f
 model and with each checkpoint's LoRA loaded in the plain diffusers pipeline, and scores them with
 ShapesEval (GenEval's rules: the share of correct images per task, ``overall`` their mean). Training
 minutes are the run's own clock: the sum of each step's rollout and update seconds in ``metrics.jsonl``
-(evaluation excluded). Writes ``DIR/curve.json`` (rows ``step``, ``minutes``, ``overall``, per task, and
-the paired difference of the last checkpoint against base with its bootstrap CI over prompts).
+(evaluation excluded). Writes ``DIR/curve.json``: rows ``step``, ``minutes``, ``overall``, per task and, for
+each checkpoint, ``vs_base`` (its paired difference of per-image correctness against base) with
+``vs_base_ci95`` (bootstrap over prompts); ``last_vs_base`` is the last checkpoint's full comparison.
+A held-out sample of 60 images (``--per-task 10``) moves by about ±0.15 between neighbouring checkpoints;
+``--per-task 80`` (480 images) reads a checkpoint to about ±0.05.
 """
 
 from __future__ import annotations
@@ -88,7 +91,9 @@ def curve(recipe_path: str, overrides: list[str], *, eval_every: int, per_task: 
     for ckpt in checkpoints:
         step = int(ckpt.name.split("-")[1])
         _, last_correct, ev = heldout_scores(recipe.model.pretrained, ckpt, per_task, **sampling)
-        rows.append({"step": step, "minutes": round(minutes.get(step, float("nan")), 3), **ev})
+        d = paired_comparison(last_correct, base_correct, groups=list(range(len(base_correct))))
+        rows.append({"step": step, "minutes": round(minutes.get(step, float("nan")), 3), **ev,
+                     "vs_base": d["mean_diff"], "vs_base_ci95": d["diff_ci95"]})
         print(json.dumps(rows[-1]), flush=True)
     result = {"recipe": recipe_path, "overrides": overrides, "eval_every": eval_every, "per_task": per_task,
               "sampling": sampling, "rows": rows,

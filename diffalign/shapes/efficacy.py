@@ -74,9 +74,9 @@ class MethodSpec:
 # on-line: 40 updates on the oracle's utility; the control negates it
 ONLINE_ORACLE = ("method.reward=shapes-oracle", "train.max_steps=40", "train.checkpointing_steps=1000")
 NEGATED_REWARD = (f"method.reward_options={{shapes-oracle: {NEGATED_ORACLE}}}",)
-# reward backprop: 60 updates on the differentiable Shapes reward (the bundled Shapes CLIP); the control
-# minimises it
-SHAPES_CLIP = ("method.reward=shapes-clip", "train.max_steps=60")
+# reward backprop: 60 updates on the differentiable Shapes reward that agrees with the oracle (the bundled
+# Shapes PickScore; the contrastive Shapes CLIP ranks base samples at chance); the control minimises it
+SHAPES_PICKSCORE = ("method.reward=shapes-pickscore", "train.max_steps=60")
 MINIMISED = ("method.reward_sign=-1",)
 METHODS: dict[str, MethodSpec] = {
     "diffusion-dpo": MethodSpec("shapes-diffusion-dpo.yaml", note="β 500, lr 2e-3, 300 × 8 pairs"),
@@ -100,12 +100,12 @@ METHODS: dict[str, MethodSpec] = {
     "seppo": MethodSpec("shapes-seppo.yaml", ("method.winners=data", "data.format=pickapic", "data.drop_ties=true",
                                               "train.max_steps=40"),
                         note="winners: the oracle pairs' chosen images (control: the rejected), 40 updates"),
-    "draft": MethodSpec("shapes-draft.yaml", SHAPES_CLIP, data="none", control=MINIMISED,
-                        note="DRaFT-1, Shapes CLIP reward, 60 × 4 prompts"),
-    "alignprop": MethodSpec("shapes-alignprop.yaml", SHAPES_CLIP, data="none", control=MINIMISED,
-                            note="the whole 20-step chain, Shapes CLIP, 60 × 4"),
-    "refl": MethodSpec("shapes-refl.yaml", SHAPES_CLIP, data="none", control=MINIMISED,
-                       note="Shapes CLIP reward + pretraining loss, 60 × 4"),
+    "draft": MethodSpec("shapes-draft.yaml", SHAPES_PICKSCORE, data="none", control=MINIMISED,
+                        note="DRaFT-1, Shapes PickScore reward, 60 × 4 prompts"),
+    "alignprop": MethodSpec("shapes-alignprop.yaml", SHAPES_PICKSCORE, data="none", control=MINIMISED,
+                            note="the whole 20-step chain, Shapes PickScore, 60 × 4"),
+    "refl": MethodSpec("shapes-refl.yaml", SHAPES_PICKSCORE, data="none", control=MINIMISED,
+                       note="Shapes PickScore reward + pretraining loss, 60 × 4"),
     "rewriter": MethodSpec("shapes-rewriter-dpo.yaml", data="rewriter",
                            note="prompt rewriter: SFT 1500 steps, 40 train captions a task, 6 candidates; DPO 100"),
 }

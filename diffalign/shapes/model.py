@@ -30,6 +30,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 BASE_MODEL_NAME = "shapes-sd-base"
 FLOW_BASE_MODEL_NAME = "shapes-sd3-base"
 REWARD_MODEL_NAME = "shapes-clip-reward"
+PICKSCORE_MODEL_NAME = "shapes-pickscore"
 
 LATENT_SIZE = 16  # 64x64 images, VAE downsamples by 4
 # How the model is meant to be sampled (the README card records the ShapesEval measured with these).
@@ -56,6 +57,11 @@ def flow_base_model_path() -> Path:
 def reward_model_path() -> Path:
     """The bundled learned reward folder (``diffalign/shapes/assets/shapes-clip-reward``)."""
     return ASSETS / REWARD_MODEL_NAME
+
+
+def pickscore_model_path() -> Path:
+    """The bundled preference-tuned reward folder (``diffalign/shapes/assets/shapes-pickscore``)."""
+    return ASSETS / PICKSCORE_MODEL_NAME
 
 
 def make_vae() -> AutoencoderKL:
