@@ -76,6 +76,16 @@ def preference_pairs(utilities: torch.Tensor, tie_margin: float) -> torch.Tensor
     return torch.tensor(rows, dtype=torch.float64)
 
 
+def candidate_tensors(cands) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pixels [N, K, 3, 64, 64] uint8, utilities [N, K])`` of a :class:`~diffalign.shapes.demo.Candidates`
+    whose prompts all have K images."""
+    if len({len(g) for g in cands.images}) != 1:
+        raise ValueError("every prompt of the candidates needs the same number of images")
+    pixels = torch.stack([torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in g])
+                          for g in cands.images])
+    return pixels, torch.tensor(cands.utilities)
+
+
 @torch.no_grad()
 def image_scores(model: CLIPModel, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """``[N, K]`` scores of each prompt's K images (``pixels`` ``[N, K, 3, 64, 64]`` uint8) for its caption
@@ -125,12 +135,12 @@ def train_pickscore(cfg: PickScoreConfig) -> Path:
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(init)
-    cands = Candidates.load(cfg.candidates or BUNDLED_CANDIDATES)
-    if len({len(g) for g in cands.images}) != 1:
-        raise ValueError(f"{cfg.candidates or BUNDLED_CANDIDATES}: every prompt needs the same number of images")
-    pixels = torch.stack([torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in g])
-                          for g in cands.images])  # [N, K, 3, 64, 64] uint8
-    utilities = torch.tensor(cands.utilities)
+    source = cfg.candidates or BUNDLED_CANDIDATES
+    cands = Candidates.load(source)
+    try:
+        pixels, utilities = candidate_tensors(cands)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
     ids = tokenizer([p.text for p in cands.prompts], padding="max_length", truncation=True,
                     return_tensors="pt").input_ids
     pairs = preference_pairs(utilities, cfg.tie_margin)
