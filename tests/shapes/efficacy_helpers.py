@@ -72,14 +72,17 @@ def heldout_world(tmp_path_factory) -> HeldoutWorld:
     return HeldoutWorld(shared)
 
 
-def train_and_compare(world, tmp: Path, recipe: str, overrides: list[str], write_data: Callable[[Path], None]
-                      ) -> tuple[dict, list]:
-    """Train ``pipelines/<recipe>`` (with ``overrides``) on what ``write_data(path)`` writes, sample the
-    held-out set with the LoRA and compare it with base (:func:`~diffalign.shapes.demo.compare_images`)."""
+def train_and_compare(world, tmp: Path, recipe: str, overrides: list[str],
+                      write_data: Callable[[Path], None] | None) -> tuple[dict, list]:
+    """Train ``pipelines/<recipe>`` (with ``overrides``) on what ``write_data(path)`` writes (``None``: an
+    on-line method, no data), sample the held-out set with the LoRA and compare it with base
+    (:func:`~diffalign.shapes.demo.compare_images`)."""
     tmp.mkdir(parents=True, exist_ok=True)
-    data = tmp / "train.parquet"
-    write_data(data)
-    config = load_recipe(ROOT / "pipelines" / recipe, [f"data.source={data}", f"train.output_dir={tmp / 'run'}",
+    data_overrides = []
+    if write_data is not None:
+        write_data(tmp / "train.parquet")
+        data_overrides = [f"data.source={tmp / 'train.parquet'}"]
+    config = load_recipe(ROOT / "pipelines" / recipe, [*data_overrides, f"train.output_dir={tmp / 'run'}",
                                                        "train.seed=0", "train.checkpointing_steps=100000", *overrides])
     run_dir = train(config)
     aligned = load_base_pipeline()
