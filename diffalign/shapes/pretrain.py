@@ -209,8 +209,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_output_dir(cfg.out)
     times, report = {}, {"config": asdict(cfg)}
 
     start = time.time()
@@ -245,6 +244,17 @@ def pretrain(cfg: PretrainConfig) -> Path:
         print(json.dumps(report["shapes_eval"]), flush=True)
     report["times"] = times
     (out.parent / f"{out.name}-report.json").write_text(json.dumps(report, indent=2))
+    return out
+
+
+def new_output_dir(path: str | Path, create: bool = True) -> Path:
+    """``path`` as a new, empty output folder (created unless ``create=False``); an existing non-empty folder
+    is refused, so that a pretraining run never overwrites an earlier one's model."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new --out (nothing was overwritten)")
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 

@@ -38,7 +38,7 @@ from diffalign.shapes.model import (
     make_flow_text_encoder,
     make_flow_transformer,
 )
-from diffalign.shapes.pretrain import config_from_flags, encode_pool, evaluate_pipeline, render_pool
+from diffalign.shapes.pretrain import config_from_flags, encode_pool, evaluate_pipeline, new_output_dir, render_pool
 from diffalign.shapes.tokenizer import build_tokenizer
 
 T5_TOKENS = 256
@@ -137,8 +137,7 @@ def pretrain_flow(cfg: FlowPretrainConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_output_dir(cfg.out)
     times, report = {}, {"config": asdict(cfg)}
 
     start = time.time()

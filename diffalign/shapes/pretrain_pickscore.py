@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPModel
 
-from diffalign.shapes.pretrain import config_from_flags
+from diffalign.shapes.pretrain import config_from_flags, new_output_dir
 from diffalign.shapes.pretrain_reward import _pixels, scores
 
 
@@ -124,9 +124,7 @@ def train_pickscore(cfg: PickScoreConfig) -> Path:
     from diffalign.shapes.demo import BUNDLED_CANDIDATES, Candidates
     from diffalign.shapes.model import reward_model_path
 
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new --out")
+    out = new_output_dir(cfg.out, create=False)  # made when the model is saved: no half-written folder
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     start = time.time()

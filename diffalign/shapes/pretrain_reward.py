@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from diffalign.shapes.pretrain import config_from_flags, render_pool
+from diffalign.shapes.pretrain import config_from_flags, new_output_dir, render_pool
 from diffalign.shapes.tokenizer import build_tokenizer
 
 COUNT_WORDS = ("two", "three", "four", "five")
@@ -166,8 +166,7 @@ def train_reward(cfg: RewardConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen, rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_output_dir(cfg.out)
     start = time.time()
     tokenizer = build_tokenizer(out)
     captions, images = render_pool(cfg.num_scenes, cfg.seed + 1)

@@ -75,3 +75,15 @@ def test_the_pretraining_tools_read_every_config_field_as_a_flag():
 
     with pytest.raises(TypeError, match="WithABool.flag: only str, int and float"):
         config_from_flags(WithABool, "p", "", [])
+
+
+@pytest.mark.parametrize("entry", ["pretrain", "pretrain_flow", "pretrain_reward", "pretrain_pickscore"])
+def test_every_pretraining_tool_refuses_to_write_over_an_earlier_run(tmp_path, entry):
+    import importlib
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "model.safetensors").write_bytes(b"an earlier run's weights")
+    with pytest.raises(FileExistsError, match="not empty"):
+        importlib.import_module(f"diffalign.shapes.{entry}").main(["--out", str(earlier)])
+    assert (earlier / "model.safetensors").read_bytes() == b"an earlier run's weights"
