@@ -171,12 +171,15 @@ def train_pickscore(cfg: PickScoreConfig) -> Path:
                             "val_before": agreement(before, utilities, val),
                             "val_after": agreement(after, utilities, val)}}
     print(json.dumps(report["agreement"]), flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    partial = out.parent / f".{out.name}.partial"  # written whole, then renamed: never a half-written model
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    model.save_pretrained(partial, safe_serialization=True)
     for f in init.iterdir():  # the processor and tokenizer files, unchanged
         if f.is_file() and f.suffix in (".json", ".txt") and f.name != "config.json":
-            shutil.copy(f, out / f.name)
-    (out / "reward.yaml").write_text("reward: shapes-pickscore\n")  # `method.reward=DIR` loads this folder
+            shutil.copy(f, partial / f.name)
+    (partial / "reward.yaml").write_text("reward: shapes-pickscore\n")  # `method.reward=DIR` loads this folder
+    partial.replace(out)
     (out.parent / f"{out.name}-report.json").write_text(json.dumps(report, indent=2))
     return out
 
