@@ -76,7 +76,7 @@ class ShapesCLIP(CLIPReward):
 class ShapesPickScore(ShapesCLIP):
     """The bundled Shapes CLIP fine-tuned on the oracle's preference pairs (``diffalign.shapes.pretrain_pickscore``),
     as PickScore is CLIP fine-tuned on Pick-a-Pic: scored the same way, but it ranks base-model samples as the
-    oracle does (about 4 in 5 held-out pairs, against chance for ``shapes-clip``). Differentiable."""
+    oracle does (79 of 100 pairs of unseen prompts, ``shapes-clip`` 60: chance). Differentiable."""
 
     name = "shapes-pickscore"
 

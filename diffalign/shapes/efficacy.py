@@ -22,7 +22,7 @@ The control: offline methods train on the same data with every label flipped (Sm
 RankDPO: the reversed ranking; TPO: its caption preferences flipped; SePPO: the rejected images as its
 winners); on-line methods train with the oracle reward negated (``fidelity_weight``, ``quality_weight`` of
 the oracle sign-flipped); the reward-backpropagation methods (AlignProp, DRaFT, ReFL) minimise their differentiable
-reward (the bundled Shapes CLIP) instead of maximising it.
+reward (the bundled Shapes PickScore, `shapes-pickscore`) instead of maximising it.
 
 The prompt rewriter's row (``rewriter``): the tiny LM rewriter of :mod:`diffalign.text.shapes` (SFT on
 claim-preserving rewrites, then DPO on pairs of its rewrites that the base rendered and ShapesEval scored
