@@ -33,6 +33,10 @@ def model_card(recipe, *, steps: int, last_metrics: dict | None, data_stats: dic
               f"{steps} steps, batch {t.batch_size} x {t.gradient_accumulation_steps} accumulation per process, "
               f"learning rate {t.learning_rate:g} ({t.lr_scheduler}), mixed precision {t.mixed_precision}, seed "
               f"{t.seed}. The whole recipe is `config.yaml` of the run directory."]
+    if getattr(t, "ema_decay", 0.0) > 0:
+        lines += ["", f"The weights here are the exponential moving average of the trained weights (decay "
+                      f"{t.ema_decay:g}, one update an optimizer step: `train.ema_decay`), not the last weights "
+                      "themselves; those are each checkpoint's `trainable.safetensors`."]
     if metrics:
         lines += ["", "Last step's metrics:", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.6g} |" for k, v in metrics.items()]

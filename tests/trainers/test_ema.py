@@ -65,6 +65,9 @@ def test_checkpoints_and_final_hold_the_hand_computed_moving_average(tiny_models
     last = _as_exported(raw[2])
     assert max((final[k] - last[k]).abs().max().item() for k in last) > 1e-4
     assert math.isclose(read_metrics(out)[0]["loss"], math.log(2), abs_tol=1e-4)
+    # final/'s model card says what its weights are; the plain run's does not
+    assert "moving average of the trained weights (decay 0.2" in (out / "final" / "README.md").read_text()
+    assert "moving average" not in (plain / "final" / "README.md").read_text()
 
 
 def test_resuming_a_run_without_the_ema_with_it_on_is_a_clear_error(tiny_models, pair_parquet, tmp_path, capsys):
