@@ -93,7 +93,7 @@ def curve(recipe_path: str, overrides: list[str], *, eval_every: int, per_task: 
         _, last_correct, ev = heldout_scores(recipe.model.pretrained, ckpt, per_task, **sampling)
         d = paired_comparison(last_correct, base_correct, groups=list(range(len(base_correct))))
         rows.append({"step": step, "minutes": round(minutes.get(step, float("nan")), 3), **ev,
-                     "vs_base": d["mean_diff"], "vs_base_ci95": d["diff_ci95"]})
+                     "vs_base": d["mean_diff"], "vs_base_ci95": list(d["diff_ci95"])})
         print(json.dumps(rows[-1]), flush=True)
     result = {"recipe": recipe_path, "overrides": overrides, "eval_every": eval_every, "per_task": per_task,
               "sampling": sampling, "rows": rows,

@@ -23,6 +23,6 @@ def test_diffusion_nft_raises_heldout_shapes_eval_on_the_flow_base(tmp_path):
     diff = result["last_vs_base"]
     print(f"\nflow curve: {json.dumps({'base': base['overall'], 'step_30': last['overall'], **diff})}")
     assert diff["diff_ci95"][0] > 0, diff  # significantly up on held-out combinations
-    assert (last["vs_base"], last["vs_base_ci95"]) == (diff["mean_diff"], diff["diff_ci95"])  # each row has its CI
+    assert (last["vs_base"], last["vs_base_ci95"]) == (diff["mean_diff"], list(diff["diff_ci95"]))  # each row: its CI
     assert last["overall"] - base["overall"] >= 0.1, (base, last)
     assert json.loads((tmp_path / "curve.json").read_text())["rows"] == result["rows"]
